@@ -1,0 +1,63 @@
+"""The C kernels in kernels.c, compiled on first use and loaded with ctypes.
+
+A plain C file with no Python or torch headers compiles in well under a second, so it is built
+into the user's cache the first time it is needed. Without a C compiler duskpool still works:
+`available()` is False and the slower numpy path in `quant.py` is used instead.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import cache
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "duskpool" / "kernels"
+
+
+def _compile(source: Path, target: Path) -> bool:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):
+            done = subprocess.run([compiler, *flags, str(source), "-o", str(out)], capture_output=True)
+            if done.returncode == 0:
+                os.replace(out, target)  # atomic: concurrent processes never see half a library
+                return True
+    return False
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when no C compiler is available."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + platform.machine().encode())
+    suffix = ".dylib" if sys.platform == "darwin" else ".so"
+    target = cache_dir() / f"kernels-{key.hexdigest()[:16]}{suffix}"
+    if not target.exists() and not _compile(SOURCE, target):
+        print("duskpool: no working C compiler found; using the slower numpy kernels", file=sys.stderr)
+        return None
+    lib = ctypes.CDLL(str(target))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.dp_matmul.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64]
+    lib.dp_matmul.restype = None
+    lib.dp_dequantize_rows.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, i64, ptr]
+    lib.dp_dequantize_rows.restype = None
+    lib.dp_init()
+    return lib
+
+
+def available() -> bool:
+    return library() is not None

@@ -1,0 +1,95 @@
+"""Quantized weights kept as their GGUF blocks, with matmul and row lookup on them."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from duskpool.weights import kernels
+
+Q = GGMLQuantizationType
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+# Above this many rows of input, dequantizing the weight once and calling BLAS beats the row kernel.
+GEMM_MIN_ROWS = 8
+
+
+@dataclass
+class QuantTensor:
+    """A weight [rows, cols] held as the GGUF blocks it was stored in: no bf16 copy is ever kept."""
+
+    data: torch.Tensor  # uint8 [rows, row_bytes], the file's bytes
+    qtype: GGMLQuantizationType
+    shape: tuple[int, int]  # (rows, cols) = (out_features, in_features)
+
+    def __post_init__(self) -> None:
+        block_size, block_bytes = GGML_QUANT_SIZES[self.qtype]
+        rows, cols = self.shape
+        assert cols % block_size == 0 and self.data.shape == (rows, cols // block_size * block_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows W[index]: float32 [len(index), cols] (an embedding lookup)."""
+        index = index.reshape(-1).to(torch.int64).contiguous()
+        lib = kernels.library()
+        if lib is None:
+            return self._dequantize_numpy(self.data[index])
+        out = torch.empty(index.numel(), self.shape[1], dtype=torch.float32)
+        lib.dp_dequantize_rows(self.qtype, self.data.data_ptr(), self.data.shape[1], index.data_ptr(),
+                               index.numel(), self.shape[1], out.data_ptr())
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole weight as float32 [rows, cols]."""
+        return self.rows(torch.arange(self.shape[0]))
+
+    def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out[m, :] = x[m, :] @ W.T for float32 x [M, cols]; out may be a column slice of a wider buffer."""
+        lib = kernels.library()
+        if lib is None or x.shape[0] >= GEMM_MIN_ROWS:
+            out.copy_(x @ self.dequantize().t())
+            return
+        lib.dp_matmul(self.qtype, self.data.data_ptr(), self.data.shape[1], 0, self.shape[0], self.shape[1],
+                      x.data_ptr(), x.shape[0], out.data_ptr(), out.stride(0))
+
+    def _dequantize_numpy(self, blocks: torch.Tensor) -> torch.Tensor:
+        if self.qtype == Q.F32:
+            return blocks.contiguous().view(torch.float32).clone()
+        values = gguf_dequantize(blocks.numpy(), self.qtype)
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+
+class Linear:
+    """y = x @ W.T over one or more weights whose outputs are concatenated (fused q|k|v, gate|up).
+
+    Parts of the same quant type are joined into one weight at load, so a fused projection costs one
+    kernel call; a mixed-type checkpoint (e.g. Q4_K_M's Q6_K value weights) keeps one call per type.
+    """
+
+    def __init__(self, parts: list[QuantTensor]):
+        self.parts: list[QuantTensor] = []
+        for part in parts:
+            last = self.parts[-1] if self.parts else None
+            if last is not None and last.qtype == part.qtype and last.shape[1] == part.shape[1]:
+                self.parts[-1] = QuantTensor(torch.cat([last.data, part.data]), part.qtype,
+                                             (last.shape[0] + part.shape[0], part.shape[1]))
+            else:
+                self.parts.append(part)
+        self.in_features = parts[0].shape[1]
+        self.out_features = sum(p.shape[0] for p in self.parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in_features] float32 -> [..., out_features]
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features).contiguous()
+        out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        start = 0
+        for part in self.parts:
+            part.matmul_into(x, out[:, start:start + part.shape[0]])
+            start += part.shape[0]
+        return out.view(*lead, self.out_features)
