@@ -1,21 +1,30 @@
 """Reading GGUF files (llama.cpp's format, what Ollama and LM Studio store).
 
-Metadata and the tensor table come from the `gguf` package's reader; tensor bytes are read with
-plain file reads, one tensor at a time, so loading never maps the whole file into memory.
+The header (metadata and tensor table) is parsed here directly: the `gguf` package's reader maps
+and indexes the whole file, which costs seconds and hundreds of MB on a model that should load in
+a fraction of that. Tensor bytes are read with plain file reads, one tensor at a time, so a process
+that holds a span of layers never touches the other layers' bytes.
 """
 
+import mmap
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from duskpool.weights.quant import SUPPORTED_TYPES, QuantTensor
 
 GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+# GGUF value types -> struct format (scalars); 8 = string, 9 = array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
 
 
 class ModelFileError(Exception):
@@ -31,6 +40,39 @@ class TensorInfo:
     nbytes: int
 
 
+class _Header:
+    """A cursor over the header bytes; raises ModelFileError when the header runs past the file."""
+
+    def __init__(self, buf: mmap.mmap, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.buf):
+            raise ModelFileError(f"{self.path} is truncated: its header runs past the end of the file")
+        view = memoryview(self.buf)[self.pos:self.pos + n]
+        self.pos += n
+        return view
+
+    def scalar(self, fmt: str) -> Any:
+        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return bytes(self.take(self.scalar("Q"))).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.scalar("I"), self.scalar("Q")
+            if etype in _SCALARS and etype != 7:  # numeric arrays in one read
+                dtype = np.dtype("<" + _SCALARS[etype])
+                return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
+            return [self.value(etype) for _ in range(count)]
+        raise ModelFileError(f"{self.path} is damaged: unknown metadata value type {vtype}")
+
+
 class GGUFFile:
     """A GGUF file's metadata and tensor table; tensors are read on demand."""
 
@@ -38,26 +80,48 @@ class GGUFFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelFileError(f"model file not found: {self.path}")
-        with open(self.path, "rb") as f:
-            magic = f.read(4)
-        if magic != GGUF_MAGIC:
-            raise ModelFileError(f"{self.path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-        try:
-            reader = GGUFReader(self.path)
-        except Exception as e:  # the reader raises bare ValueError/IndexError on damage
-            raise ModelFileError(f"{self.path} is a damaged GGUF file: {e}") from None
-        self.metadata: dict[str, Any] = {name: _field_value(field) for name, field in reader.fields.items()}
         size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise ModelFileError(f"{self.path} is not a GGUF model file (it does not start with 'GGUF')")
+            if size < 24:
+                raise ModelFileError(f"{self.path} is truncated: {size} bytes is too short for a GGUF header")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                header = _Header(buf, self.path)
+                self._parse(header, size)
+                del header
+
+    def _parse(self, h: _Header, size: int) -> None:
+        h.take(4)
+        version = h.scalar("I")
+        if version not in (2, 3):
+            raise ModelFileError(f"{self.path}: GGUF version {version} is not supported (only 2 and 3)")
+        n_tensors, n_kv = h.scalar("Q"), h.scalar("Q")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = h.string()
+            self.metadata[key] = h.value(h.scalar("I"))
+        raw = []
+        for _ in range(n_tensors):
+            name = h.string()
+            dims = [h.scalar("Q") for _ in range(h.scalar("I"))]
+            raw.append((name, dims, h.scalar("I"), h.scalar("Q")))
+        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        data_start = -(-h.pos // alignment) * alignment
         self.tensors: dict[str, TensorInfo] = {}
-        for t in reader.tensors:
-            info = TensorInfo(t.name, GGMLQuantizationType(t.tensor_type),
-                              tuple(int(d) for d in reversed(t.shape.tolist())),
-                              int(t.data_offset), int(t.n_bytes))
+        for name, dims, qtype, offset in raw:
+            try:
+                qtype = GGMLQuantizationType(qtype)
+            except ValueError:
+                raise ModelFileError(f"{self.path}: tensor {name} has unknown quant type {qtype}") from None
+            block_size, block_bytes = GGML_QUANT_SIZES[qtype]
+            count = int(np.prod(dims))
+            info = TensorInfo(name, qtype, tuple(reversed(dims)), data_start + offset,
+                              count // block_size * block_bytes)
             if info.offset + info.nbytes > size:
-                raise ModelFileError(f"{self.path} is truncated: tensor {t.name} ends at byte "
+                raise ModelFileError(f"{self.path} is truncated: tensor {name} ends at byte "
                                      f"{info.offset + info.nbytes}, the file has {size}")
-            self.tensors[t.name] = info
-        del reader  # drops the file mapping
+            self.tensors[name] = info
 
     @property
     def architecture(self) -> str:
@@ -81,10 +145,3 @@ class GGUFFile:
         rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
         block_size, block_bytes = GGML_QUANT_SIZES[info.qtype]
         return QuantTensor(data.view(rows, cols // block_size * block_bytes), info.qtype, (rows, cols))
-
-
-def _field_value(field) -> Any:
-    if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.types) > 1 \
-            and field.types[1] == GGUFValueType.STRING:
-        return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-    return field.contents()
