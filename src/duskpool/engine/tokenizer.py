@@ -1,0 +1,257 @@
+"""The tokenizer a GGUF file describes, rebuilt with the `tokenizers` library, and its chat template.
+
+A GGUF has no `tokenizer.json`: it stores the vocabulary, merges and special ids as metadata under
+llama.cpp's key names. We rebuild the tokenizer the way llama.cpp reads those keys
+(`src/llama-vocab.cpp`), so a prompt becomes the ids the model was trained on.
+"""
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from typing import Any
+
+import tokenizers
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+# tokenizer.ggml.token_type values
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Control tokens that end a turn in common chat formats, whatever the metadata names as EOS.
+END_OF_TURN = {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"}
+
+# Used when the file has no chat template: plain ChatML.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Pre-tokenizer regexes, from llama-vocab.cpp (which states the tokenizer.json originals).
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# tokenizer.ggml.pre -> (family, whether llama.cpp looks a whole word up in the vocab before merging)
+PRE_TOKENIZERS = {
+    # llama.cpp's 'default' is a rougher regex meant for old files; transformers and we use GPT-2's
+    "default": ("gpt2", False), "gpt-2": ("gpt2", False), "phi-2": ("gpt2", False),
+    "mpt": ("gpt2", False), "olmo": ("gpt2", False),
+    # GPT-2's regex after splitting every digit off on its own
+    "smollm": ("digits", False), "starcoder": ("digits", False), "refact": ("digits", False),
+    "command-r": ("digits", False), "codeshell": ("digits", False), "exaone": ("digits", False),
+    "llama3": ("llama3", True), "llama-v3": ("llama3", True), "llama-bpe": ("llama3", True),
+    "falcon3": ("llama3", True), "dbrx": ("llama3", False), "smaug-bpe": ("llama3", False),
+    "qwen2": ("qwen2", False), "deepseek-r1-qwen": ("qwen2", False), "stablelm2": ("qwen2", False),
+}
+
+
+def _byte_level(split: str | None) -> pre_tokenizers.PreTokenizer:
+    """Split with `split` (GPT-2's own regex when None), then spell the bytes in GPT-2's alphabet."""
+    if split is None:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _pre_tokenizer(family: str) -> pre_tokenizers.PreTokenizer:
+    if family == "digits":
+        # SmolLM's own tokenizer.json: Sequence[Digits(individual), ByteLevel]; llama.cpp splits \p{N} first
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level(None)])
+    return _byte_level({"gpt2": None, "llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}[family])
+
+
+def _gpt2_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the spelling of byte-level BPE vocabularies)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+
+
+def _merges_from_scores(scores: dict[str, float]) -> list[tuple[str, str]]:
+    """Merges a sentencepiece vocabulary implies: every split of a token into two tokens, best score first.
+
+    llama.cpp's SPM tokenizer repeatedly merges the adjacent pair whose union scores highest; BPE with
+    merges ranked by that score does the same.
+    """
+    ranked = [(-score, t, t[:k], t[k:]) for t, score in scores.items() for k in range(1, len(t))
+              if t[:k] in scores and t[k:] in scores]
+    return [(a, b) for *_, a, b in sorted(ranked)]
+
+
+def _metadata_id(meta: dict, key: str, vocab_size: int) -> int | None:
+    value = meta.get(f"tokenizer.ggml.{key}")
+    return value if isinstance(value, int) and 0 <= value < vocab_size else None
+
+
+@dataclass
+class Tokenizer:
+    """Text <-> ids for one model, and its chat template; build it with `from_gguf_metadata`."""
+
+    backend: tokenizers.Tokenizer = field(repr=False)
+    tokens: list[str] = field(repr=False)
+    bos_id: int | None
+    eos_id: int | None
+    stop_ids: set[int]
+    add_bos: bool = False
+    add_eos: bool = False
+    chat_template: str = CHATML_TEMPLATE
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any]) -> "Tokenizer":
+        model = meta.get("tokenizer.ggml.model")
+        tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
+        if not tokens:
+            raise ValueError("the model file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
+        types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+        if model == "gpt2":
+            backend, add_bos = _build_byte_level(meta, tokens, types)
+        elif model == "llama":
+            backend, add_bos = _build_sentencepiece(meta, tokens, types), True
+        else:
+            raise ValueError(f"unsupported tokenizer model {model!r} (supported: 'gpt2', 'llama')")
+
+        # Control and user-defined tokens are matched whole in the text, as llama.cpp does; only control
+        # tokens count as special (skipped when decoding).
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, k in zip(tokens, types, strict=True) if k == CONTROL])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                            for t, k in zip(tokens, types, strict=True) if k == USER_DEFINED])
+
+        n = len(tokens)
+        bos, eos = _metadata_id(meta, "bos_token_id", n), _metadata_id(meta, "eos_token_id", n)
+        stop = {i for i in (eos, _metadata_id(meta, "eot_token_id", n), _metadata_id(meta, "eom_token_id", n))
+                if i is not None}
+        stop |= {i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == CONTROL and t in END_OF_TURN}
+        return cls(backend, tokens, bos, eos, stop,
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos)) and bos is not None,
+                   add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None,
+                   chat_template=meta.get("tokenizer.chat_template") or CHATML_TEMPLATE)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special and self.add_bos and ids[:1] != [self.bos_id]:  # a template may write BOS itself
+            ids.insert(0, self.bos_id)
+        if add_special and self.add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def stream(self, skip_special: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        def token(i: int | None) -> str:
+            return self.tokens[i] if i is not None else ""
+
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=token(self.bos_id), eos_token=token(self.eos_id))
+
+    @cached_property
+    def _template(self) -> Any:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        # jinja's own tojson escapes <, > and & for HTML; templates expect plain JSON (as transformers gives)
+        env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+        return env.from_string(self.chat_template)
+
+
+def _raise_exception(message: str) -> None:
+    raise ValueError(f"chat template error: {message}")
+
+
+def _build_byte_level(meta: dict, tokens: list[str], types: list[int]) -> tuple[tokenizers.Tokenizer, bool]:
+    """Byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM ...); also returns llama.cpp's default for add_bos."""
+    pre = meta.get("tokenizer.ggml.pre") or "default"
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(f"unsupported pre-tokenizer {pre!r} for tokenizer model 'gpt2' "
+                         f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+    family, ignore_merges = PRE_TOKENIZERS[pre]
+    # Normal tokens are stored spelled in GPT-2's byte alphabet; the odd one that is not gets respelled so
+    # merges can reach it. Control and user-defined tokens keep their text: they are matched as added tokens.
+    alphabet = _gpt2_alphabet()
+    spelled = set(alphabet.values())
+    vocab = {}
+    for i, (t, k) in enumerate(zip(tokens, types, strict=True)):
+        if k not in (CONTROL, USER_DEFINED) and not set(t) <= spelled:
+            t = "".join(alphabet[b] for b in t.encode("utf-8"))
+        vocab.setdefault(t, i)
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    backend = tokenizers.Tokenizer(BPE(vocab, merges, ignore_merges=ignore_merges))
+    backend.pre_tokenizer = _pre_tokenizer(family)
+    backend.decoder = decoders.ByteLevel()
+    return backend, family == "llama3"
+
+
+def _build_sentencepiece(meta: dict, tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
+    """Sentencepiece-style BPE: spaces spelled '▁', unknown bytes as '<0xNN>' tokens."""
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    if meta.get("tokenizer.ggml.merges"):
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    else:
+        # no scores: earlier tokens rank higher, as in a BPE vocabulary
+        scores = meta.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
+        normal = {}
+        for t, k, score in zip(tokens, types, scores, strict=True):
+            if k == NORMAL:
+                normal.setdefault(t, score)
+        merges = _merges_from_scores(normal)
+    unk = next((t for t, k in zip(tokens, types, strict=True) if k == UNKNOWN), None)
+    backend = tokenizers.Tokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    # llama.cpp puts the prefix space before every stretch of text (after each special token too), which is
+    # what a normalizer does: it runs on each piece between added tokens.
+    steps = [normalizers.Prepend("▁")] if space_prefix else []
+    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         *([decoders.Strip(" ", 1, 0)] if space_prefix else [])])
+    return backend
+
+
+@dataclass
+class StreamDecoder:
+    """Turns ids, fed one at a time, into text pieces that never end inside a character.
+
+    Decodes a short window (from the last emitted boundary) instead of everything so far: decoding the
+    window's head alone and with the new ids, the difference is the new text. A decode that ends in
+    U+FFFD is a character still missing bytes, so it waits for the next id.
+    """
+
+    tokenizer: Tokenizer
+    skip_special: bool = True
+    ids: list[int] = field(default_factory=list)
+    prefix: int = 0  # window start: ids before it have been emitted and end on a character boundary
+    read: int = 0  # ids before this have been emitted
+
+    def feed(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        head = self.tokenizer.decode(self.ids[self.prefix:self.read], self.skip_special)
+        text = self.tokenizer.decode(self.ids[self.prefix:], self.skip_special)
+        if len(text) <= len(head) or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(head):]
+
+    def flush(self) -> str:
+        """What is left (an incomplete character decodes as U+FFFD, as decode() shows it)."""
+        head = self.tokenizer.decode(self.ids[self.prefix:self.read], self.skip_special)
+        text = self.tokenizer.decode(self.ids[self.prefix:], self.skip_special)
+        self.prefix = self.read = len(self.ids)
+        return text[len(head):]
