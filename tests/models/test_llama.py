@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from duskpool.models import ContextOverflowError, load_model
 from duskpool.weights.gguf import GGUFFile
-from tests.conftest import Q, write_tiny_llama
+from tests.conftest import Q
 
 ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 

@@ -50,7 +50,7 @@ def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: 
     stats.prompt_tokens = len(prompt)
     sampler = Sampler(params.sampling)
     budget = min(params.max_tokens, context_length - len(prompt))
-    text = _StopText(params.stop)
+    text, stream = _StopText(params.stop), tokenizer.stream()
 
     started = time.perf_counter()
     for start in range(0, len(prompt), PREFILL_CHUNK):
@@ -68,7 +68,7 @@ def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: 
         context.append(token)
         generated.append(token)
         stats.generated_tokens = len(generated)
-        piece, stopped = text.feed(tokenizer.decode(generated))
+        piece, stopped = text.feed(stream.feed(token))
         if piece:
             yield piece
         if stopped:
@@ -78,27 +78,27 @@ def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: 
             break
         logits = forward([token], len(context) - 1)
     stats.decode_seconds = time.perf_counter() - started
+    text.feed(stream.flush())
     tail = text.flush()
     if tail:
         yield tail
 
 
 class _StopText:
-    """Turns the growing decoded text into new pieces, holding back what may begin a stop string."""
+    """Passes decoded text on, holding back what may begin a stop string and cutting at one."""
 
     def __init__(self, stop: list[str]):
         self.stop, self.sent = [s for s in stop if s], 0
         self.text = ""
 
-    def feed(self, text: str) -> tuple[str, bool]:
+    def feed(self, new_text: str) -> tuple[str, bool]:
         """(the text that is now safe to send, whether a stop string was reached)."""
-        self.text = text
+        self.text = text = self.text + new_text
         hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
         if hits:
             end, stopped = min(hits), True
         else:
-            # never split a character mid-sequence: undecodable bytes show as U+FFFD until complete
-            end, stopped = len(text.rstrip("\ufffd")), False
+            end, stopped = len(text), False
             # hold back the longest suffix that could still grow into a stop string
             end -= max((n for s in self.stop for n in range(1, min(len(s), end - self.sent + 1))
                         if text[:end].endswith(s[:n])), default=0)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from duskpool.models.cache import KVCache
+from duskpool.models.ops import apply_rope_, attention, rms_norm, rotations, silu_mul
 from duskpool.weights import names
 from duskpool.weights.gguf import GGUFFile, ModelFileError
 from duskpool.weights.quant import Linear, QuantTensor
@@ -83,35 +83,19 @@ def rope_frequencies(config: LlamaConfig, factors: torch.Tensor | None = None) -
     return freqs / config.rope_linear_factor
 
 
-def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, head_dim] with rotated pairs adjacent (llama.cpp's layout); rotations: [T, head_dim/2]
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rotations[:, None]).flatten(2)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, weight.shape, weight, eps)
-
-
 class Attention:
     def __init__(self, config: LlamaConfig, wqkv: Linear, wo: Linear):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.wqkv, self.wo = wqkv, wo
 
-    def __call__(self, x: torch.Tensor, rotations: torch.Tensor, cache: KVCache, layer: int,
+    def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int,
                  start: int) -> torch.Tensor:
         T, H, Hk, d = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * d, Hk * d, Hk * d], dim=-1)
-        q, k = apply_rope(q.view(T, H, d), rotations), apply_rope(k.view(T, Hk, d), rotations)
-        keys, values = cache.update(layer, start, k.transpose(0, 1), v.view(T, Hk, d).transpose(0, 1))
-        if T == 1:
-            # decode: the H/Hk query heads sharing a kv head are rows of one product, every key visible
-            out = F.scaled_dot_product_attention(q.view(Hk, H // Hk, d), keys, values)
-        else:
-            causal = torch.arange(start, start + T)[:, None] >= torch.arange(start + T)[None, :]
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=causal,
-                                                 enable_gqa=True).transpose(0, 1)
-        return self.wo(out.reshape(T, H * d))
+        heads = self.wqkv(x).view(T, H + 2 * Hk, d)  # q | k | v heads of each token
+        apply_rope_(heads[:, :H + Hk], *rope)  # q and k heads rotate alike
+        q, k, v = heads.split([H, Hk, Hk], dim=1)
+        keys, values = cache.update(layer, start, k.transpose(0, 1), v.transpose(0, 1))
+        return self.wo(attention(q, keys, values, start).reshape(T, H * d))
 
 
 class MLP:
@@ -119,8 +103,7 @@ class MLP:
         self.w_gate_up, self.w_down = w_gate_up, w_down
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+        return self.w_down(silu_mul(self.w_gate_up(x)))
 
 
 class Block:
@@ -130,9 +113,9 @@ class Block:
         self.attention = Attention(config, Linear([w["wq"], w["wk"], w["wv"]]), Linear([w["wo"]]))
         self.mlp = MLP(Linear([w["w_gate"], w["w_up"]]), Linear([w["w_down"]]))
 
-    def __call__(self, x: torch.Tensor, rotations: torch.Tensor, cache: KVCache, layer: int,
+    def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int,
                  start: int) -> torch.Tensor:
-        h = x + self.attention(rms_norm(x, self.attn_norm, self.eps), rotations, cache, layer, start)
+        h = x + self.attention(rms_norm(x, self.attn_norm, self.eps), rope, cache, layer, start)
         return h + self.mlp(rms_norm(h, self.ffn_norm, self.eps))
 
 
@@ -185,10 +168,9 @@ class Llama:
         layers = self.layers if layers is None else layers
         if layers.start < self.layers.start or layers.stop > self.layers.stop:
             raise ValueError(f"layers {layers} are not all held here (this holds {self.layers})")
-        rotations = torch.polar(torch.ones(()), (positions.double()[:, None] * self.rope_freqs).float())
-        start = int(positions[0])
+        rope, start = rotations(positions, self.rope_freqs), int(positions[0])
         for i in layers:
-            hidden = self.blocks[i - self.layers.start](hidden, rotations, cache, i, start)
+            hidden = self.blocks[i - self.layers.start](hidden, rope, cache, i, start)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

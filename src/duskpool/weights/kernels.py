@@ -16,8 +16,10 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+# kernels.c: matmul on quant blocks; ops.c: the small per-token ops of a layer (models/ops.py)
+SOURCES = [Path(__file__).with_name("kernels.c"), Path(__file__).with_name("ops.c")]
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math", "-fno-math-errno",
+         "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11"]
 
 
 def cache_dir() -> Path:
@@ -25,7 +27,7 @@ def cache_dir() -> Path:
     return Path(root) / "duskpool" / "kernels"
 
 
-def _compile(source: Path, target: Path) -> bool:
+def _compile(sources: list[Path], target: Path) -> bool:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         return False
@@ -33,7 +35,7 @@ def _compile(source: Path, target: Path) -> bool:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):
-            done = subprocess.run([compiler, *flags, str(source), "-o", str(out)], capture_output=True)
+            done = subprocess.run([compiler, *flags, *map(str, sources), "-o", str(out), "-lm"], capture_output=True)
             if done.returncode == 0:
                 os.replace(out, target)  # atomic: concurrent processes never see half a library
                 return True
@@ -43,10 +45,10 @@ def _compile(source: Path, target: Path) -> bool:
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None when no C compiler is available."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + platform.machine().encode())
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode() + platform.machine().encode())
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
     target = cache_dir() / f"kernels-{key.hexdigest()[:16]}{suffix}"
-    if not target.exists() and not _compile(SOURCE, target):
+    if not target.exists() and not _compile(SOURCES, target):
         print("duskpool: no working C compiler found; using the slower numpy kernels", file=sys.stderr)
         return None
     lib = ctypes.CDLL(str(target))
@@ -55,6 +57,13 @@ def library() -> ctypes.CDLL | None:
     lib.dp_matmul.restype = None
     lib.dp_dequantize_rows.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, i64, ptr]
     lib.dp_dequantize_rows.restype = None
+    f32 = ctypes.c_float
+    lib.dp_rms_norm.argtypes = [ptr, ptr, f32, ptr, i64, i64]
+    lib.dp_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
+    lib.dp_attention.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, ptr]
+    lib.dp_silu_mul.argtypes = [ptr, ptr, i64, i64]
+    for f in (lib.dp_rms_norm, lib.dp_rope, lib.dp_attention, lib.dp_silu_mul):
+        f.restype = None
     lib.dp_init()
     return lib
 
