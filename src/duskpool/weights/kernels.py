@@ -45,7 +45,8 @@ def _compile(sources: list[Path], target: Path) -> bool:
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None when no C compiler is available."""
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join(FLAGS).encode() + platform.machine().encode())
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + platform.machine().encode())
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
     target = cache_dir() / f"kernels-{key.hexdigest()[:16]}{suffix}"
     if not target.exists() and not _compile(SOURCES, target):

@@ -1,0 +1,56 @@
+"""The generate loop on the bundled model: stop conditions, seeds, streaming, context bounds."""
+
+import pytest
+
+from duskpool.engine.generate import GenerationParams, GenerationStats
+from duskpool.engine.runner import LocalEngine
+from duskpool.engine.sampling import SamplingParams
+from duskpool.models import ContextOverflowError
+
+QUESTION = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+
+@pytest.fixture(scope="module")
+def engine(bundled_model) -> LocalEngine:
+    return LocalEngine.load(bundled_model, context_length=512)
+
+
+def answer(engine: LocalEngine, **params) -> tuple[str, GenerationStats]:
+    stats = GenerationStats()
+    return "".join(engine.chat(QUESTION, GenerationParams(**params), stats)), stats
+
+
+def test_max_tokens_bounds_the_answer(engine):
+    text, stats = answer(engine, max_tokens=12)
+    assert stats.generated_tokens == 12 and stats.finish_reason == "length"
+    prompt = engine.tokenizer.encode(engine.tokenizer.render_chat(QUESTION))
+    assert stats.prompt_tokens == len(prompt)
+
+
+def test_stop_string_cuts_the_text_before_it(engine):
+    full, _ = answer(engine, max_tokens=40)
+    words = full.split()
+    stop = " ".join(words[5:7])
+    text, stats = answer(engine, max_tokens=40, stop=[stop])
+    assert stats.finish_reason == "stop"
+    assert text == full[: full.index(stop)]
+
+
+def test_same_seed_same_text_other_seed_other_text(engine):
+    def sampled(seed: int) -> str:
+        return answer(engine, max_tokens=24, sampling=SamplingParams(temperature=1.0, seed=seed))[0]
+
+    assert sampled(3) == sampled(3)
+    assert sampled(3) != sampled(4)
+
+
+def test_greedy_stops_at_the_end_token(engine):
+    stats = GenerationStats()
+    text = "".join(engine.chat([{"role": "user", "content": "What is the capital of France?"}],
+                               GenerationParams(max_tokens=100), stats))
+    assert "Paris" in text and stats.finish_reason == "stop" and stats.generated_tokens < 100
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(engine):
+    with pytest.raises(ContextOverflowError, match="context holds 512"):
+        "".join(engine.generate(list(range(100, 700)), GenerationParams(max_tokens=4)))
