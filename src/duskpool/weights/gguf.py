@@ -130,18 +130,34 @@ class GGUFFile:
     def read(self, name: str) -> QuantTensor | torch.Tensor:
         """A matrix as a QuantTensor (still quantized); a vector as a float32 tensor."""
         info = self.tensors[name]
-        if info.qtype not in SUPPORTED_TYPES:
-            raise ModelFileError(f"{self.path}: tensor {name} has quant type {info.qtype.name}, which duskpool "
-                                 f"does not support (supported: {', '.join(t.name for t in SUPPORTED_TYPES)})")
+        check_supported(info, self.path)
         data = torch.empty(info.nbytes, dtype=torch.uint8)
         with open(self.path, "rb") as f:
             f.seek(info.offset)
             if f.readinto(data.numpy()) != info.nbytes:
                 raise ModelFileError(f"{self.path} is truncated inside tensor {name}")
-        if len(info.shape) == 1:
-            if info.qtype != GGMLQuantizationType.F32:
-                return QuantTensor(data.view(1, -1), info.qtype, (1, info.shape[0])).dequantize()[0]
-            return data.view(torch.float32)
-        rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
-        block_size, block_bytes = GGML_QUANT_SIZES[info.qtype]
-        return QuantTensor(data.view(rows, cols // block_size * block_bytes), info.qtype, (rows, cols))
+        return tensor_from_bytes(info, data)
+
+    def read_bytes(self, name: str) -> bytes:
+        """A tensor's bytes exactly as stored (what nodes receive and cache)."""
+        info = self.tensors[name]
+        with open(self.path, "rb") as f:
+            f.seek(info.offset)
+            return f.read(info.nbytes)
+
+
+def check_supported(info: TensorInfo, where: object) -> None:
+    if info.qtype not in SUPPORTED_TYPES:
+        raise ModelFileError(f"{where}: tensor {info.name} has quant type {info.qtype.name}, which duskpool "
+                             f"does not support (supported: {', '.join(t.name for t in SUPPORTED_TYPES)})")
+
+
+def tensor_from_bytes(info: TensorInfo, data: torch.Tensor) -> QuantTensor | torch.Tensor:
+    """uint8 bytes of a stored tensor -> a QuantTensor (matrices) or float32 tensor (vectors)."""
+    if len(info.shape) == 1:
+        if info.qtype != GGMLQuantizationType.F32:
+            return QuantTensor(data.view(1, -1), info.qtype, (1, info.shape[0])).dequantize()[0]
+        return data.view(torch.float32)
+    rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
+    block_size, block_bytes = GGML_QUANT_SIZES[info.qtype]
+    return QuantTensor(data.view(rows, cols // block_size * block_bytes), info.qtype, (rows, cols))

@@ -1,0 +1,339 @@
+"""A node: serves spans of layers over gRPC, one KV cache per session, pushing outputs down the route.
+
+A request's path through a node is `Forward`: check the message, run the span, then push the output
+to the next hop of its route (ring) or answer the sender (star).
+"""
+
+import hashlib
+import json
+import os
+import platform
+import queue
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psutil
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from duskpool import __version__
+from duskpool.cluster import wire
+from duskpool.cluster.proto import duskpool_pb2 as pb
+from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
+from duskpool.models import KVCache, Llama, load_model
+from duskpool.weights.quant import QuantTensor
+from duskpool.weights.store import StoredModel, TensorStore
+
+MAX_MESSAGE_BYTES = 64 * 2**20  # a chunk of weights or a long prompt's hidden states
+GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+SESSION_IDLE_SECONDS = 600  # a session nobody ended is freed after this long unused
+MAX_CONTEXT = 131072
+
+
+class Pusher:
+    """One long-lived Forward stream to a peer. `send` only queues, so compute never waits on the network."""
+
+    def __init__(self, address: str, on_reply: Callable[[pb.ForwardReply], None],
+                 on_broken: Callable[["Pusher", Exception], None]):
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.broken = False
+        self.last_sent: pb.ForwardRequest | None = None
+        self._replies = pb_grpc.NodeStub(self.channel).Forward(iter(self.outbox.get, None))
+        self._on_reply, self._on_broken = on_reply, on_broken
+        threading.Thread(target=self._read, daemon=True, name=f"pusher-{address}").start()
+
+    def send(self, request: pb.ForwardRequest) -> None:
+        self.last_sent = request
+        self.outbox.put(request)
+
+    def _read(self) -> None:
+        try:
+            for reply in self._replies:
+                self._on_reply(reply)
+        except grpc.RpcError as e:
+            self.broken = True
+            if e.code() != grpc.StatusCode.CANCELLED:
+                self._on_broken(self, e)
+
+    def close(self) -> None:
+        self.outbox.put(None)
+        self.channel.close()
+
+
+class Pushers:
+    """The Pusher to each address, replaced when its stream breaks."""
+
+    def __init__(self, on_reply: Callable[[pb.ForwardReply], None],
+                 on_broken: Callable[[Pusher, Exception], None]):
+        self._by_address: dict[str, Pusher] = {}
+        self._lock = threading.Lock()
+        self._on_reply, self._on_broken = on_reply, on_broken
+
+    def get(self, address: str) -> Pusher:
+        with self._lock:
+            pusher = self._by_address.get(address)
+            if pusher is None or pusher.broken:
+                pusher = self._by_address[address] = Pusher(address, self._on_reply, self._on_broken)
+            return pusher
+
+    def close(self) -> None:
+        with self._lock:
+            for pusher in self._by_address.values():
+                pusher.close()
+            self._by_address.clear()
+
+
+@dataclass
+class Session:
+    caches: dict[tuple[str, int, int], KVCache] = field(default_factory=dict)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+def measure_matmul_throughput() -> float:
+    """Bytes of Q4_0 weights this machine multiplies per ms at batch 1 (the planner's speed estimate)."""
+    rows, cols = 2048, 2048
+    weight = QuantTensor(torch.randint(0, 255, (rows, cols // 32 * 18), dtype=torch.uint8), 2, (rows, cols))
+    weight.data.view(rows, -1, 18)[:, :, :2] = torch.tensor([0, 0x20], dtype=torch.uint8)  # d = 2^-7
+    x, out = torch.randn(1, cols), torch.empty(1, rows)
+    weight.matmul_into(x, out)
+    timings = []
+    for _ in range(5):
+        started = time.perf_counter()
+        weight.matmul_into(x, out)
+        timings.append(time.perf_counter() - started)
+    return weight.nbytes / (sorted(timings)[2] * 1000)
+
+
+class NodeService(pb_grpc.NodeServicer):
+    def __init__(self, cache_dir: Path, memory_limit: int | None = None, node_id: str | None = None):
+        self.store = TensorStore(cache_dir)
+        self.memory_limit = memory_limit
+        self.node_id = node_id or f"{platform.node()}-{uuid.uuid4().hex[:6]}"
+        self.spans: dict[tuple[str, int, int], Llama] = {}
+        self.span_bytes: dict[tuple[str, int, int], int] = {}
+        self.sessions: dict[str, Session] = {}
+        self.ms_per_layer = 0.0
+        self.weight_bytes_received = 0  # total over the node's life: a warm cache keeps it at 0
+        self.matmul_bytes_per_ms = measure_matmul_throughput()
+        self._lock = threading.Lock()  # spans and sessions
+        self._compute = threading.Lock()  # one forward at a time: the kernels use every core already
+        self._pushers = Pushers(on_reply=self._on_downstream_reply, on_broken=self._on_downstream_broken)
+
+    # --- Info -------------------------------------------------------------------------------------
+    def Info(self, request: pb.InfoRequest, context) -> pb.NodeInfo:
+        with self._lock:
+            kv = sum(c.nbytes for s in self.sessions.values() for c in s.caches.values())
+            spans = [pb.SpanInfo(model_hash=h, start=a, stop=b) for h, a, b in self.spans]
+            n_sessions = len(self.sessions)
+        return pb.NodeInfo(version=__version__, node_id=self.node_id, backend="cpu",
+                           device=platform.processor() or platform.machine(),
+                           memory_total=psutil.virtual_memory().total, memory_free=self.free_bytes(),
+                           matmul_bytes_per_ms=self.matmul_bytes_per_ms, ms_per_layer=self.ms_per_layer,
+                           spans=spans, sessions=n_sessions, kv_bytes=kv)
+
+    def free_bytes(self) -> int:
+        used = sum(self.span_bytes.values()) + sum(c.nbytes for s in self.sessions.values()
+                                                   for c in s.caches.values())
+        available = psutil.virtual_memory().available
+        if self.memory_limit is not None:
+            available = min(available, self.memory_limit - used)
+        return max(0, available)
+
+    # --- LoadSpan ---------------------------------------------------------------------------------
+    def LoadSpan(self, request_iterator: Iterator[pb.LoadSpanRequest], context) -> Iterator[pb.LoadSpanReply]:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("manifest"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadSpan must start with the span's manifest")
+        manifest = first.manifest
+        span_bytes = sum(t.nbytes for t in manifest.tensors)
+        key = (manifest.model_hash, manifest.start, manifest.stop)
+        if key not in self.spans and self.memory_limit is not None and span_bytes > self.free_bytes():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"span needs {span_bytes / 1e9:.2f} GB, this node has {self.free_bytes() / 1e9:.2f} GB free")
+        wanted = {t.sha256: t.nbytes for t in manifest.tensors if not self.store.has(t.sha256)}
+        yield pb.LoadSpanReply(missing=list(wanted))
+        received = self._receive(request_iterator, wanted, context)
+        stored = StoredModel(self.store, json.loads(manifest.metadata_json),
+                             {t.name: StoredModel.info(t.name, t.qtype, list(t.shape), t.nbytes)
+                              for t in manifest.tensors},
+                             {t.name: t.sha256 for t in manifest.tensors})
+        model = load_model(stored, layers=range(manifest.start, manifest.stop), embed=False, head=False)
+        with self._lock:
+            self.spans[key] = model
+            self.span_bytes[key] = span_bytes
+        self.ms_per_layer = self._measure(model)
+        print(f"duskpool node: serving layers [{manifest.start}, {manifest.stop}) of model "
+              f"{manifest.model_hash[:12]} ({received / 1e6:.1f} MB received, {self.ms_per_layer:.2f} ms/layer)",
+              file=sys.stderr, flush=True)
+        yield pb.LoadSpanReply(ready=True, received_bytes=received, ms_per_layer=self.ms_per_layer)
+
+    def _receive(self, requests: Iterator[pb.LoadSpanRequest], wanted: dict[str, int], context) -> int:
+        """Write the streamed tensors into the store, each checked against its hash; bytes received."""
+        received, current, digest, tmp = 0, None, None, None
+        try:
+            for request in requests:
+                chunk = request.chunk
+                if chunk.sha256 not in wanted:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unrequested tensor {chunk.sha256[:12]}")
+                if chunk.sha256 != current:
+                    current, digest = chunk.sha256, hashlib.sha256()
+                    tmp = tempfile.NamedTemporaryFile(dir=self.store.root, delete=False)
+                tmp.write(chunk.data)
+                digest.update(chunk.data)
+                received += len(chunk.data)
+                self.weight_bytes_received += len(chunk.data)
+                if tmp.tell() == wanted[current]:
+                    tmp.close()
+                    if digest.hexdigest() != current:
+                        os.unlink(tmp.name)
+                        context.abort(grpc.StatusCode.DATA_LOSS, f"tensor {current[:12]} arrived damaged")
+                    target = self.store.path(current)
+                    target.parent.mkdir(exist_ok=True)
+                    os.replace(tmp.name, target)
+                    tmp = None
+        finally:
+            if tmp is not None:
+                tmp.close()
+                os.unlink(tmp.name)
+        missing = [h for h in wanted if not self.store.has(h)]
+        if missing:
+            context.abort(grpc.StatusCode.DATA_LOSS, f"{len(missing)} tensors never arrived")
+        return received
+
+    def _measure(self, model: Llama) -> float:
+        cache = model.new_cache(8)
+        hidden = torch.randn(1, model.config.dim) * 0.1
+        timings = []
+        with self._compute:
+            for position in range(6):
+                started = time.perf_counter()
+                model.forward_span(hidden, cache, torch.tensor([position]))
+                timings.append(time.perf_counter() - started)
+        return sorted(timings[1:])[2] * 1000 / max(1, len(model.layers))
+
+    # --- Forward ----------------------------------------------------------------------------------
+    def Forward(self, request_iterator: Iterator[pb.ForwardRequest], context) -> Iterator[pb.ForwardReply]:
+        for request in request_iterator:
+            try:
+                hidden = self._run(request)
+            except Exception as e:  # the sender (or the gateway) hears about it; the node keeps serving
+                error = f"node {self.node_id}: {e}"
+                if len(request.route) > 1:
+                    self._report(request, error)
+                else:
+                    yield pb.ForwardReply(session_id=request.session_id, step=request.step, error=error)
+                continue
+            if len(request.route) > 1:  # ring: straight on to the next hop
+                nxt = pb.ForwardRequest(session_id=request.session_id, step=request.step,
+                                        position=request.position, context=request.context,
+                                        hidden=wire.to_wire(hidden, request.hidden.dtype),
+                                        model_hash=request.model_hash, route=request.route[1:])
+                self._pushers.get(request.route[1].address).send(nxt)
+            else:  # star: back to the sender
+                yield pb.ForwardReply(session_id=request.session_id, step=request.step,
+                                      hidden=wire.to_wire(hidden, request.hidden.dtype))
+
+    def _run(self, request: pb.ForwardRequest) -> torch.Tensor:
+        if not request.route:
+            raise ValueError("the request has no route")
+        hop = request.route[0]
+        key = (request.model_hash, hop.start, hop.stop)
+        model = self.spans.get(key)
+        if model is None:
+            raise ValueError(f"layers [{hop.start}, {hop.stop}) of model {request.model_hash[:12]} are not loaded here")
+        if not 0 < request.context <= min(MAX_CONTEXT, model.config.context_length):
+            raise ValueError(f"context {request.context} is out of range")
+        hidden = wire.from_wire(request.hidden, model.config.dim, request.context)
+        if request.position + hidden.shape[0] > request.context:
+            raise ValueError(f"positions {request.position}..{request.position + hidden.shape[0]} are past "
+                             f"the session's context of {request.context}")
+        with self._lock:
+            session = self.sessions.setdefault(request.session_id, Session())
+            session.last_used = time.monotonic()
+            cache = session.caches.get(key)
+            if cache is None:
+                cache = session.caches[key] = model.new_cache(request.context)
+        positions = torch.arange(request.position, request.position + hidden.shape[0])
+        with self._compute:
+            return model.forward_span(hidden, cache, positions)
+
+    def _report(self, request: pb.ForwardRequest, error: str) -> None:
+        """Tell the gateway (the ring's last hop) that this step failed here."""
+        gateway = request.route[-1].address
+        self._pushers.get(gateway).send(pb.ForwardRequest(session_id=request.session_id, step=request.step,
+                                                          error=error, route=request.route[-1:]))
+
+    def _on_downstream_reply(self, reply: pb.ForwardReply) -> None:
+        pass  # in a ring the next hop answers the gateway, not us
+
+    def _on_downstream_broken(self, pusher: Pusher, e: Exception) -> None:
+        if pusher.last_sent is not None and pusher.last_sent.route:
+            last = pusher.last_sent
+            if len(last.route) > 1 or last.route[0].stop > 0:  # the broken peer was not the gateway itself
+                self._report(last, f"node {self.node_id} lost the next hop {pusher.address}: {_reason(e)}")
+
+    # --- sessions ---------------------------------------------------------------------------------
+    def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionReply:
+        return pb.EndSessionReply(existed=self.end_session(request.session_id))
+
+    def end_session(self, session_id: str) -> bool:
+        with self._lock:
+            session = self.sessions.pop(session_id, None)
+        if session is None:
+            return False
+        for cache in session.caches.values():
+            cache.clear()  # nothing of the session outlives it
+        return True
+
+    def reap_idle_sessions(self, idle_seconds: float = SESSION_IDLE_SECONDS) -> None:
+        now = time.monotonic()
+        with self._lock:
+            idle = [sid for sid, s in self.sessions.items() if now - s.last_used > idle_seconds]
+        for sid in idle:
+            self.end_session(sid)
+
+    def close(self) -> None:
+        self._pushers.close()
+
+
+def _reason(e: Exception) -> str:
+    return e.details() if isinstance(e, grpc.RpcError) and hasattr(e, "details") else str(e)
+
+
+def start_server(service: pb_grpc.NodeServicer, host: str, port: int) -> tuple[grpc.Server, int]:
+    """A gRPC server for `service` plus the standard health service; returns it and its bound port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=GRPC_OPTIONS)
+    pb_grpc.add_NodeServicer_to_server(service, server)
+    health_service = health.HealthServicer()
+    health_service.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    return server, bound
+
+
+def serve(host: str, port: int, cache_dir: Path, memory_limit: int | None = None) -> None:
+    """Run a node until interrupted; prints 'listening on HOST:PORT' once ready (the swarm waits for it)."""
+    service = NodeService(cache_dir, memory_limit)
+    server, bound = start_server(service, host, port)
+    print(f"duskpool node {service.node_id} listening on {host}:{bound}", flush=True)
+    try:
+        while not server.wait_for_termination(timeout=30):
+            service.reap_idle_sessions()
+    finally:
+        service.close()
+        server.stop(grace=1)

@@ -1,0 +1,116 @@
+"""Content hashes of tensors, and the content-addressed cache where nodes keep received weights.
+
+A tensor is named by the sha256 of its bytes as stored in the GGUF file, so a node that restarts,
+or serves a second model sharing tensors with the first, finds them already cached.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from gguf import GGMLQuantizationType
+
+from duskpool.weights.gguf import GGUFFile, ModelFileError, TensorInfo, check_supported, tensor_from_bytes
+
+HASH_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "duskpool"
+
+
+def config_metadata(file: GGUFFile) -> dict[str, Any]:
+    """The metadata a node needs to run layers: everything but the tokenizer (which stays home)."""
+    return {k: v for k, v in file.metadata.items() if not k.startswith("tokenizer.")}
+
+
+def tensor_hashes(file: GGUFFile, cache_dir: Path | None = None) -> dict[str, str]:
+    """sha256 of every tensor, remembered per (path, size, mtime) so a model is hashed once."""
+    stat = file.path.stat()
+    key = hashlib.sha256(f"{file.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    memo = (cache_dir or default_cache_dir()) / "hashes" / f"{key}.json"
+    if memo.exists():
+        saved = json.loads(memo.read_text())
+        if saved.get("version") == HASH_CACHE_VERSION:
+            return saved["tensors"]
+    hashes = {}
+    with open(file.path, "rb") as f:
+        for name, info in file.tensors.items():
+            f.seek(info.offset)
+            hashes[name] = hashlib.sha256(f.read(info.nbytes)).hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(memo, json.dumps({"version": HASH_CACHE_VERSION, "tensors": hashes}).encode())
+    return hashes
+
+
+def model_hash(file: GGUFFile, hashes: dict[str, str]) -> str:
+    """One name for a model's weights and configuration."""
+    digest = hashlib.sha256(json.dumps(config_metadata(file), sort_keys=True, default=str).encode())
+    for name in sorted(hashes):
+        digest.update(f"{name}={hashes[name]};".encode())
+    return digest.hexdigest()
+
+
+class TensorStore:
+    """A directory of tensors named by their sha256; writes are atomic, reads are verified on arrival."""
+
+    def __init__(self, root: Path):
+        self.root = root / "tensors"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a sha256: {sha256!r}")
+        return self.root / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).exists()
+
+    def put(self, sha256: str, data: bytes) -> None:
+        """Store `data` if its hash is `sha256`; raise ValueError if it is not."""
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise ValueError(f"tensor bytes hash to {actual[:12]}…, expected {sha256[:12]}…")
+        target = self.path(sha256)
+        target.parent.mkdir(exist_ok=True)
+        _atomic_write(target, data)
+
+
+@dataclass
+class StoredModel:
+    """A model's tensors as held in a TensorStore: reads like a GGUFFile to the model loaders."""
+
+    store: TensorStore
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo]  # offsets unused: each tensor is its own file
+    hashes: dict[str, str]
+
+    @property
+    def path(self) -> str:
+        return f"cached model ({self.store.root})"
+
+    def read(self, name: str) -> Any:
+        info = self.tensors[name]
+        check_supported(info, self.path)
+        path = self.store.path(self.hashes[name])
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            if f.readinto(data.numpy()) != info.nbytes:
+                raise ModelFileError(f"cached tensor {path} is damaged")
+        return tensor_from_bytes(info, data)
+
+    @staticmethod
+    def info(name: str, qtype: int, shape: list[int], nbytes: int) -> TensorInfo:
+        return TensorInfo(name, GGMLQuantizationType(qtype), tuple(shape), 0, nbytes)
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, target)
