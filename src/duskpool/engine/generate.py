@@ -39,14 +39,18 @@ class GenerationStats:
     decode_seconds: float = 0.0
 
 
-def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: GenerationParams,
-             context_length: int, stats: GenerationStats | None = None) -> Iterator[str]:
-    """Yield the answer's text as it is produced; `stats` is filled in as it goes."""
-    stats = stats if stats is not None else GenerationStats()
+def check_prompt(prompt: list[int], context_length: int) -> None:
     if not prompt:
         raise ValueError("the prompt is empty")
     if len(prompt) >= context_length:
         raise ContextOverflowError(f"the prompt has {len(prompt)} tokens; the context holds {context_length}")
+
+
+def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: GenerationParams,
+             context_length: int, stats: GenerationStats | None = None) -> Iterator[str]:
+    """Yield the answer's text as it is produced; `stats` is filled in as it goes."""
+    stats = stats if stats is not None else GenerationStats()
+    check_prompt(prompt, context_length)
     stats.prompt_tokens = len(prompt)
     sampler = Sampler(params.sampling)
     budget = min(params.max_tokens, context_length - len(prompt))

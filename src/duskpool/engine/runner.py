@@ -1,13 +1,15 @@
-"""The single-process runner: the whole model in this process, one KV cache per session."""
+"""Engines: what the CLI and the API drive. `LocalEngine` runs the whole model in this process; the
+cluster's gateway is the same interface over a route of nodes."""
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from duskpool.engine.generate import GenerationParams, GenerationStats, generate
+from duskpool.engine.generate import GenerationParams, GenerationStats, check_prompt, generate
 from duskpool.engine.tokenizer import Tokenizer
-from duskpool.models import Llama, load_model
+from duskpool.models import KVCache, Llama, load_model
 from duskpool.weights import kernels
 from duskpool.weights.gguf import GGUFFile, ModelFileError
 
@@ -22,7 +24,59 @@ def set_threads(threads: int) -> None:
         lib.dp_set_threads(threads)
 
 
-class LocalEngine:
+def load_tokenizer(file: GGUFFile) -> Tokenizer:
+    try:
+        return Tokenizer.from_gguf_metadata(file.metadata)
+    except ValueError as e:
+        raise ModelFileError(f"{file.path}: {e}") from None
+
+
+class Session(Protocol):
+    def forward(self, tokens: list[int], start: int) -> torch.Tensor:
+        """Run tokens at positions start.. through the model; logits [vocab] of the last one."""
+
+    def close(self) -> None:
+        """Free the session's KV caches wherever they are."""
+
+
+class Engine:
+    tokenizer: Tokenizer
+    context_length: int
+
+    def open_session(self, capacity: int) -> Session:
+        raise NotImplementedError
+
+    def generate(self, prompt: list[int], params: GenerationParams,
+                 stats: GenerationStats | None = None) -> Iterator[str]:
+        """Yield the answer's text; the session is freed when this ends, fails or is closed early."""
+        check_prompt(prompt, self.context_length)  # before any cache is allocated
+        capacity = min(self.context_length, len(prompt) + params.max_tokens)
+        session = self.open_session(capacity)
+        try:
+            yield from generate(session.forward, self.tokenizer, prompt, params, capacity, stats)
+        finally:
+            session.close()
+
+    def chat(self, messages: list[dict[str, str]], params: GenerationParams,
+             stats: GenerationStats | None = None) -> Iterator[str]:
+        prompt = self.tokenizer.encode(self.tokenizer.render_chat(messages), add_special=True)
+        return self.generate(prompt, params, stats)
+
+
+class LocalSession:
+    def __init__(self, model: Llama, capacity: int):
+        self.model, self.cache = model, model.new_cache(capacity)
+
+    def forward(self, tokens: list[int], start: int) -> torch.Tensor:
+        positions = torch.arange(start, start + len(tokens))
+        hidden = self.model.forward_span(self.model.embed(torch.tensor(tokens)), self.cache, positions)
+        return self.model.head(hidden[-1:])[0]
+
+    def close(self) -> None:
+        self.cache.clear()
+
+
+class LocalEngine(Engine):
     def __init__(self, model: Llama, tokenizer: Tokenizer, context_length: int):
         self.model, self.tokenizer, self.context_length = model, tokenizer, context_length
 
@@ -30,25 +84,11 @@ class LocalEngine:
     def load(cls, path: str | Path, context_length: int | None = None) -> "LocalEngine":
         file = GGUFFile(path)
         model = load_model(file)
-        try:
-            tokenizer = Tokenizer.from_gguf_metadata(file.metadata)
-        except ValueError as e:
-            raise ModelFileError(f"{file.path}: {e}") from None
         context = min(context_length or DEFAULT_CONTEXT, model.config.context_length)
-        return cls(model, tokenizer, context)
+        return cls(model, load_tokenizer(file), context)
 
-    def generate(self, prompt: list[int], params: GenerationParams,
-                 stats: GenerationStats | None = None) -> Iterator[str]:
-        cache = self.model.new_cache(min(self.context_length, len(prompt) + params.max_tokens))
+    def open_session(self, capacity: int) -> LocalSession:
+        return LocalSession(self.model, capacity)
 
-        def forward(tokens: list[int], start: int) -> torch.Tensor:
-            positions = torch.arange(start, start + len(tokens))
-            hidden = self.model.forward_span(self.model.embed(torch.tensor(tokens)), cache, positions)
-            return self.model.head(hidden[-1:])[0]
 
-        return generate(forward, self.tokenizer, prompt, params, cache.capacity, stats)
-
-    def chat(self, messages: list[dict[str, str]], params: GenerationParams,
-             stats: GenerationStats | None = None) -> Iterator[str]:
-        prompt = self.tokenizer.encode(self.tokenizer.render_chat(messages), add_special=True)
-        return self.generate(prompt, params, stats)
+__all__ = ["DEFAULT_CONTEXT", "Engine", "KVCache", "LocalEngine", "LocalSession", "Session", "set_threads"]
