@@ -1,0 +1,1 @@
+"""Cluster: planner, nodes, gateway client, membership, routing, recovery."""

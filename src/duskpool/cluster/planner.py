@@ -1,0 +1,256 @@
+"""Placement: which node holds which span of layers. A pure function, profiles in, a Plan out.
+
+No I/O and no torch, so the swarm simulator can run it on thousands of synthetic clusters.
+
+Cost model, per decoded token at batch 1 (the spans run one after the other, so costs add up):
+    predicted ms = gateway's prefix + suffix layers × its ms_per_layer
+                 + Σ over stages (layers × the node's ms_per_layer + one hop into the node)
+                 + one hop back into the gateway.
+A hop is charged to the machine that receives it: its rtt_ms / 2 + hidden_bytes_per_token / its bandwidth
+(for the gateway, rtt_ms is its own round trip to the pool). Charging the receiver makes the cost
+independent of the route's order, so the route is simply listed fastest node first (ties by id).
+
+Memory is the hard constraint: a node holding n layers needs n × (layer_bytes + KV for
+sessions × context tokens) ≤ free_bytes × (1 - safety_margin). The gateway holds only the tokenizer-side
+edges (embedding, head, final norm) and the privacy prefix and suffix; it never takes middle layers.
+"""
+
+import math
+from dataclasses import dataclass
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    name: str
+    n_layers: int
+    layer_bytes: int  # weights of one transformer layer, as held in memory (quantized)
+    kv_bytes_per_token: int  # K + V of one layer for one token
+    hidden_bytes_per_token: int  # the hidden state one stage sends to the next, per token
+    edge_bytes: int  # embedding + LM head + final norm: held by the gateway only
+
+    @classmethod
+    def from_sizes(cls, name: str, n_layers: int, layer_bytes: int, edge_bytes: int, dim: int, n_kv_heads: int,
+                   head_dim: int, kv_dtype_bytes: int = 2, hidden_dtype_bytes: int = 4) -> "ModelProfile":
+        """From a model's shape: the KV cache stores fp16 K and V, hidden states travel as fp32 (for now)."""
+        return cls(name, n_layers, layer_bytes, 2 * n_kv_heads * head_dim * kv_dtype_bytes,
+                   dim * hidden_dtype_bytes, edge_bytes)
+
+
+@dataclass(frozen=True)
+class NodeProfile:
+    id: str
+    free_bytes: int  # memory the node may lend
+    ms_per_layer: float  # measured decode time of one layer at batch 1
+    rtt_ms: float  # round trip to the gateway; half of it is charged per hop into this node
+    bandwidth_bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    sessions: int = 4  # concurrent sessions whose KV cache every node must have room for
+    context: int = 4096  # tokens per session
+    privacy_prefix: int = 1  # first layers kept on the gateway
+    privacy_suffix: int = 1  # last layers kept on the gateway
+    safety_margin: float = 0.1  # fraction of each machine's free memory left unused
+
+
+@dataclass(frozen=True)
+class Stage:
+    node_id: str
+    start: int
+    stop: int  # the node runs layers [start, stop)
+    compute_ms: float = 0.0  # layers × ms_per_layer
+    hop_ms: float = 0.0  # the hop into this node
+
+    @property
+    def layers(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[Stage, ...]  # the route in order, between the gateway's prefix and suffix
+    prefix: range  # layers the gateway runs before the route
+    suffix: range  # layers the gateway runs after it
+    predicted_ms_per_token: float
+    gateway_ms: float  # the gateway's prefix + suffix compute
+    return_hop_ms: float  # the last node's push back into the gateway (0 with no stages)
+    excluded: tuple[tuple[str, str], ...]  # (node_id, why it got no layers), sorted by id
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1000 / self.predicted_ms_per_token if self.predicted_ms_per_token > 0 else math.inf
+
+
+class ModelDoesNotFit(ValueError):
+    pass
+
+
+def layer_memory(model: ModelProfile, config: PlanConfig) -> int:
+    """Bytes one layer takes on a node: its weights plus its KV cache for every budgeted session."""
+    return model.layer_bytes + config.sessions * config.context * model.kv_bytes_per_token
+
+
+def usable_bytes(node: NodeProfile, config: PlanConfig) -> float:
+    return node.free_bytes * (1 - config.safety_margin)
+
+
+def hop_ms(machine: NodeProfile, model: ModelProfile) -> float:
+    """One hidden state pushed into `machine`: half its round trip plus the bytes over its link."""
+    return machine.rtt_ms / 2 + 1000 * model.hidden_bytes_per_token / machine.bandwidth_bytes_per_s
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    node: NodeProfile
+    cap: int  # layers that fit
+    hop: float
+
+
+def plan(model: ModelProfile, gateway: NodeProfile, nodes: list[NodeProfile] | tuple[NodeProfile, ...],
+         config: PlanConfig | None = None) -> Plan:
+    """The fastest placement of layers [prefix, L - suffix) on `nodes` that fits their memory.
+
+    Raises ModelDoesNotFit when the gateway cannot hold its part or the nodes together lack room.
+    """
+    config = config or PlanConfig()
+    n_private = config.privacy_prefix + config.privacy_suffix
+    if min(config.privacy_prefix, config.privacy_suffix) < 0 or n_private > model.n_layers:
+        raise ValueError(f"privacy prefix {config.privacy_prefix} + suffix {config.privacy_suffix} "
+                         f"must fit in the model's {model.n_layers} layers")
+    ids = [n.id for n in nodes]
+    if len(set(ids)) != len(ids) or gateway.id in ids:
+        raise ValueError(f"node ids must be unique and differ from the gateway's: {sorted(ids)}")
+
+    per_layer = layer_memory(model, config)
+    gateway_need = n_private * per_layer + model.edge_bytes
+    if gateway_need > usable_bytes(gateway, config):
+        raise ModelDoesNotFit(f"gateway {gateway.id} cannot hold model {model.name}'s edges and {n_private} private "
+                              f"layers: needs {gateway_need / GB:.1f} GB, has {usable_bytes(gateway, config) / GB:.1f} "
+                              f"GB usable")
+
+    prefix = range(0, config.privacy_prefix)
+    suffix = range(model.n_layers - config.privacy_suffix, model.n_layers)
+    middle = suffix.start - prefix.stop
+    gateway_ms = n_private * gateway.ms_per_layer
+
+    candidates, excluded = [], {}
+    for node in sorted(nodes, key=lambda n: (n.ms_per_layer, n.id)):
+        cap = min(int(usable_bytes(node, config) // per_layer), middle)
+        if middle == 0:
+            excluded[node.id] = f"no layers to place: the gateway holds all {model.n_layers}"
+        elif cap == 0:
+            excluded[node.id] = (f"too little memory for one layer: needs {per_layer / GB:.2f} GB, "
+                                 f"has {usable_bytes(node, config) / GB:.2f} GB usable")
+        else:
+            candidates.append(_Candidate(node, cap, hop_ms(node, model)))
+
+    if middle == 0:
+        return Plan((), prefix, suffix, gateway_ms, gateway_ms, 0.0, tuple(sorted(excluded.items())))
+
+    best = _fill(candidates, middle)
+    if best is None:
+        held = sum(c.cap for c in candidates)
+        raise ModelDoesNotFit(
+            f"model {model.name} needs {(middle - held) * per_layer / GB:.1f} GB more memory than the pool has "
+            f"(needs {middle * per_layer / GB:.1f} GB for {middle} layers + KV for {config.sessions} × "
+            f"{config.context} tokens, pool offers {held * per_layer / GB:.1f} GB in whole layers after the "
+            f"{config.safety_margin:.0%} safety margin)")
+    cost, counts = best
+
+    stages, start = [], prefix.stop
+    for i, n in counts:
+        c = candidates[i]
+        stages.append(Stage(c.node.id, start, start + n, n * c.node.ms_per_layer, c.hop))
+        start += n
+    return_hop = hop_ms(gateway, model)
+
+    # Why each unused node got nothing: how much more the best plan that gives it layers would cost.
+    used = {i for i, _ in counts}
+    for j, c in enumerate(candidates):
+        if j not in used:
+            extra = _forced_cost(candidates, middle, j) - cost
+            excluded[c.node.id] = f"slower than leaving it out: +{extra:.2f} ms/token"
+
+    return Plan(tuple(stages), prefix, suffix, gateway_ms + cost + return_hop, gateway_ms, return_hop,
+                tuple(sorted(excluded.items())))
+
+
+def _fill(candidates: list[_Candidate], target: int, must: int | None = None) -> tuple[float, list] | None:
+    """Cheapest (cost, [(candidate index, layers)]) placing exactly `target` layers; candidates fastest first.
+
+    With the order fixed by speed, some optimal plan fills every used node to capacity except the slowest
+    used one, which takes the remainder (moving a layer to a faster used node never costs more). So a
+    plan is a set of full nodes plus one "finisher" after them: a 0/1 knapsack over layer counts, O(n × L).
+    `must` forces a candidate to be full or the finisher (the other way in is one layer, see _forced_cost).
+    """
+    full = {0: (0.0, None)}  # layers placed on full nodes so far -> (cost, linked list of choices)
+    best = None
+    for i, c in enumerate(candidates):
+        if must is None or i >= must:  # a finisher before `must` would leave it out
+            for placed, (cost, chain) in full.items():
+                rest = target - placed
+                if 1 <= rest <= c.cap:
+                    total = cost + c.hop + rest * c.node.ms_per_layer
+                    if best is None or total < best[0]:
+                        best = (total, (chain, (i, rest)))
+        grown = {} if i == must else dict(full)  # skipping is not an option for `must`
+        for placed, (cost, chain) in full.items():
+            new, total = placed + c.cap, cost + c.hop + c.cap * c.node.ms_per_layer
+            if new < target and (new not in grown or total < grown[new][0]):
+                grown[new] = (total, (chain, (i, c.cap)))
+        full = grown
+    if best is None:
+        return None
+    counts, chain = [], best[1]
+    while chain is not None:
+        chain, choice = chain
+        counts.append(choice)
+    return best[0], counts[::-1]
+
+
+def _forced_cost(candidates: list[_Candidate], target: int, j: int) -> float:
+    """The cheapest cost of a plan that gives candidate j at least one layer.
+
+    Such a plan has j full, or j as the finisher, or j holding exactly one layer beside a plan of the rest.
+    """
+    options = []
+    if (forced := _fill(candidates, target, must=j)) is not None:
+        options.append(forced[0])
+    one = candidates[j].hop + candidates[j].node.ms_per_layer
+    if target == 1:
+        options.append(one)
+    elif (rest := _fill(candidates[:j] + candidates[j + 1:], target - 1)) is not None:
+        options.append(one + rest[0])
+    return min(options)
+
+
+def explain(plan: Plan, model: ModelProfile, gateway: NodeProfile,
+            nodes: list[NodeProfile] | tuple[NodeProfile, ...], config: PlanConfig | None = None) -> str:
+    """A plain-text table of the plan: who holds what, the memory it takes, and where the time goes."""
+    config = config or PlanConfig()
+    by_id = {n.id: n for n in nodes}
+    per_layer = layer_memory(model, config)
+    rows = [("node", "layers", "span", "memory used/usable", "ms/layer", "compute ms", "hop ms")]
+
+    def row(machine: NodeProfile, layers: int, span: str, used: float, compute: float, hop: str) -> None:
+        rows.append((machine.id, str(layers), span, f"{used / GB:.1f}/{usable_bytes(machine, config) / GB:.1f} GB",
+                     f"{machine.ms_per_layer:.2f}", f"{compute:.2f}", hop))
+
+    n_private = len(plan.prefix) + len(plan.suffix)
+    private = ", ".join(f"{r.start}-{r.stop}" for r in (plan.prefix, plan.suffix) if len(r))
+    row(gateway, n_private, private or "-", n_private * per_layer + model.edge_bytes, plan.gateway_ms,
+        f"{plan.return_hop_ms:.2f} (return)" if plan.stages else "-")
+    for s in plan.stages:
+        row(by_id[s.node_id], s.layers, f"{s.start}-{s.stop}", s.layers * per_layer, s.compute_ms, f"{s.hop_ms:.2f}")
+
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    text_columns = (0, 2)  # node and span; the numbers are right-aligned
+    lines = ["  ".join(c.ljust(widths[k]) if k in text_columns else c.rjust(widths[k]) for k, c in enumerate(r))
+             for r in rows]
+    lines += [f"{node_id}: no layers, {reason}" for node_id, reason in plan.excluded]
+    lines.append(f"model {model.name}: {plan.predicted_ms_per_token:.1f} ms/token predicted "
+                 f"({plan.tokens_per_s:.1f} tok/s), spans [start-stop) run in the order listed")
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""The placement planner on synthetic Apple-silicon households: spans, memory, speed, and its explanations."""
+
+import itertools
+import random
+
+import pytest
+
+from duskpool.cluster.planner import (
+    GB,
+    ModelDoesNotFit,
+    ModelProfile,
+    NodeProfile,
+    Plan,
+    PlanConfig,
+    explain,
+    hop_ms,
+    layer_memory,
+    plan,
+    usable_bytes,
+)
+
+# Llama-70B at ~4.5 bits: 80 layers of 0.5 GB (≈40 GB), 8 KV heads × 128 dims in fp16 -> 4 KB per token per layer.
+LLAMA_70B = ModelProfile.from_sizes("llama-70b-q4", n_layers=80, layer_bytes=500_000_000, edge_bytes=1_100_000_000,
+                                    dim=8192, n_kv_heads=8, head_dim=128)
+CONFIG = PlanConfig()  # 4 sessions × 4096 tokens: 64 MiB of KV per layer on top of its 0.5 GB
+PER_LAYER = layer_memory(LLAMA_70B, CONFIG)
+MIDDLE = 78  # layers the route carries: one each stays on the gateway at either end
+WIFI, ETHERNET = (4.0, 50e6), (0.5, 110e6)  # (rtt ms, bytes/s)
+
+
+def mac(node_id: str, free_gb: float, ms_per_layer: float, link: tuple[float, float] = ETHERNET) -> NodeProfile:
+    return NodeProfile(node_id, int(free_gb * GB), ms_per_layer, *link)
+
+
+# Decode of a 0.5 GB layer is bound by memory bandwidth (68, 100, 200, 400 GB/s) at ~70% efficiency;
+# free memory is what macOS lets the GPU wire, about 65-75% of RAM.
+M1_8 = mac("m1-8gb", 5, 10.0, WIFI)
+M2_16 = mac("m2-16gb", 11, 7.0, WIFI)
+M2PRO_32 = mac("m2pro-32gb", 24, 3.5)
+M3MAX_64 = mac("m3max-64gb", 48, 1.8)
+M3MAX_128 = mac("m3max-128gb", 96, 1.8)
+GATEWAY = mac("gateway", 24, 3.5, (0.5, 110e6))
+
+
+def assert_valid(p: Plan, model: ModelProfile, nodes: list[NodeProfile], config: PlanConfig = CONFIG) -> None:
+    """Spans are contiguous, cover the middle exactly once in route order, and fit each node's memory."""
+    assert p.prefix == range(0, config.privacy_prefix)
+    assert p.suffix == range(model.n_layers - config.privacy_suffix, model.n_layers)
+    position = p.prefix.stop
+    for stage in p.stages:
+        assert stage.start == position and stage.stop > stage.start, f"gap or overlap at {stage}"
+        position = stage.stop
+    assert position == p.suffix.start, f"the route ends at layer {position}, the suffix starts at {p.suffix.start}"
+    by_id = {n.id: n for n in nodes}
+    assert len({s.node_id for s in p.stages}) == len(p.stages), "a node appears twice in the route"
+    for stage in p.stages:
+        used = stage.layers * layer_memory(model, config)
+        assert used <= usable_bytes(by_id[stage.node_id], config), f"{stage.node_id} over its memory"
+    assert {s.node_id for s in p.stages} | {i for i, _ in p.excluded} == set(by_id), "a node is missing"
+
+
+def counts(p: Plan) -> dict[str, int]:
+    return {s.node_id: s.layers for s in p.stages}
+
+
+def brute_force_ms(model: ModelProfile, gateway: NodeProfile, nodes: list[NodeProfile], config: PlanConfig,
+                   must: str | None = None) -> float:
+    """The best predicted ms/token over every assignment of layer counts (tiny models only)."""
+    middle = model.n_layers - config.privacy_prefix - config.privacy_suffix
+    caps = [min(int(usable_bytes(n, config) // layer_memory(model, config)), middle) for n in nodes]
+    best = float("inf")
+    for xs in itertools.product(*(range(c + 1) for c in caps)):
+        if sum(xs) != middle or (must and xs[[n.id for n in nodes].index(must)] == 0):
+            continue
+        used = [(n, x) for n, x in zip(nodes, xs, strict=True) if x]
+        cost = sum(hop_ms(n, model) + x * n.ms_per_layer for n, x in used) + (hop_ms(gateway, model) if used else 0)
+        best = min(best, cost)
+    return best + (config.privacy_prefix + config.privacy_suffix) * gateway.ms_per_layer
+
+
+def random_cluster(rng: random.Random, n_nodes: int) -> list[NodeProfile]:
+    return [NodeProfile(f"n{i}", rng.randrange(1, 12) * GB, rng.choice([0.5, 1, 2, 4, 8, 20]) * rng.uniform(0.9, 1.1),
+                        rng.uniform(0.2, 12), rng.choice([5e6, 50e6, 1e9])) for i in range(n_nodes)]
+
+
+def test_70b_over_four_machines_of_13gb_gets_about_20_layers_each():
+    nodes = [mac(f"mac-{i}", 13, 1.8) for i in range(4)]  # 11.7 GB usable = 20 layers of 0.57 GB each
+    p = plan(LLAMA_70B, GATEWAY, nodes, CONFIG)
+    assert_valid(p, LLAMA_70B, nodes)
+    assert counts(p) == {"mac-0": 20, "mac-1": 20, "mac-2": 20, "mac-3": 18}
+    hops = 4 * hop_ms(nodes[0], LLAMA_70B) + hop_ms(GATEWAY, LLAMA_70B)
+    assert p.predicted_ms_per_token == pytest.approx(2 * 3.5 + 78 * 1.8 + hops)
+    assert p.excluded == ()
+
+
+def test_bigger_machines_mean_fewer_stages_since_every_hop_costs():
+    nodes = [mac(f"mac-{i}", 24, 1.8) for i in range(4)]  # 38 layers each: three stages are enough
+    p = plan(LLAMA_70B, GATEWAY, nodes, CONFIG)
+    assert_valid(p, LLAMA_70B, nodes)
+    assert counts(p) == {"mac-0": 38, "mac-1": 38, "mac-2": 2}
+    assert [i for i, _ in p.excluded] == ["mac-3"]
+
+
+def test_a_10x_slower_node_gets_nothing_when_the_rest_hold_the_model():
+    slow = mac("slow", 40, 18.0)
+    nodes = [mac(f"mac-{i}", 13, 1.8) for i in range(4)] + [slow]
+    p = plan(LLAMA_70B, GATEWAY, nodes, CONFIG)
+    assert_valid(p, LLAMA_70B, nodes)
+    assert "slow" not in counts(p)
+    # forced in, it would take one layer off mac-3 and add its hop
+    extra = 18.0 - 1.8 + hop_ms(slow, LLAMA_70B)
+    assert dict(p.excluded) == {"slow": f"slower than leaving it out: +{extra:.2f} ms/token"}
+    text = explain(p, LLAMA_70B, GATEWAY, nodes, CONFIG)
+    assert f"slow: no layers, slower than leaving it out: +{extra:.2f} ms/token" in text
+    assert f"{p.predicted_ms_per_token:.1f} ms/token" in text and f"{p.tokens_per_s:.1f} tok/s" in text
+
+
+def test_the_same_slow_node_gets_layers_when_memory_requires_it():
+    slow = mac("slow", 40, 18.0)
+    nodes = [mac(f"mac-{i}", 13, 1.8) for i in range(3)] + [slow]  # 60 fast layers for 78
+    p = plan(LLAMA_70B, GATEWAY, nodes, CONFIG)
+    assert_valid(p, LLAMA_70B, nodes)
+    assert counts(p) == {"mac-0": 20, "mac-1": 20, "mac-2": 20, "slow": 18}
+    assert [s.node_id for s in p.stages][-1] == "slow", "the route runs fastest first"
+
+
+def test_apple_household_puts_the_whole_model_on_the_machine_that_holds_it():
+    nodes = [M1_8, M2_16, M2PRO_32, M3MAX_64, M3MAX_128]
+    p = plan(LLAMA_70B, GATEWAY, nodes, CONFIG)
+    assert_valid(p, LLAMA_70B, nodes)
+    assert counts(p) == {"m3max-128gb": 78}  # any other stage adds a hop and saves no compute
+    assert [i for i, _ in p.excluded] == ["m1-8gb", "m2-16gb", "m2pro-32gb", "m3max-64gb"]
+    text = explain(p, LLAMA_70B, GATEWAY, nodes, CONFIG)
+    for node in nodes:
+        assert node.id in text
+    assert "1-79" in text and "0-1, 79-80" in text
+
+
+def test_apple_household_without_the_big_one_spreads_fastest_first():
+    nodes = [M1_8, M2_16, M2PRO_32, M3MAX_64]
+    p = plan(LLAMA_70B, GATEWAY, nodes, CONFIG)
+    assert_valid(p, LLAMA_70B, nodes)
+    # the M3 Max fits 76 layers; the last two go where a layer plus a hop is cheapest, the M2 Pro
+    assert counts(p) == {"m3max-64gb": 76, "m2pro-32gb": 2}
+
+
+def test_a_model_too_big_for_the_pool_says_how_many_gb_are_missing():
+    nodes = [mac(f"m1-{i}", 5, 10.0) for i in range(4)]  # 4.5 GB usable: 7 layers each, 28 of 78
+    with pytest.raises(ModelDoesNotFit) as error:
+        plan(LLAMA_70B, GATEWAY, nodes, CONFIG)
+    message = str(error.value)
+    assert f"needs {50 * PER_LAYER / GB:.1f} GB more memory" in message, message
+    assert f"needs {78 * PER_LAYER / GB:.1f} GB for 78 layers" in message
+    assert f"pool offers {28 * PER_LAYER / GB:.1f} GB" in message
+    assert "28.4 GB more" in message  # 50 layers × (0.5 GB + 64 MiB of KV)
+
+
+def test_a_gateway_without_room_for_its_private_layers_is_refused():
+    with pytest.raises(ModelDoesNotFit, match="gateway tiny cannot hold"):
+        plan(LLAMA_70B, mac("tiny", 2, 3.5), [M3MAX_128], CONFIG)
+
+
+def test_a_node_too_small_for_one_layer_is_excluded_with_its_memory():
+    p = plan(LLAMA_70B, GATEWAY, [M3MAX_128, mac("pi", 0.5, 30.0)], CONFIG)
+    assert dict(p.excluded)["pi"].startswith("too little memory for one layer: needs 0.57 GB")
+
+
+def test_a_model_the_gateway_holds_entirely_has_no_route():
+    tiny = ModelProfile("tiny", 2, 1_000_000, 1024, 256, 1_000_000)
+    p = plan(tiny, GATEWAY, [M1_8], CONFIG)
+    assert p.stages == () and p.return_hop_ms == 0 and p.predicted_ms_per_token == 2 * GATEWAY.ms_per_layer
+    assert dict(p.excluded)["m1-8gb"].startswith("no layers to place")
+
+
+def test_the_plan_is_optimal_against_brute_force_and_explains_exclusions_exactly():
+    rng = random.Random(7)
+    model = ModelProfile("small", 12, 1 * 10**9, 1024, 400_000, 10**8)
+    checked, explained = 0, 0
+    for _ in range(80):
+        nodes = random_cluster(rng, rng.randrange(1, 5))
+        try:
+            p = plan(model, GATEWAY, nodes, CONFIG)
+        except ModelDoesNotFit:
+            assert brute_force_ms(model, GATEWAY, nodes, CONFIG) == float("inf")
+            continue
+        assert_valid(p, model, nodes)
+        assert p.predicted_ms_per_token == pytest.approx(brute_force_ms(model, GATEWAY, nodes, CONFIG))
+        for node_id, reason in p.excluded:
+            if reason.startswith("slower"):
+                forced = brute_force_ms(model, GATEWAY, nodes, CONFIG, must=node_id)
+                assert reason == f"slower than leaving it out: +{forced - p.predicted_ms_per_token:.2f} ms/token"
+                explained += 1
+        checked += 1
+    assert checked > 30 and explained > 10, (checked, explained)
+
+
+def test_the_plan_is_never_worse_than_the_plan_without_any_single_node():
+    rng = random.Random(2024)
+    for _ in range(30):
+        nodes = random_cluster(rng, rng.randrange(2, 9))
+        try:
+            p = plan(LLAMA_70B, GATEWAY, nodes, CONFIG)
+        except ModelDoesNotFit:
+            continue
+        assert_valid(p, LLAMA_70B, nodes)
+        for left_out in nodes:
+            try:
+                without = plan(LLAMA_70B, GATEWAY, [n for n in nodes if n is not left_out], CONFIG)
+            except ModelDoesNotFit:
+                continue
+            assert p.predicted_ms_per_token <= without.predicted_ms_per_token + 1e-9, left_out.id
+
+
+def test_the_same_inputs_give_the_same_plan_in_any_order():
+    rng = random.Random(5)
+    nodes = [mac(f"mac-{i}", 13, 1.8) for i in range(6)] + random_cluster(rng, 6)
+    first = plan(LLAMA_70B, GATEWAY, nodes, CONFIG)
+    assert plan(LLAMA_70B, GATEWAY, nodes, CONFIG) == first
+    for _ in range(5):
+        rng.shuffle(nodes)
+        assert plan(LLAMA_70B, GATEWAY, nodes, CONFIG) == first
+        assert explain(first, LLAMA_70B, GATEWAY, nodes, CONFIG) == explain(first, LLAMA_70B, GATEWAY, nodes)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="unique"):
+        plan(LLAMA_70B, GATEWAY, [M1_8, M1_8], CONFIG)
+    with pytest.raises(ValueError, match="must fit"):
+        plan(LLAMA_70B, GATEWAY, [M1_8], PlanConfig(privacy_prefix=50, privacy_suffix=31))
