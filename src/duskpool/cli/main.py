@@ -4,8 +4,10 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+DEFAULT_NODE_PORT = 7471
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -24,11 +26,32 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
                    help="stop when the answer contains TEXT (repeatable)")
 
 
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=None,
+                        help="path to a GGUF model file (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="context length of a session in tokens (default: 4096 or the model's, if less)")
+
+
+def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="compute threads (default: the number of CPU cores, at most 8)")
+
+
+def _add_route_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--privacy-prefix", type=int, default=1, metavar="K",
+                        help="first K layers run on this machine, so nodes never see embeddings (default: 1)")
+    parser.add_argument("--privacy-suffix", type=int, default=1, metavar="K",
+                        help="last K layers run on this machine, next to the head (default: 1)")
+    parser.add_argument("--routing", choices=["ring", "star"], default="ring",
+                        help="ring: each node pushes to the next (default); star: every hop via the gateway")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="duskpool",
         description="Pool idle machines into one private LLM inference service. "
-                    "Runs GGUF models (what Ollama and LM Studio store) on CPU.",
+                    "Runs GGUF models (what Ollama and LM Studio store) split by layers across machines.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -37,15 +60,63 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer PROMPT with the model's chat template applied, streaming the answer to stdout. "
                     "Diagnostics go to stderr.")
     run.add_argument("prompt", help="the user message; '-' reads it from stdin")
-    run.add_argument("--model", "-m", default=None,
-                     help="path to a GGUF model file (default: the bundled SmolLM2-135M-Instruct)")
     run.add_argument("--system", default=None, help="a system message to put before the prompt")
-    run.add_argument("--threads", type=int, default=None,
-                     help="compute threads (default: the number of CPU cores, at most 8)")
-    run.add_argument("--context", type=int, default=None,
-                     help="context length of the session in tokens (default: 4096 or the model's, if less)")
+    _add_model_flags(run)
+    _add_threads_flag(run)
     _add_generation_flags(run)
     run.set_defaults(handler=cmd_run)
+
+    swarm = commands.add_parser(
+        "swarm", help="start N local node processes and a gateway; answer a prompt or serve",
+        description="Start N `duskpool node` processes on 127.0.0.1, split the model across them, and print "
+                    "the placement. With PROMPT, stream the answer and exit; without, keep the pool up until "
+                    "Ctrl-C.")
+    swarm.add_argument("prompt", nargs="?", default=None, help="the user message; '-' reads it from stdin")
+    swarm.add_argument("--nodes", "-n", type=int, default=3, help="node processes to start (default: 3)")
+    swarm.add_argument("--system", default=None, help="a system message to put before the prompt")
+    _add_model_flags(swarm)
+    _add_route_flags(swarm)
+    _add_threads_flag(swarm)
+    _add_generation_flags(swarm)
+    swarm.set_defaults(handler=cmd_swarm)
+
+    gateway = commands.add_parser(
+        "gateway", help="drive a model over nodes on the network",
+        description="Plan the model over the given nodes, stream them their layers, then answer PROMPT "
+                    "(or hold the pool until Ctrl-C). The prompt and answer never leave this machine.")
+    gateway.add_argument("prompt", nargs="?", default=None, help="the user message; '-' reads it from stdin")
+    gateway.add_argument("--node", action="append", default=[], metavar="HOST:PORT",
+                         help="a node to use (repeatable); without any, nodes are found by mDNS on the LAN")
+    gateway.add_argument("--system", default=None, help="a system message to put before the prompt")
+    _add_model_flags(gateway)
+    _add_route_flags(gateway)
+    _add_threads_flag(gateway)
+    _add_generation_flags(gateway)
+    gateway.set_defaults(handler=cmd_gateway)
+
+    node = commands.add_parser(
+        "node", help="lend this machine to a pool: serve spans of layers to a gateway",
+        description="Serve spans of model layers over gRPC. The node needs no model file: the gateway streams "
+                    "it the weights of its span, which are cached by content under --cache-dir.")
+    node.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    node.add_argument("--port", type=int, default=DEFAULT_NODE_PORT,
+                      help=f"port to listen on; 0 picks a free one (default: {DEFAULT_NODE_PORT})")
+    node.add_argument("--cache-dir", default=None, help="where received weights are kept "
+                      "(default: ~/.cache/duskpool/node)")
+    node.add_argument("--memory-limit", default=None, metavar="SIZE",
+                      help="most memory to lend, e.g. 8G or 512M (default: what is free)")
+    node.add_argument("--no-announce", action="store_true", help="do not announce this node by mDNS")
+    _add_threads_flag(node)
+    node.set_defaults(handler=cmd_node)
+
+    plan = commands.add_parser(
+        "plan", help="show how a model would be split over nodes, and why",
+        description="Ask each node for its memory and speed, then print the placement the gateway would use.")
+    plan.add_argument("--node", action="append", default=[], metavar="HOST:PORT", help="a node (repeatable)")
+    plan.add_argument("--explain", action="store_true", help="print the full table and the reasons (default)")
+    _add_model_flags(plan)
+    _add_route_flags(plan)
+    plan.set_defaults(handler=cmd_plan)
     return parser
 
 
@@ -58,25 +129,29 @@ def _generation_params(args: argparse.Namespace):
     return GenerationParams(max_tokens=args.max_tokens, stop=args.stop, sampling=sampling)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from duskpool.engine.generate import GenerationStats
-    from duskpool.engine.runner import LocalEngine, set_threads
-    from duskpool.weights.catalog import resolve_model
+def _read_prompt(prompt: str) -> str:
+    return sys.stdin.read() if prompt == "-" else prompt
 
-    params = _generation_params(args)  # bad flags fail before the model loads
+
+def _messages(args: argparse.Namespace) -> list[dict[str, str]]:
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return system + [{"role": "user", "content": _read_prompt(args.prompt)}]
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    from duskpool.engine.runner import set_threads
+
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be >= 1")
     set_threads(args.threads or min(os.cpu_count() or 1, 8))
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    path = resolve_model(args.model)
-    print(f"duskpool: loading {path}", file=sys.stderr)
-    started = time.perf_counter()
-    engine = LocalEngine.load(path, args.context)
-    print(f"duskpool: loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-        [{"role": "user", "content": prompt}]
+
+
+def _answer(engine, args: argparse.Namespace) -> int:
+    """Stream the answer to stdout, then one line of timing on stderr."""
+    from duskpool.engine.generate import GenerationStats
+
     stats = GenerationStats()
-    for piece in engine.chat(messages, params, stats):
+    for piece in engine.chat(_messages(args), _generation_params(args), stats):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -84,6 +159,132 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"duskpool: {stats.prompt_tokens} prompt tokens in {stats.prefill_seconds:.2f} s, "
           f"{stats.generated_tokens} generated at {rate:.1f} tok/s ({stats.finish_reason})", file=sys.stderr)
     return 0
+
+
+def _wait_for_ctrl_c(what: str) -> int:
+    print(f"duskpool: {what}; press Ctrl-C to stop", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("duskpool: stopping", file=sys.stderr)
+        return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from duskpool.engine.runner import LocalEngine
+    from duskpool.weights.catalog import resolve_model
+
+    _generation_params(args)  # bad flags fail before the model loads
+    _set_threads(args)
+    path = resolve_model(args.model)
+    print(f"duskpool: loading {path}", file=sys.stderr)
+    started = time.perf_counter()
+    engine = LocalEngine.load(path, args.context)
+    print(f"duskpool: loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return _answer(engine, args)
+
+
+def _start_gateway(args: argparse.Namespace, addresses: list[str], even_split: bool = False):
+    from duskpool.cluster.gateway import Gateway
+    from duskpool.weights.catalog import resolve_model
+
+    path = resolve_model(args.model)
+    print(f"duskpool: planning {path.name} over {len(addresses)} node(s)", file=sys.stderr)
+    gateway = Gateway(path, addresses, prefix=args.privacy_prefix, suffix=args.privacy_suffix,
+                      routing=args.routing, context_length=args.context, even_split=even_split,
+                      progress=sys.stderr.isatty())
+    print(_placement(gateway), file=sys.stderr)
+    return gateway
+
+
+def _placement(gateway) -> str:
+    stages = ", ".join(f"{s.address} [{s.start}, {s.stop})" for s in gateway.route)
+    p = gateway.plan
+    return (f"duskpool: placement: gateway [{p.prefix.start}, {p.prefix.stop}) -> {stages} -> gateway "
+            f"[{p.suffix.start}, {p.suffix.stop}) ({gateway.routing} routing)")
+
+
+def cmd_swarm(args: argparse.Namespace) -> int:
+    from duskpool.cluster.swarm import LocalSwarm
+
+    if args.prompt is not None:
+        _generation_params(args)
+    _set_threads(args)
+    print(f"duskpool: starting {args.nodes} local node(s)", file=sys.stderr)
+    with LocalSwarm(args.nodes, threads=args.threads) as swarm:
+        # local nodes share this machine's CPU, so the swarm splits evenly to show a real pipeline
+        gateway = _start_gateway(args, swarm.addresses, even_split=True)
+        try:
+            if args.prompt is None:
+                return _wait_for_ctrl_c(f"local pool of {args.nodes} node(s) is up")
+            return _answer(gateway, args)
+        finally:
+            gateway.close()
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from duskpool.cluster.discovery import browse
+
+    if args.prompt is not None:
+        _generation_params(args)
+    _set_threads(args)
+    addresses = args.node
+    if not addresses:
+        print("duskpool: looking for nodes on the local network (mDNS)...", file=sys.stderr)
+        addresses = browse(timeout=3.0)
+        if not addresses:
+            raise ValueError("no nodes found on the local network; start `duskpool node` or pass --node HOST:PORT")
+    gateway = _start_gateway(args, addresses)
+    try:
+        if args.prompt is None:
+            return _wait_for_ctrl_c("gateway is up")
+        return _answer(gateway, args)
+    finally:
+        gateway.close()
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from duskpool.cluster.node import serve
+    from duskpool.weights.store import default_cache_dir
+
+    _set_threads(args)
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir() / "node"
+    limit = _parse_size(args.memory_limit) if args.memory_limit else None
+    try:
+        serve(args.host, args.port, cache_dir, limit, announce=not args.no_announce)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from duskpool.cluster import planner
+    from duskpool.cluster.gateway import NodeClient, model_profile, node_profile
+    from duskpool.models import LlamaConfig
+    from duskpool.weights.catalog import resolve_model
+    from duskpool.weights.gguf import GGUFFile
+
+    if not args.node:
+        raise ValueError("give the nodes to plan over with --node HOST:PORT")
+    file = GGUFFile(resolve_model(args.model))
+    profile = model_profile(file, LlamaConfig.from_gguf(file.metadata))
+    nodes = [node_profile(NodeClient(a), profile.layer_bytes) for a in args.node]
+    gateway = planner.NodeProfile("gateway", 2**62, 0.0, 0.0, 1e12)
+    config = planner.PlanConfig(context=args.context or 4096, privacy_prefix=args.privacy_prefix,
+                                privacy_suffix=args.privacy_suffix)
+    print(planner.explain(planner.plan(profile, gateway, nodes, config), profile, gateway, nodes, config))
+    return 0
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1] if value and value[-1] in units else ""
+    try:
+        return int(float(value.removesuffix(unit)) * units[unit])
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size (examples: 8G, 512M)") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (ModelFileError, ValueError) as e:  # bad input: one clear line, no traceback
+    except (ModelFileError, ValueError, RuntimeError) as e:  # bad input or a failed pool: one clear line
         print(f"duskpool: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

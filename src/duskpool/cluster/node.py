@@ -326,14 +326,22 @@ def start_server(service: pb_grpc.NodeServicer, host: str, port: int) -> tuple[g
     return server, bound
 
 
-def serve(host: str, port: int, cache_dir: Path, memory_limit: int | None = None) -> None:
+def serve(host: str, port: int, cache_dir: Path, memory_limit: int | None = None, announce: bool = True) -> None:
     """Run a node until interrupted; prints 'listening on HOST:PORT' once ready (the swarm waits for it)."""
     service = NodeService(cache_dir, memory_limit)
     server, bound = start_server(service, host, port)
     print(f"duskpool node {service.node_id} listening on {host}:{bound}", flush=True)
+    announcement = None
+    if announce:
+        from duskpool.cluster.discovery import Announcement
+
+        addresses = None if host in ("0.0.0.0", "") else [host]
+        announcement = Announcement(service.node_id, bound, addresses, __version__)
     try:
         while not server.wait_for_termination(timeout=30):
             service.reap_idle_sessions()
     finally:
+        if announcement is not None:
+            announcement.close()
         service.close()
         server.stop(grace=1)

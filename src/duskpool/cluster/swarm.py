@@ -1,0 +1,76 @@
+"""A local swarm: N node processes on loopback, for trying duskpool on one machine and for tests."""
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from duskpool.weights.store import default_cache_dir
+
+READY = re.compile(r"listening on (\S+:\d+)")
+
+
+class LocalSwarm:
+    """Starts `n` `duskpool node` processes on 127.0.0.1 and stops them on close (or `with`)."""
+
+    def __init__(self, n: int, cache_root: Path | None = None, threads: int | None = None,
+                 start_timeout: float = 120.0):
+        if n < 1:
+            raise ValueError("a swarm needs at least one node")
+        self.cache_root = cache_root or default_cache_dir() / "swarm"
+        self.processes: list[subprocess.Popen] = []
+        self.addresses: list[str] = []
+        try:
+            for i in range(n):
+                self.processes.append(self._start(i, threads))
+            self.addresses = [self._wait_ready(p, start_timeout) for p in self.processes]
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, i: int, threads: int | None) -> subprocess.Popen:
+        args = [sys.executable, "-m", "duskpool.cli.main", "node", "--host", "127.0.0.1", "--port", "0",
+                "--cache-dir", str(self.cache_root / f"node-{i}"), "--no-announce"]
+        if threads:
+            args += ["--threads", str(threads)]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+
+    @staticmethod
+    def _wait_ready(process: subprocess.Popen, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"node process {process.pid} exited with code {process.wait()} before it was ready")
+            match = READY.search(line)
+            if match:
+                # keep draining its stdout so the node never blocks on a full pipe
+                threading.Thread(target=process.stdout.read, daemon=True).start()
+                return match.group(1)
+        raise RuntimeError(f"node process {process.pid} was not ready within {timeout:.0f} s")
+
+    def restart(self, i: int, threads: int | None = None) -> str:
+        """Start node i again (same cache dir) after it stopped; its new address."""
+        self.processes[i] = self._start(i, threads)
+        self.addresses[i] = self._wait_ready(self.processes[i], 120.0)
+        return self.addresses[i]
+
+    def close(self) -> None:
+        for p in self.processes:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.processes:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
