@@ -56,7 +56,8 @@ class NodeClient:
 
     def __init__(self, address: str, timeout: float = 10.0):
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        # its own connection: closing another gateway's channel to the same node must not touch this one
+        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)])
         self.stub = pb_grpc.NodeStub(self.channel)
         started = time.perf_counter()
         try:
@@ -130,6 +131,7 @@ class Gateway(Engine):
         self._pending: dict[tuple[str, int], Future] = {}
         self._pending_lock = threading.Lock()
         self._broken: str | None = None  # why the route cannot serve, once a node on it is gone
+        self._closing = False
 
         self.clients = [NodeClient(a) for a in node_addresses]
         profile = model_profile(self.file, self.config)
@@ -259,13 +261,16 @@ class Gateway(Engine):
     def _watch(self, stage: RouteStage) -> None:
         """Health.Watch stays open while the node lives: its end means the node is gone."""
         client = next(c for c in self.clients if c.address == stage.address)
+        reason = "its health stream ended"
         try:
             for _ in health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest()):
                 pass
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED:
+            if e.code() == grpc.StatusCode.CANCELLED and self._closing:
                 return
-        self._broken = f"node {stage.node_id} at {stage.address} (layers [{stage.start}, {stage.stop})) is gone"
+            reason = f"{e.code().name}: {e.details()}"
+        self._broken = (f"node {stage.node_id} at {stage.address} (layers [{stage.start}, {stage.stop})) is gone "
+                        f"({reason})")
         self._fail_all(self._broken)
 
     # --- sessions ---------------------------------------------------------------------------------
@@ -280,6 +285,7 @@ class Gateway(Engine):
                 pass  # a node that is gone holds nothing anymore; idle sessions expire anyway
 
     def close(self) -> None:
+        self._closing = True
         self._pushers.close()
         for client in self.clients:
             client.close()

@@ -34,8 +34,8 @@ from duskpool.weights.store import StoredModel, TensorStore
 
 MAX_MESSAGE_BYTES = 64 * 2**20  # a chunk of weights or a long prompt's hidden states
 GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+SERVER_OPTIONS = GRPC_OPTIONS
 SESSION_IDLE_SECONDS = 600  # a session nobody ended is freed after this long unused
 MAX_CONTEXT = 131072
 
@@ -314,7 +314,7 @@ def _reason(e: Exception) -> str:
 
 def start_server(service: pb_grpc.NodeServicer, host: str, port: int) -> tuple[grpc.Server, int]:
     """A gRPC server for `service` plus the standard health service; returns it and its bound port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=GRPC_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
     pb_grpc.add_NodeServicer_to_server(service, server)
     health_service = health.HealthServicer()
     health_service.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -338,7 +338,7 @@ def serve(host: str, port: int, cache_dir: Path, memory_limit: int | None = None
         addresses = None if host in ("0.0.0.0", "") else [host]
         announcement = Announcement(service.node_id, bound, addresses, __version__)
     try:
-        while not server.wait_for_termination(timeout=30):
+        while server.wait_for_termination(timeout=30):  # True means it timed out: still serving
             service.reap_idle_sessions()
     finally:
         if announcement is not None:

@@ -1,0 +1,100 @@
+"""A real swarm of node processes on loopback against the single-process engine."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from duskpool.cluster.gateway import Gateway, RouteError
+from duskpool.cluster.swarm import LocalSwarm
+from duskpool.engine.runner import LocalEngine
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+           "Explain recursion to a child.", "Translate 'good morning' into Spanish."]
+
+
+def greedy_tokens(engine, prompt: list[int], steps: int) -> list[int]:
+    session = engine.open_session(len(prompt) + steps)
+    try:
+        tokens, position, step_input = [], 0, prompt
+        for _ in range(steps):
+            logits = session.forward(step_input, position)
+            position += len(step_input)
+            tokens.append(int(torch.argmax(logits)))
+            step_input = tokens[-1:]
+        return tokens
+    finally:
+        session.close()
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    with LocalSwarm(3, cache_root=tmp_path_factory.mktemp("swarm")) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def local(bundled_model):
+    return LocalEngine.load(bundled_model)
+
+
+def chat_prompt(engine, text: str) -> list[int]:
+    return engine.tokenizer.encode(engine.tokenizer.render_chat([{"role": "user", "content": text}]))
+
+
+@pytest.mark.parametrize("routing", ["ring", "star"])
+def test_three_nodes_give_the_single_process_tokens(swarm, local, bundled_model, routing):
+    gateway = Gateway(bundled_model, swarm.addresses, routing=routing, even_split=True, progress=False)
+    try:
+        assert [(s.start, s.stop) for s in gateway.route] == [(1, 10), (10, 19), (19, 29)]
+        for text in PROMPTS:
+            prompt = chat_prompt(local, text)
+            assert greedy_tokens(gateway, prompt, 24) == greedy_tokens(local, prompt, 24), text
+    finally:
+        gateway.close()
+
+
+def test_a_restarted_node_loads_its_span_from_cache(tmp_path, bundled_model):
+    with LocalSwarm(1, cache_root=tmp_path) as swarm:
+        gateway = Gateway(bundled_model, swarm.addresses, progress=False)
+        first = gateway.weight_bytes_sent
+        prompt = chat_prompt(gateway, "Hi")
+        before = greedy_tokens(gateway, prompt, 8)
+        gateway.close()
+        assert first > 50e6  # 28 layers of the 98 MB model went over the wire
+
+        swarm.processes[0].terminate()
+        swarm.processes[0].wait(10)
+        swarm.restart(0)
+        gateway = Gateway(bundled_model, swarm.addresses, progress=False)
+        try:
+            assert gateway.weight_bytes_sent == 0
+            assert greedy_tokens(gateway, prompt, 8) == before
+        finally:
+            gateway.close()
+
+
+def test_a_node_killed_mid_request_is_a_clear_error_within_5_s(tmp_path, bundled_model):
+    with LocalSwarm(3, cache_root=tmp_path) as swarm:
+        gateway = Gateway(bundled_model, swarm.addresses, even_split=True, progress=False)
+        try:
+            session = gateway.open_session(4000)
+            session.forward(chat_prompt(gateway, "Tell me a very long story."), 0)
+            killed_at: list[float] = []
+
+            def kill() -> None:
+                time.sleep(0.5)
+                killed_at.append(time.monotonic())
+                swarm.processes[1].kill()  # the middle of the ring
+
+            threading.Thread(target=kill).start()
+            with pytest.raises(RouteError, match="127.0.0.1") as failure:
+                for position in range(100, 3900):
+                    session.forward([42], position)
+            assert time.monotonic() - killed_at[0] < 5, "the error took too long"
+            assert "gone" in str(failure.value) or "lost" in str(failure.value)
+        finally:
+            gateway.close()
