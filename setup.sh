@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # duskpool's one entry point for people and CI:
 #   ./setup.sh            install into .venv (Python 3.11+, CPU torch on Linux, the bundled model)
-#   ./setup.sh demo [Q]   install, then answer Q (a default question if none) with the bundled model
+#   ./setup.sh demo [Q]   install, then a local swarm of 3 node processes answers Q with the bundled model
 #   ./setup.sh test [ARGS] install with the test tools, lint, then run pytest (ARGS go to pytest)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -40,7 +40,7 @@ case "${1:-}" in
     demo)
         install ""
         shift
-        exec .venv/bin/duskpool run "${@:-Explain in two sentences why the sky is blue.}"
+        exec .venv/bin/duskpool swarm --nodes 3 "${@:-Explain in two sentences why the sky is blue.}"
         ;;
     test)
         install "[test]"
