@@ -14,12 +14,19 @@ READY = re.compile(r"listening on (\S+:\d+)")
 
 
 class LocalSwarm:
-    """Starts `n` `duskpool node` processes on 127.0.0.1 and stops them on close (or `with`)."""
+    """Starts `n` `duskpool node` processes and stops them on close (or `with`).
+
+    By default they listen on 127.0.0.1; `hosts[i]` and a command `prefixes[i]` (such as
+    `ip netns exec NS`) run node i elsewhere, as the multi-host tests do.
+    """
 
     def __init__(self, n: int, cache_root: Path | None = None, threads: int | None = None,
-                 start_timeout: float = 120.0):
+                 start_timeout: float = 120.0, hosts: list[str] | None = None,
+                 prefixes: list[list[str]] | None = None):
         if n < 1:
             raise ValueError("a swarm needs at least one node")
+        self.hosts = hosts or ["127.0.0.1"] * n
+        self.prefixes = prefixes or [[] for _ in range(n)]
         self.cache_root = cache_root or default_cache_dir() / "swarm"
         self.processes: list[subprocess.Popen] = []
         self.addresses: list[str] = []
@@ -32,8 +39,8 @@ class LocalSwarm:
             raise
 
     def _start(self, i: int, threads: int | None) -> subprocess.Popen:
-        args = [sys.executable, "-m", "duskpool.cli.main", "node", "--host", "127.0.0.1", "--port", "0",
-                "--cache-dir", str(self.cache_root / f"node-{i}"), "--no-announce"]
+        args = [*self.prefixes[i], sys.executable, "-m", "duskpool.cli.main", "node", "--host", self.hosts[i],
+                "--port", "0", "--cache-dir", str(self.cache_root / f"node-{i}"), "--no-announce"]
         if threads:
             args += ["--threads", str(threads)]
         return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
