@@ -1,0 +1,108 @@
+"""Pipeline speed: decode tok/s and time to first token for 1-4 stages, ring vs star, vs one process.
+
+    .venv/bin/python benchmarks/pipeline.py [--model PATH] [--tokens 64] [--max-stages 4] [--netns]
+
+Nodes are real `duskpool node` processes on loopback (and, with --netns as root, in network
+namespaces whose links are shaped like a LAN; the figures are printed next to a latency + bandwidth
+model's prediction). Greedy decode with end tokens ignored; all figures come from this one run.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.cluster.netns
+
+from duskpool.cluster.gateway import Gateway  # noqa: E402
+from duskpool.cluster.swarm import LocalSwarm  # noqa: E402
+from duskpool.engine.runner import LocalEngine, set_threads  # noqa: E402
+from duskpool.weights.catalog import bundled_model_path  # noqa: E402
+
+QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def measure(engine, prompt: list[int], tokens: int) -> tuple[float, float]:
+    """(time to first token in ms, decode tokens per second)."""
+    session = engine.open_session(len(prompt) + tokens + 1)
+    try:
+        started = time.perf_counter()
+        token = int(torch.argmax(session.forward(prompt, 0)))
+        ttft = time.perf_counter() - started
+        started = time.perf_counter()
+        for i in range(tokens):
+            token = int(torch.argmax(session.forward([token], len(prompt) + i)))
+        return ttft * 1000, tokens / (time.perf_counter() - started)
+    finally:
+        session.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--max-stages", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--netns", action="store_true", help="also run 4 stages across network namespaces")
+    args = parser.parse_args()
+    model = args.model or bundled_model_path()
+    set_threads(args.threads)
+
+    local = LocalEngine.load(model)
+    prompt = local.tokenizer.encode(local.tokenizer.render_chat([{"role": "user", "content": QUESTION}]))
+    measure(local, prompt, 8)  # warm-up
+    base_ttft, base_rate = measure(local, prompt, args.tokens)
+    base_ms = 1000 / base_rate
+    print(f"model {model.name}, {args.threads} threads per process, prompt {len(prompt)} tokens, "
+          f"decode {args.tokens} tokens")
+    print(f"{'setup':<24}{'decode tok/s':>13}{'x single':>10}{'TTFT ms':>10}{'us/hop':>9}")
+    print(f"{'single process':<24}{base_rate:>13.1f}{1.0:>10.2f}{base_ttft:>10.1f}{'':>9}")
+
+    with LocalSwarm(args.max_stages, threads=args.threads) as swarm:
+        for stages in range(1, args.max_stages + 1):
+            for routing in ("ring", "star"):
+                gateway = Gateway(model, swarm.addresses[:stages], routing=routing, even_split=True, progress=False)
+                try:
+                    measure(gateway, prompt, 8)
+                    ttft, rate = measure(gateway, prompt, args.tokens)
+                finally:
+                    gateway.close()
+                hops = stages + 1 if routing == "ring" else 2 * stages
+                per_hop_us = (1000 / rate - base_ms) / hops * 1000
+                print(f"{f'{stages} stage(s), {routing}':<24}{rate:>13.1f}{rate / base_rate:>10.2f}{ttft:>10.1f}"
+                      f"{per_hop_us:>9.0f}")
+        rss = [psutil.Process(p.pid).memory_info().rss / 2**20 for p in swarm.processes]
+        print("node RSS MB (each has served every span size above): " + ", ".join(f"{r:.0f}" for r in rss))
+    print(f"gateway process RSS MB: {psutil.Process(os.getpid()).memory_info().rss / 2**20:.0f}")
+
+    if args.netns:
+        from tests.cluster.netns import Hosts, unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            print(f"netns: skipped ({reason})")
+            return
+        with Hosts(args.max_stages) as hosts, LocalSwarm(
+                args.max_stages, threads=args.threads, hosts=[hosts.address(i) for i in range(args.max_stages)],
+                prefixes=[hosts.exec_prefix(i) for i in range(args.max_stages)]) as swarm:
+            gateway = Gateway(model, swarm.addresses, even_split=True, progress=False)
+            try:
+                measure(gateway, prompt, 8)
+                ttft, rate = measure(gateway, prompt, args.tokens)
+            finally:
+                gateway.close()
+            hops = args.max_stages + 1
+            delay = hosts.delay_ms if hosts.link.startswith("netem") else 0.0
+            wire_ms = local.model.config.dim * 4 * 8 / 1e9 * 1000  # fp32 hidden state over 1 Gbit/s
+            predicted = base_ms + hops * (delay + wire_ms)
+            print(f"netns, {args.max_stages} stages, ring ({hosts.link}): {rate:.1f} tok/s, TTFT {ttft:.1f} ms; "
+                  f"model predicts {1000 / predicted:.1f} tok/s (single-process {base_ms:.2f} ms + {hops} hops x "
+                  f"({delay:.1f} ms delay + {wire_ms * 1000:.0f} us wire), not counting software overhead)")
+
+
+if __name__ == "__main__":
+    main()
