@@ -57,3 +57,23 @@ def test_the_installed_command_answers(tmp_path):
     done = subprocess.run([sys.executable, "-m", "duskpool.cli.main", "run", "--max-tokens", "8", "Say hi"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip(), done.stderr
+
+
+@pytest.mark.slow
+def test_swarm_answers_a_prompt_and_prints_the_placement(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "duskpool.cli.main", "swarm", "--nodes", "2", "--max-tokens", "8",
+                           "What is the capital of France?"], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+    assert "placement: gateway [0, 1) -> 127.0.0.1:" in done.stderr
+
+
+@pytest.mark.slow
+def test_plan_explains_the_placement(capsys, tmp_path):
+    from duskpool.cluster.swarm import LocalSwarm
+
+    with LocalSwarm(2, cache_root=tmp_path) as swarm:
+        code, out, _ = run_cli(capsys, "plan", "--node", swarm.addresses[0], "--node", swarm.addresses[1])
+    assert code == 0
+    assert "ms/token" in out and "gateway" in out
