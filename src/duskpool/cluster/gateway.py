@@ -11,7 +11,6 @@ import dataclasses
 import json
 import queue
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -27,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from duskpool.cluster import planner, wire
 from duskpool.cluster.node import GRPC_OPTIONS, Pushers, start_server
+from duskpool.cluster.progress import Progress
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.engine.runner import DEFAULT_CONTEXT, Engine, load_tokenizer
@@ -182,7 +182,7 @@ class Gateway(Engine):
             yield pb.LoadSpanRequest(manifest=manifest)
             hashes = missing.get()
             total = sum(self.file.tensors[names_by_hash[h]].nbytes for h in hashes)
-            bar = _Progress(f"weights -> {stage.address} layers [{stage.start}, {stage.stop})", total,
+            bar = Progress(f"weights -> {stage.address} layers [{stage.start}, {stage.stop})", total,
                             self.progress and total > 0)
             for sha in hashes:
                 data = self.file.read_bytes(names_by_hash[sha])
@@ -311,26 +311,3 @@ class RemoteSession:
         self.prefix_cache.clear()
         self.suffix_cache.clear()
         self.gateway.end_session(self.id)
-
-
-class _Progress:
-    """A rich progress bar on stderr (bytes, rate, ETA), or nothing."""
-
-    def __init__(self, label: str, total: int, enabled: bool):
-        self._bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
-
-            self._bar = Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
-                                 console=Console(file=sys.stderr), transient=False)
-            self._task = self._bar.add_task(label, total=total)
-            self._bar.start()
-
-    def advance(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.advance(self._task, n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()

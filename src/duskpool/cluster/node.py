@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from duskpool import __version__
 from duskpool.cluster import wire
+from duskpool.cluster.progress import Progress
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.models import KVCache, Llama, load_model
@@ -164,7 +165,10 @@ class NodeService(pb_grpc.NodeServicer):
                           f"span needs {span_bytes / 1e9:.2f} GB, this node has {self.free_bytes() / 1e9:.2f} GB free")
         wanted = {t.sha256: t.nbytes for t in manifest.tensors if not self.store.has(t.sha256)}
         yield pb.LoadSpanReply(missing=list(wanted))
-        received = self._receive(request_iterator, wanted, context)
+        bar = Progress(f"weights <- layers [{manifest.start}, {manifest.stop})", sum(wanted.values()),
+                       sys.stderr.isatty() and bool(wanted))
+        received = self._receive(request_iterator, wanted, context, bar)
+        bar.close()
         stored = StoredModel(self.store, json.loads(manifest.metadata_json),
                              {t.name: StoredModel.info(t.name, t.qtype, list(t.shape), t.nbytes)
                               for t in manifest.tensors},
@@ -179,7 +183,8 @@ class NodeService(pb_grpc.NodeServicer):
               file=sys.stderr, flush=True)
         yield pb.LoadSpanReply(ready=True, received_bytes=received, ms_per_layer=self.ms_per_layer)
 
-    def _receive(self, requests: Iterator[pb.LoadSpanRequest], wanted: dict[str, int], context) -> int:
+    def _receive(self, requests: Iterator[pb.LoadSpanRequest], wanted: dict[str, int], context,
+                 bar: Progress) -> int:
         """Write the streamed tensors into the store, each checked against its hash; bytes received."""
         received, current, digest, tmp = 0, None, None, None
         try:
@@ -194,6 +199,7 @@ class NodeService(pb_grpc.NodeServicer):
                 digest.update(chunk.data)
                 received += len(chunk.data)
                 self.weight_bytes_received += len(chunk.data)
+                bar.advance(len(chunk.data))
                 if tmp.tell() == wanted[current]:
                     tmp.close()
                     if digest.hexdigest() != current:
