@@ -1,13 +1,30 @@
 // Matmul and row lookup straight from GGUF blocks, so quantized weights stay packed in memory.
-// Block layouts follow ggml-common.h; each type dequantizes one row into a float buffer that the
-// dot product then reads from L1. All arithmetic is fp32, so results match a dequantize-then-matmul
-// reference up to summation order. Built at first use by duskpool/weights/kernels.py.
+// Block layouts follow ggml-common.h. For the few rows of a decode step (M small) each weight row
+// is read once and dotted with every row of x block by block: d * sum(q * x) (+ m * sum(x) for the
+// types with a min, sum(x) per 32 taken once per call), with AVX2/FMA where the compiler targets it
+// and plain C (dequantize a row into L1, then dot) elsewhere. All arithmetic is fp32, so results
+// match a dequantize-then-matmul reference up to summation order. Rows are split over a small
+// persistent thread pool (dp_set_threads). Built at first use by duskpool/weights/kernels.py.
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE  // clock_gettime, sched_yield under -std=c11
+#endif
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DP_AVX2 1
+#endif
 
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
        Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+
+#define DP_INLINE static inline __attribute__((always_inline))
 
 static float f16_table[65536];  // half -> float for every bit pattern, as ggml does
 
@@ -23,10 +40,6 @@ static float half_to_float(uint16_t h) {
     } else if (exp == 31) { bits = sign | 0x7f800000 | (mant << 13); }
     else { bits = sign | ((exp + 127 - 15) << 23) | (mant << 13); }
     float f; memcpy(&f, &bits, 4); return f;
-}
-
-void dp_init(void) {
-    for (uint32_t i = 0; i < 65536; i++) f16_table[i] = half_to_float((uint16_t)i);
 }
 
 static inline float f16(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return f16_table[h]; }
@@ -129,20 +142,558 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
     return s;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Thread pool: dp_set_threads(n) runs parallel regions on the calling thread plus n - 1 workers.
+// Workers spin on a generation counter for a while after each region (decode calls come every few
+// microseconds), then sleep on a condition variable so an idle process burns no CPU. One region
+// runs at a time (dispatch mutex), so callers on different threads are simply serialized.
+
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
+
+#define MAX_THREADS 64
+#define SPIN_PAUSE_NS 100000LL    // pure busy-wait this long,
+#define SPIN_YIELD_NS 2000000LL   // then busy-wait with sched_yield until this, then sleep
+
+static struct {
+    pthread_mutex_t dispatch, lock;
+    pthread_cond_t wake;
+    int want, workers;
+    pthread_t tid[MAX_THREADS];
+    atomic_uint_fast64_t generation;
+    atomic_int sleeping, active, quit;
+    atomic_int_fast64_t next;
+    range_fn fn;
+    void *ctx;
+    int64_t end, chunk;
+} pool = { .dispatch = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
+            .wake = PTHREAD_COND_INITIALIZER, .want = 1 };
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static void run_chunks(void) {
+    for (;;) {
+        int64_t a = atomic_fetch_add_explicit(&pool.next, pool.chunk, memory_order_relaxed);
+        if (a >= pool.end) return;
+        int64_t b = a + pool.chunk < pool.end ? a + pool.chunk : pool.end;
+        pool.fn(pool.ctx, a, b);
+    }
+}
+
+// Busy-wait until pred() holds, pausing, then yielding; returns 0 if it gave up after SPIN_YIELD_NS.
+#define SPIN_UNTIL(cond, give_up)                                                                  \
+    do {                                                                                           \
+        int64_t t0_ = 0;                                                                           \
+        for (uint32_t i_ = 1; !(cond); i_++) {                                                     \
+            cpu_relax();                                                                           \
+            if ((i_ & 127) == 0) {                                                                 \
+                int64_t t_ = now_ns();                                                             \
+                if (t0_ == 0) t0_ = t_;                                                            \
+                else if (t_ - t0_ > SPIN_YIELD_NS && (give_up)) break;                             \
+                else if (t_ - t0_ > SPIN_PAUSE_NS) sched_yield();                                  \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
+
+static void *worker_main(void *arg) {
+    uint64_t seen = (uint64_t)(uintptr_t)arg;
+    for (;;) {
+        SPIN_UNTIL(atomic_load_explicit(&pool.generation, memory_order_acquire) != seen, 1);
+        if (atomic_load(&pool.generation) == seen) {
+            pthread_mutex_lock(&pool.lock);
+            atomic_fetch_add(&pool.sleeping, 1);
+            while (atomic_load(&pool.generation) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+            atomic_fetch_sub(&pool.sleeping, 1);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = atomic_load(&pool.generation);
+        if (atomic_load(&pool.quit)) return NULL;
+        run_chunks();
+        atomic_fetch_sub_explicit(&pool.active, 1, memory_order_release);
+    }
+}
+
+static void publish(void) {  // start the region set up in pool.*: every worker runs it
+    atomic_fetch_add(&pool.generation, 1);
+    if (atomic_load(&pool.sleeping) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+}
+
+static void stop_workers(void) {  // with dispatch held
+    if (pool.workers == 0) return;
+    atomic_store(&pool.quit, 1);
+    publish();
+    for (int i = 0; i < pool.workers; i++) pthread_join(pool.tid[i], NULL);
+    pool.workers = 0;
+    atomic_store(&pool.quit, 0);
+}
+
+static void start_workers(void) {  // with dispatch held
+    if (pool.workers == pool.want - 1) return;
+    stop_workers();
+    uint64_t gen = atomic_load(&pool.generation);
+    for (int i = 0; i < pool.want - 1; i++) {
+        if (pthread_create(&pool.tid[i], NULL, worker_main, (void *)(uintptr_t)gen) != 0) break;
+        pool.workers++;
+    }
+}
+
+// fn(ctx, a, b) over [begin, end) in chunks of `chunk`, on all threads; returns when all are done.
+static void parallel_for(range_fn fn, void *ctx, int64_t begin, int64_t end, int64_t chunk) {
+    if (pool.want <= 1 || end - begin <= chunk) { fn(ctx, begin, end); return; }
+    pthread_mutex_lock(&pool.dispatch);
+    start_workers();
+    if (pool.workers == 0) { pthread_mutex_unlock(&pool.dispatch); fn(ctx, begin, end); return; }
+    pool.fn = fn; pool.ctx = ctx; pool.end = end; pool.chunk = chunk;
+    atomic_store(&pool.next, begin);
+    atomic_store(&pool.active, pool.workers);
+    publish();
+    run_chunks();
+    SPIN_UNTIL(atomic_load_explicit(&pool.active, memory_order_acquire) == 0, 0);
+    pthread_mutex_unlock(&pool.dispatch);
+}
+
+// Rows per chunk: about four chunks per thread, so a thread slowed by the VM costs little.
+static int64_t chunk_rows(int64_t n) {
+    int64_t chunks = 4 * (int64_t)pool.want, c = (n + chunks - 1) / chunks;
+    return c < 1 ? 1 : c;
+}
+
+void dp_set_threads(int n) {
+    n = n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n;
+    pthread_mutex_lock(&pool.dispatch);
+    pool.want = n;
+    if (pool.workers != n - 1) stop_workers();  // started again by the next region
+    pthread_mutex_unlock(&pool.dispatch);
+}
+
+int dp_get_threads(void) { return pool.want; }
+
+// fork() copies only the forking thread: the child starts with no workers and fresh locks.
+static void before_fork(void) { pthread_mutex_lock(&pool.dispatch); }
+static void after_fork_parent(void) { pthread_mutex_unlock(&pool.dispatch); }
+static void after_fork_child(void) {
+    pthread_mutex_init(&pool.dispatch, NULL);
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pool.workers = 0;
+    atomic_store(&pool.sleeping, 0);
+    atomic_store(&pool.active, 0);
+    atomic_store(&pool.quit, 0);
+}
+
+static void init_once(void) {
+    for (uint32_t i = 0; i < 65536; i++) f16_table[i] = half_to_float((uint16_t)i);
+    pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+}
+
+void dp_init(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, init_once);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused row kernels: one weight row against MB <= 4 rows of x (row stride K), out[m] = dot.
+// sx[m * (K / 32) + b] = sum of x[m, 32b .. 32b + 31], for the types with a per-block offset.
+
+typedef void (*row_kernel)(const uint8_t *w, int64_t K, const float *x, const float *sx, int MB, float *out);
+#define MAX_MB 4
+
+#ifdef DP_AVX2
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline __m256i u8x8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline __m256i i8x8(const uint8_t *p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline __m256 ld(const float *p) { return _mm256_loadu_ps(p); }
+#define FMA _mm256_fmadd_ps
+
+// sum_j q[j] * x[8j .. 8j + 7] for four vectors of 8 weights
+DP_INLINE __m256 dot32(__m256 q0, __m256 q1, __m256 q2, __m256 q3, const float *x) {
+    __m256 s = _mm256_mul_ps(q0, ld(x));
+    s = FMA(q1, ld(x + 8), s);
+    s = FMA(q2, ld(x + 16), s);
+    return FMA(q3, ld(x + 24), s);
+}
+
+// Two sets of accumulators, alternated between blocks (or groups) so that the chain of FMAs into
+// one set does not limit the loop; the block functions below add into the set they are given.
+#define ACC_ARGS __m256 *restrict acc, float *restrict macc
+#define ACC_DECL                                                                                   \
+    __m256 acc0[MAX_MB], acc1[MAX_MB]; float macc0[MAX_MB], macc1[MAX_MB];                         \
+    for (int m = 0; m < MB; m++) { acc0[m] = acc1[m] = _mm256_setzero_ps(); macc0[m] = macc1[m] = 0.0f; }
+#define ACC_OUT                                                                                    \
+    for (int m = 0; m < MB; m++) out[m] = hsum8(_mm256_add_ps(acc0[m], acc1[m])) + (macc0[m] + macc1[m]);
+// for b in [0, nb): block(w + b * size, b, acc, macc, args...) with acc alternating when MB <= 2
+#define BLOCK_LOOP(block, nb, size, ...)                                                           \
+    do {                                                                                           \
+        int64_t b_ = 0;                                                                            \
+        if (MB <= 2)                                                                               \
+            for (; b_ + 2 <= (nb); b_ += 2) {                                                      \
+                block(w + b_ * (size), b_, acc0, macc0, __VA_ARGS__);                              \
+                block(w + (b_ + 1) * (size), b_ + 1, acc1, macc1, __VA_ARGS__);                    \
+            }                                                                                      \
+        for (; b_ < (nb); b_++) block(w + b_ * (size), b_, acc0, macc0, __VA_ARGS__);              \
+    } while (0)
+
+// Q4_0 and Q4_1: 32 nibbles, value q * d + m (Q4_0: m = -8 d)
+DP_INLINE void q4_block(const uint8_t *w, int64_t b, ACC_ARGS, const float *x, int64_t K, const float *sx, const int MB, const int has_min) {
+    const int off = has_min ? 4 : 2;
+    const __m256i low = _mm256_set1_epi32(15);
+    __m256i r0 = u8x8(w + off), r1 = u8x8(w + off + 8);
+    __m256 q0 = _mm256_cvtepi32_ps(_mm256_and_si256(r0, low)), q1 = _mm256_cvtepi32_ps(_mm256_and_si256(r1, low));
+    __m256 q2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(r0, 4)), q3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(r1, 4));
+    const float df = f16(w), mn = has_min ? f16(w + 2) : -8.0f * df;
+    const __m256 d = _mm256_set1_ps(df);
+    for (int m = 0; m < MB; m++) {
+        acc[m] = FMA(dot32(q0, q1, q2, q3, x + m * K + b * 32), d, acc[m]);
+        macc[m] += mn * sx[m * (K / 32) + b];
+    }
+}
+
+DP_INLINE void q4_rows(const uint8_t *w, int64_t K, const float *x, const float *sx, float *out, const int MB, const int has_min) {
+    ACC_DECL
+    BLOCK_LOOP(q4_block, K / 32, has_min ? 20 : 18, x, K, sx, MB, has_min);
+    ACC_OUT
+}
+
+// Q5_0 and Q5_1: nibbles plus a fifth bit from a 32-bit mask, value q * d + m (Q5_0: m = -16 d)
+DP_INLINE void q5_block(const uint8_t *w, int64_t b, ACC_ARGS, const float *x, int64_t K, const float *sx, const int MB, const int has_min) {
+    const int off = has_min ? 4 : 2;
+    const __m256i low = _mm256_set1_epi32(15), sixteen = _mm256_set1_epi32(16);
+    const __m256i s0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), s8 = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+    const __m256i s12 = _mm256_setr_epi32(12, 13, 14, 15, 16, 17, 18, 19), s20 = _mm256_setr_epi32(20, 21, 22, 23, 24, 25, 26, 27);
+    uint32_t qh; memcpy(&qh, w + off, 4);
+    const __m256i h = _mm256_set1_epi32((int)qh), h4 = _mm256_slli_epi32(h, 4);
+    __m256i r0 = u8x8(w + off + 4), r1 = u8x8(w + off + 12);
+    // element j < 16: bit j of qh; element 16 + j: bit 16 + j; moved to bit 4
+    __m256 q0 = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(r0, low), _mm256_and_si256(_mm256_srlv_epi32(h4, s0), sixteen)));
+    __m256 q1 = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(r1, low), _mm256_and_si256(_mm256_srlv_epi32(h4, s8), sixteen)));
+    __m256 q2 = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(r0, 4), _mm256_and_si256(_mm256_srlv_epi32(h, s12), sixteen)));
+    __m256 q3 = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(r1, 4), _mm256_and_si256(_mm256_srlv_epi32(h, s20), sixteen)));
+    const float df = f16(w), mn = has_min ? f16(w + 2) : -16.0f * df;
+    const __m256 d = _mm256_set1_ps(df);
+    for (int m = 0; m < MB; m++) {
+        acc[m] = FMA(dot32(q0, q1, q2, q3, x + m * K + b * 32), d, acc[m]);
+        macc[m] += mn * sx[m * (K / 32) + b];
+    }
+}
+
+DP_INLINE void q5_rows(const uint8_t *w, int64_t K, const float *x, const float *sx, float *out, const int MB, const int has_min) {
+    ACC_DECL
+    BLOCK_LOOP(q5_block, K / 32, has_min ? 24 : 22, x, K, sx, MB, has_min);
+    ACC_OUT
+}
+
+DP_INLINE void q8_0_block(const uint8_t *w, int64_t b, ACC_ARGS, const float *x, int64_t K, const int MB) {
+    (void)macc;
+    __m256 q0 = _mm256_cvtepi32_ps(i8x8(w + 2)), q1 = _mm256_cvtepi32_ps(i8x8(w + 10));
+    __m256 q2 = _mm256_cvtepi32_ps(i8x8(w + 18)), q3 = _mm256_cvtepi32_ps(i8x8(w + 26));
+    const __m256 d = _mm256_set1_ps(f16(w));
+    for (int m = 0; m < MB; m++) acc[m] = FMA(dot32(q0, q1, q2, q3, x + m * K + b * 32), d, acc[m]);
+}
+
+DP_INLINE void q8_0_rows(const uint8_t *w, int64_t K, const float *x, const float *sx, float *out, const int MB) {
+    (void)sx;
+    ACC_DECL
+    BLOCK_LOOP(q8_0_block, K / 32, 34, x, K, MB);
+    ACC_OUT
+}
+
+// Q4_K: 256 values in 8 sub-blocks of 32, each with a 6-bit scale and min: d * sc * q - dmin * mn.
+// Group g (64 values) has its 32 bytes of nibbles at q + 32 g: low nibbles sub-block 2g, high 2g+1.
+DP_INLINE void q4_k_group(const uint8_t *w, int64_t sb, const int g, ACC_ARGS, const float *x, int64_t K, const float *sx, const int MB) {
+    const __m256i low = _mm256_set1_epi32(15);
+    const float d = f16(w), dmin = f16(w + 2);
+    const uint8_t *q = w + 16 + 32 * g;
+    uint8_t sc1, m1, sc2, m2;
+    scale_min_k4(2 * g, w + 4, &sc1, &m1);
+    scale_min_k4(2 * g + 1, w + 4, &sc2, &m2);
+    const __m256 d1 = _mm256_set1_ps(d * sc1), d2 = _mm256_set1_ps(d * sc2);
+    const float mn1 = -dmin * m1, mn2 = -dmin * m2;
+    __m256i r0 = u8x8(q), r1 = u8x8(q + 8), r2 = u8x8(q + 16), r3 = u8x8(q + 24);
+    const int64_t b = sb * 8 + 2 * g;
+    __m256 l0 = _mm256_cvtepi32_ps(_mm256_and_si256(r0, low)), l1 = _mm256_cvtepi32_ps(_mm256_and_si256(r1, low));
+    __m256 l2 = _mm256_cvtepi32_ps(_mm256_and_si256(r2, low)), l3 = _mm256_cvtepi32_ps(_mm256_and_si256(r3, low));
+    for (int m = 0; m < MB; m++) {
+        acc[m] = FMA(dot32(l0, l1, l2, l3, x + m * K + b * 32), d1, acc[m]);
+        macc[m] += mn1 * sx[m * (K / 32) + b];
+    }
+    __m256 h0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(r0, 4)), h1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(r1, 4));
+    __m256 h2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(r2, 4)), h3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(r3, 4));
+    for (int m = 0; m < MB; m++) {
+        acc[m] = FMA(dot32(h0, h1, h2, h3, x + m * K + b * 32 + 32), d2, acc[m]);
+        macc[m] += mn2 * sx[m * (K / 32) + b + 1];
+    }
+}
+
+DP_INLINE void q4_k_rows(const uint8_t *w, int64_t K, const float *x, const float *sx, float *out, const int MB) {
+    ACC_DECL
+    for (int64_t sb = 0; sb < K / 256; sb++, w += 144) {
+        q4_k_group(w, sb, 0, acc0, macc0, x, K, sx, MB);
+        q4_k_group(w, sb, 1, acc1, macc1, x, K, sx, MB);
+        q4_k_group(w, sb, 2, acc0, macc0, x, K, sx, MB);
+        q4_k_group(w, sb, 3, acc1, macc1, x, K, sx, MB);
+    }
+    ACC_OUT
+}
+
+// Q5_K: Q4_K plus a fifth bit per value from qh[32] (bit 2g for the low nibbles of group g, 2g+1 high)
+DP_INLINE void q5_k_group(const uint8_t *w, int64_t sb, const int g, ACC_ARGS, const float *x, int64_t K, const float *sx, const int MB) {
+    const __m256i low = _mm256_set1_epi32(15), sixteen = _mm256_set1_epi32(16);
+    const float d = f16(w), dmin = f16(w + 2);
+    const uint8_t *qh = w + 16, *q = w + 48 + 32 * g;
+    uint8_t sc1, m1, sc2, m2;
+    scale_min_k4(2 * g, w + 4, &sc1, &m1);
+    scale_min_k4(2 * g + 1, w + 4, &sc2, &m2);
+    const __m256 d1 = _mm256_set1_ps(d * sc1), d2 = _mm256_set1_ps(d * sc2);
+    const float mn1 = -dmin * m1, mn2 = -dmin * m2;
+    const __m128i shift_lo = _mm_cvtsi32_si128(2 * g), shift_hi = _mm_cvtsi32_si128(2 * g + 1);
+    __m256 l[4], u[4];
+    for (int k = 0; k < 4; k++) {
+        const __m256i r = u8x8(q + 8 * k), h = _mm256_slli_epi32(u8x8(qh + 8 * k), 4);
+        l[k] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(r, low), _mm256_and_si256(_mm256_srl_epi32(h, shift_lo), sixteen)));
+        u[k] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(r, 4), _mm256_and_si256(_mm256_srl_epi32(h, shift_hi), sixteen)));
+    }
+    const int64_t b = sb * 8 + 2 * g;
+    for (int m = 0; m < MB; m++) {
+        acc[m] = FMA(dot32(l[0], l[1], l[2], l[3], x + m * K + b * 32), d1, acc[m]);
+        acc[m] = FMA(dot32(u[0], u[1], u[2], u[3], x + m * K + b * 32 + 32), d2, acc[m]);
+        macc[m] += mn1 * sx[m * (K / 32) + b] + mn2 * sx[m * (K / 32) + b + 1];
+    }
+}
+
+DP_INLINE void q5_k_rows(const uint8_t *w, int64_t K, const float *x, const float *sx, float *out, const int MB) {
+    ACC_DECL
+    for (int64_t sb = 0; sb < K / 256; sb++, w += 176) {
+        q5_k_group(w, sb, 0, acc0, macc0, x, K, sx, MB);
+        q5_k_group(w, sb, 1, acc1, macc1, x, K, sx, MB);
+        q5_k_group(w, sb, 2, acc0, macc0, x, K, sx, MB);
+        q5_k_group(w, sb, 3, acc1, macc1, x, K, sx, MB);
+    }
+    ACC_OUT
+}
+
+// Q6_K: 256 values of 6 bits (4 in ql, 2 in qh) minus 32, in 16 sub-blocks of 16 with int8 scales.
+// In each half of 128, value 32 * quad + l (l < 32) has its low 4 bits in ql[l + 32 * (quad & 1)]
+// (low nibble for quad < 2, high otherwise) and its top 2 bits at bit 2 * quad of qh[l].
+DP_INLINE __m256 q6_vec(const uint8_t *ql, const uint8_t *qh, const int quad, const int l) {
+    const __m256i src = u8x8(ql + l + 32 * (quad & 1)), h = u8x8(qh + l);
+    const __m256i nib = quad < 2 ? _mm256_and_si256(src, _mm256_set1_epi32(15)) : _mm256_srli_epi32(src, 4);
+    const __m256i top = quad == 0 ? _mm256_slli_epi32(h, 4) : quad == 1 ? _mm256_slli_epi32(h, 2)
+                      : quad == 2 ? h : _mm256_srli_epi32(h, 2);
+    const __m256i q = _mm256_or_si256(nib, _mm256_and_si256(top, _mm256_set1_epi32(48)));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(32)));
+}
+
+DP_INLINE void q6_k_quad(const uint8_t *w, int64_t sb, const int half, const int quad, ACC_ARGS, const float *x, int64_t K, const int MB) {
+    (void)macc;
+    const uint8_t *ql = w + 64 * half, *qh = w + 128 + 32 * half;
+    const int8_t *sc = (const int8_t *)(w + 192) + 8 * half;
+    const float d = f16(w + 208);
+    __m256 q0 = q6_vec(ql, qh, quad, 0), q1 = q6_vec(ql, qh, quad, 8);
+    __m256 q2 = q6_vec(ql, qh, quad, 16), q3 = q6_vec(ql, qh, quad, 24);
+    const __m256 d0 = _mm256_set1_ps(d * sc[2 * quad]), d1 = _mm256_set1_ps(d * sc[2 * quad + 1]);
+    for (int m = 0; m < MB; m++) {
+        const float *xq = x + m * K + sb * 256 + half * 128 + 32 * quad;
+        __m256 s0 = FMA(q1, ld(xq + 8), _mm256_mul_ps(q0, ld(xq)));
+        __m256 s1 = FMA(q3, ld(xq + 24), _mm256_mul_ps(q2, ld(xq + 16)));
+        acc[m] = FMA(s1, d1, FMA(s0, d0, acc[m]));
+    }
+}
+
+DP_INLINE void q6_k_rows(const uint8_t *w, int64_t K, const float *x, const float *sx, float *out, const int MB) {
+    (void)sx;
+    ACC_DECL
+    for (int64_t sb = 0; sb < K / 256; sb++, w += 210)
+        for (int half = 0; half < 2; half++) {
+            q6_k_quad(w, sb, half, 0, acc0, macc0, x, K, MB);
+            q6_k_quad(w, sb, half, 1, acc1, macc1, x, K, MB);
+            q6_k_quad(w, sb, half, 2, acc0, macc0, x, K, MB);
+            q6_k_quad(w, sb, half, 3, acc1, macc1, x, K, MB);
+        }
+    ACC_OUT
+}
+
+// F32, F16 (with F16C), BF16: 32 values at a time, then the tail
+DP_INLINE __m256 float8(const uint8_t *p, const int type) {
+    if (type == F32) return _mm256_loadu_ps((const float *)p);
+#ifdef __F16C__
+    if (type == F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#endif
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline float float1(const uint8_t *p, const int type) {
+    if (type == F32) { float f; memcpy(&f, p, 4); return f; }
+    if (type == F16) return f16(p);
+    uint32_t b = (uint32_t)(p[0] | (p[1] << 8)) << 16; float f; memcpy(&f, &b, 4); return f;
+}
+
+DP_INLINE void float_block(const uint8_t *w, int64_t b, ACC_ARGS, const float *x, int64_t K, const int MB, const int type) {
+    (void)macc;
+    const int es = type == F32 ? 4 : 2;
+    __m256 q0 = float8(w, type), q1 = float8(w + 8 * es, type), q2 = float8(w + 16 * es, type), q3 = float8(w + 24 * es, type);
+    for (int m = 0; m < MB; m++) acc[m] = _mm256_add_ps(acc[m], dot32(q0, q1, q2, q3, x + m * K + b * 32));
+}
+
+DP_INLINE void float_rows(const uint8_t *w, int64_t K, const float *x, const float *sx, float *out, const int MB, const int type) {
+    (void)sx;
+    const int es = type == F32 ? 4 : 2;
+    ACC_DECL
+    BLOCK_LOOP(float_block, K / 32, 32 * es, x, K, MB, type);
+    for (int64_t k = K / 32 * 32; k < K; k++) {
+        const float v = float1(w + k * es, type);
+        for (int m = 0; m < MB; m++) macc0[m] += v * x[m * K + k];
+    }
+    ACC_OUT
+}
+
+// One function per type, dispatching on MB so each loop is compiled for a fixed number of rows.
+#define ROW_KERNEL(name, call)                                                                     \
+    static void name(const uint8_t *w, int64_t K, const float *x, const float *sx, int MB, float *out) { \
+        switch (MB) {                                                                              \
+        case 1: { enum { MBC = 1 }; call; } break;                                                 \
+        case 2: { enum { MBC = 2 }; call; } break;                                                 \
+        case 3: { enum { MBC = 3 }; call; } break;                                                 \
+        default: { enum { MBC = 4 }; call; } break;                                                \
+        }                                                                                          \
+    }
+ROW_KERNEL(rows_q4_0, q4_rows(w, K, x, sx, out, MBC, 0))
+ROW_KERNEL(rows_q4_1, q4_rows(w, K, x, sx, out, MBC, 1))
+ROW_KERNEL(rows_q5_0, q5_rows(w, K, x, sx, out, MBC, 0))
+ROW_KERNEL(rows_q5_1, q5_rows(w, K, x, sx, out, MBC, 1))
+ROW_KERNEL(rows_q8_0, q8_0_rows(w, K, x, sx, out, MBC))
+ROW_KERNEL(rows_q4_k, q4_k_rows(w, K, x, sx, out, MBC))
+ROW_KERNEL(rows_q5_k, q5_k_rows(w, K, x, sx, out, MBC))
+ROW_KERNEL(rows_q6_k, q6_k_rows(w, K, x, sx, out, MBC))
+ROW_KERNEL(rows_f32, float_rows(w, K, x, sx, out, MBC, F32))
+ROW_KERNEL(rows_bf16, float_rows(w, K, x, sx, out, MBC, BF16))
+#ifdef __F16C__
+ROW_KERNEL(rows_f16, float_rows(w, K, x, sx, out, MBC, F16))
+#endif
+
+static row_kernel fused_kernel(int type) {
+    switch (type) {
+    case Q4_0: return rows_q4_0;
+    case Q4_1: return rows_q4_1;
+    case Q5_0: return rows_q5_0;
+    case Q5_1: return rows_q5_1;
+    case Q8_0: return rows_q8_0;
+    case Q4_K: return rows_q4_k;
+    case Q5_K: return rows_q5_k;
+    case Q6_K: return rows_q6_k;
+    case F32: return rows_f32;
+    case BF16: return rows_bf16;
+#ifdef __F16C__
+    case F16: return rows_f16;
+#endif
+    default: return NULL;
+    }
+}
+#else
+static row_kernel fused_kernel(int type) { (void)type; return NULL; }
+#endif
+
+static int needs_block_sums(int type) {
+    return type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q4_K || type == Q5_K;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+typedef struct {
+    int type;
+    row_kernel kernel;
+    const uint8_t *w;
+    int64_t row_bytes, K, M, ldy;
+    const float *x, *sx;
+    float *y;
+} matmul_job;
+
+static void matmul_range(void *ctx, int64_t n0, int64_t n1) {
+    const matmul_job *j = ctx;
+    const int64_t K = j->K, M = j->M, nb = K / 32;
+    if (j->kernel) {
+        float out[MAX_MB];
+        for (int64_t n = n0; n < n1; n++) {
+            const uint8_t *w = j->w + n * j->row_bytes;
+            for (int64_t m0 = 0; m0 < M; m0 += MAX_MB) {
+                const int mb = M - m0 < MAX_MB ? (int)(M - m0) : MAX_MB;
+                j->kernel(w, K, j->x + m0 * K, j->sx ? j->sx + m0 * nb : NULL, mb, out);
+                for (int m = 0; m < mb; m++) j->y[(m0 + m) * j->ldy + n] = out[m];
+            }
+        }
+        return;
+    }
+    float *row = malloc(K * sizeof(float));
+    for (int64_t n = n0; n < n1; n++) {
+        dequantize_row(j->type, j->w + n * j->row_bytes, row, K);
+        for (int64_t m = 0; m < M; m++) j->y[m * j->ldy + n] = dot(row, j->x + m * K, K);
+    }
+    free(row);
+}
+
+// Below this many weight bytes a call runs on the calling thread alone.
+#define PARALLEL_MIN_BYTES 32768
+
 // y[m, n] = sum_k x[m, k] * W[n, k] for n in [n0, n1); W is N rows of row_bytes each.
 // y has row stride ldy, so several weights can write into one fused output.
 void dp_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K,
                const float *x, int64_t M, float *y, int64_t ldy) {
-    float *row = malloc(K * sizeof(float));
-    for (int64_t n = n0; n < n1; n++) {
-        dequantize_row(type, w + n * row_bytes, row, K);
-        for (int64_t m = 0; m < M; m++) y[m * ldy + n] = dot(row, x + m * K, K);
+    if (n1 <= n0 || M <= 0) return;
+    matmul_job job = { type, fused_kernel(type), w, row_bytes, K, M, ldy, x, NULL, y };
+    float *sx = NULL;
+    if (job.kernel && needs_block_sums(type)) {
+        const int64_t nb = K / 32;
+        sx = malloc(M * nb * sizeof(float));
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t b = 0; b < nb; b++) {
+                const float *p = x + m * K + b * 32;
+                float s = 0.0f;
+                for (int i = 0; i < 32; i++) s += p[i];
+                sx[m * nb + b] = s;
+            }
+        job.sx = sx;
     }
-    free(row);
+    if ((n1 - n0) * row_bytes < PARALLEL_MIN_BYTES) matmul_range(&job, n0, n1);
+    else parallel_for(matmul_range, &job, n0, n1, chunk_rows(n1 - n0));
+    free(sx);
+}
+
+typedef struct {
+    int type;
+    const uint8_t *w;
+    int64_t row_bytes, K;
+    const int64_t *rows;
+    float *out;
+} rows_job;
+
+static void rows_range(void *ctx, int64_t i0, int64_t i1) {
+    const rows_job *j = ctx;
+    for (int64_t i = i0; i < i1; i++) dequantize_row(j->type, j->w + j->rows[i] * j->row_bytes, j->out + i * j->K, j->K);
 }
 
 // out[i, :] = W[rows[i], :]
 void dp_dequantize_rows(int type, const uint8_t *w, int64_t row_bytes, const int64_t *rows, int64_t n_rows,
                         int64_t K, float *out) {
-    for (int64_t i = 0; i < n_rows; i++) dequantize_row(type, w + rows[i] * row_bytes, out + i * K, K);
+    rows_job job = { type, w, row_bytes, K, rows, out };
+    if (n_rows * K < 65536) rows_range(&job, 0, n_rows);
+    else parallel_for(rows_range, &job, 0, n_rows, chunk_rows(n_rows));
 }

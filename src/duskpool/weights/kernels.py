@@ -19,7 +19,7 @@ from pathlib import Path
 # kernels.c: matmul on quant blocks; ops.c: the small per-token ops of a layer (models/ops.py)
 SOURCES = [Path(__file__).with_name("kernels.c"), Path(__file__).with_name("ops.c")]
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math", "-fno-math-errno",
-         "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11"]
+         "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11", "-pthread"]
 
 
 def cache_dir() -> Path:
@@ -58,12 +58,17 @@ def library() -> ctypes.CDLL | None:
     lib.dp_matmul.restype = None
     lib.dp_dequantize_rows.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, i64, ptr]
     lib.dp_dequantize_rows.restype = None
+    lib.dp_set_threads.argtypes = [ctypes.c_int]
+    lib.dp_set_threads.restype = None
+    lib.dp_get_threads.argtypes = []
+    lib.dp_get_threads.restype = ctypes.c_int
     f32 = ctypes.c_float
     lib.dp_rms_norm.argtypes = [ptr, ptr, f32, ptr, i64, i64]
     lib.dp_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
     lib.dp_attention.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, ptr]
     lib.dp_silu_mul.argtypes = [ptr, ptr, i64, i64]
-    for f in (lib.dp_rms_norm, lib.dp_rope, lib.dp_attention, lib.dp_silu_mul):
+    lib.dp_store_kv.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64]
+    for f in (lib.dp_rms_norm, lib.dp_rope, lib.dp_attention, lib.dp_silu_mul, lib.dp_store_kv):
         f.restype = None
     lib.dp_init()
     return lib
