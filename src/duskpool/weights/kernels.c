@@ -311,6 +311,7 @@ void dp_init(void) {
 // sx[m * (K / 32) + b] = sum of x[m, 32b .. 32b + 31], for the types with a per-block offset.
 
 typedef void (*row_kernel)(const uint8_t *w, int64_t K, const float *x, const float *sx, int MB, float *out);
+typedef void (*tile_kernel)(const uint8_t *w, int64_t rb, int64_t K, const float *x, const float *sx, int R, int MB, float *out);
 #define MAX_MB 4
 
 #ifdef DP_AVX2
@@ -353,25 +354,52 @@ DP_INLINE __m256 dot32(__m256 q0, __m256 q1, __m256 q2, __m256 q3, const float *
         for (; b_ < (nb); b_++) block(w + b_ * (size), b_, acc0, macc0, __VA_ARGS__);              \
     } while (0)
 
-// Q4_0 and Q4_1: 32 nibbles, value q * d + m (Q4_0: m = -8 d)
-DP_INLINE void q4_block(const uint8_t *w, int64_t b, ACC_ARGS, const float *x, int64_t K, const float *sx, const int MB, const int has_min) {
-    const int off = has_min ? 4 : 2;
-    const __m256i low = _mm256_set1_epi32(15);
-    __m256i r0 = u8x8(w + off), r1 = u8x8(w + off + 8);
-    __m256 q0 = _mm256_cvtepi32_ps(_mm256_and_si256(r0, low)), q1 = _mm256_cvtepi32_ps(_mm256_and_si256(r1, low));
-    __m256 q2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(r0, 4)), q3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(r1, 4));
-    const float df = f16(w), mn = has_min ? f16(w + 2) : -8.0f * df;
-    const __m256 d = _mm256_set1_ps(df);
-    for (int m = 0; m < MB; m++) {
-        acc[m] = FMA(dot32(q0, q1, q2, q3, x + m * K + b * 32), d, acc[m]);
-        macc[m] += mn * sx[m * (K / 32) + b];
-    }
+#ifndef PF_TILES
+#define PF_TILES 2
+#endif
+// The R rows of a tile are R streams through memory, which the hardware prefetchers follow poorly:
+// while working on one tile, fetch the tiles PF_TILES ahead, bytes in step with the blocks done.
+DP_INLINE void prefetch_ahead(const uint8_t *p, int64_t tile_bytes, int step) {
+    if (PF_TILES == 0) return;
+    const uint8_t *q = p + PF_TILES * tile_bytes;
+    for (int i = 0; i < step; i += 64) _mm_prefetch((const char *)q + i, _MM_HINT_T0);
 }
 
-DP_INLINE void q4_rows(const uint8_t *w, int64_t K, const float *x, const float *sx, float *out, const int MB, const int has_min) {
-    ACC_DECL
-    BLOCK_LOOP(q4_block, K / 32, has_min ? 20 : 18, x, K, sx, MB, has_min);
-    ACC_OUT
+// Tiles: R weight rows against MB rows of x (R * MB <= 4), out[r * MAX_MB + m]. Several weight
+// rows at once share the loads of x, which otherwise limit the loop as much as the arithmetic does.
+
+// Q4_0 and Q4_1: 32 nibbles, value q * d + m (Q4_0: m = -8 d). Byte j holds q_j (low nibble) and
+// q_{16+j} (high); rather than shifting out the high nibble, the tile takes x already rearranged per
+// block as xt = [x_j - x_{16+j} / 16, x_{16+j} / 16] (j < 16), so that
+// lo_j * xt_j + byte_j * xt_{16+j} = lo_j * x_j + hi_j * x_{16+j} with byte_j = lo_j + 16 hi_j.
+DP_INLINE void q4_tile(const uint8_t *w, int64_t rb, int64_t K, const float *xt, const float *sx, float *out,
+                       const int R, const int MB, const int has_min) {
+    const int64_t nb = K / 32;
+    const int size = has_min ? 20 : 18, off = has_min ? 4 : 2;
+    const __m256i low = _mm256_set1_epi32(15);
+    __m256 acc[4]; float macc[4];
+    for (int i = 0; i < R * MB; i++) { acc[i] = _mm256_setzero_ps(); macc[i] = 0.0f; }
+    for (int64_t b = 0; b < nb; b++) {
+        prefetch_ahead(w + b * R * size, R * rb, R * size);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = w + r * rb + b * size;
+            const __m256i r0 = u8x8(blk + off), r1 = u8x8(blk + off + 8);
+            const __m256 l0 = _mm256_cvtepi32_ps(_mm256_and_si256(r0, low)), l1 = _mm256_cvtepi32_ps(_mm256_and_si256(r1, low));
+            const __m256 b0 = _mm256_cvtepi32_ps(r0), b1 = _mm256_cvtepi32_ps(r1);
+            const float df = f16(blk), mn = has_min ? f16(blk + 2) : -8.0f * df;
+            const __m256 d = _mm256_set1_ps(df);
+            for (int m = 0; m < MB; m++) {
+                const float *xb = xt + m * K + b * 32;
+                __m256 s = FMA(l1, ld(xb + 8), _mm256_mul_ps(l0, ld(xb)));
+                s = FMA(b0, ld(xb + 16), s);
+                s = FMA(b1, ld(xb + 24), s);
+                acc[r * MB + m] = FMA(s, d, acc[r * MB + m]);
+                macc[r * MB + m] += mn * sx[m * nb + b];
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) out[r * MAX_MB + m] = hsum8(acc[r * MB + m]) + macc[r * MB + m];
 }
 
 // Q5_0 and Q5_1: nibbles plus a fifth bit from a 32-bit mask, value q * d + m (Q5_0: m = -16 d)
@@ -402,19 +430,24 @@ DP_INLINE void q5_rows(const uint8_t *w, int64_t K, const float *x, const float 
     ACC_OUT
 }
 
-DP_INLINE void q8_0_block(const uint8_t *w, int64_t b, ACC_ARGS, const float *x, int64_t K, const int MB) {
-    (void)macc;
-    __m256 q0 = _mm256_cvtepi32_ps(i8x8(w + 2)), q1 = _mm256_cvtepi32_ps(i8x8(w + 10));
-    __m256 q2 = _mm256_cvtepi32_ps(i8x8(w + 18)), q3 = _mm256_cvtepi32_ps(i8x8(w + 26));
-    const __m256 d = _mm256_set1_ps(f16(w));
-    for (int m = 0; m < MB; m++) acc[m] = FMA(dot32(q0, q1, q2, q3, x + m * K + b * 32), d, acc[m]);
-}
-
-DP_INLINE void q8_0_rows(const uint8_t *w, int64_t K, const float *x, const float *sx, float *out, const int MB) {
+DP_INLINE void q8_0_tile(const uint8_t *w, int64_t rb, int64_t K, const float *x, const float *sx, float *out,
+                         const int R, const int MB) {
     (void)sx;
-    ACC_DECL
-    BLOCK_LOOP(q8_0_block, K / 32, 34, x, K, MB);
-    ACC_OUT
+    const int64_t nb = K / 32;
+    __m256 acc[4];
+    for (int i = 0; i < R * MB; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        prefetch_ahead(w + b * R * 34, R * rb, R * 34);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = w + r * rb + b * 34;
+            const __m256 q0 = _mm256_cvtepi32_ps(i8x8(blk + 2)), q1 = _mm256_cvtepi32_ps(i8x8(blk + 10));
+            const __m256 q2 = _mm256_cvtepi32_ps(i8x8(blk + 18)), q3 = _mm256_cvtepi32_ps(i8x8(blk + 26));
+            const __m256 d = _mm256_set1_ps(f16(blk));
+            for (int m = 0; m < MB; m++) acc[r * MB + m] = FMA(dot32(q0, q1, q2, q3, x + m * K + b * 32), d, acc[r * MB + m]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) out[r * MAX_MB + m] = hsum8(acc[r * MB + m]);
 }
 
 // Q4_K: 256 values in 8 sub-blocks of 32, each with a 6-bit scale and min: d * sc * q - dmin * mn.
@@ -566,7 +599,7 @@ DP_INLINE void float_rows(const uint8_t *w, int64_t K, const float *x, const flo
     ACC_OUT
 }
 
-// One function per type, dispatching on MB so each loop is compiled for a fixed number of rows.
+// One function per type and tile shape, so that each loop is compiled for fixed R and MB.
 #define ROW_KERNEL(name, call)                                                                     \
     static void name(const uint8_t *w, int64_t K, const float *x, const float *sx, int MB, float *out) { \
         switch (MB) {                                                                              \
@@ -576,11 +609,23 @@ DP_INLINE void float_rows(const uint8_t *w, int64_t K, const float *x, const flo
         default: { enum { MBC = 4 }; call; } break;                                                \
         }                                                                                          \
     }
-ROW_KERNEL(rows_q4_0, q4_rows(w, K, x, sx, out, MBC, 0))
-ROW_KERNEL(rows_q4_1, q4_rows(w, K, x, sx, out, MBC, 1))
+#define TILE_KERNEL(name, call)                                                                    \
+    static void name(const uint8_t *w, int64_t rb, int64_t K, const float *x, const float *sx, int R, int MB, float *out) { \
+        switch (R * 8 + MB) {                                                                      \
+        case 33: { enum { RC = 4, MBC = 1 }; call; } break;                                        \
+        case 18: { enum { RC = 2, MBC = 2 }; call; } break;                                        \
+        case 17: { enum { RC = 2, MBC = 1 }; call; } break;                                        \
+        case 9: { enum { RC = 1, MBC = 1 }; call; } break;                                         \
+        case 10: { enum { RC = 1, MBC = 2 }; call; } break;                                        \
+        case 11: { enum { RC = 1, MBC = 3 }; call; } break;                                        \
+        default: { enum { RC = 1, MBC = 4 }; call; } break;                                        \
+        }                                                                                          \
+    }
+TILE_KERNEL(tile_q4_0, q4_tile(w, rb, K, x, sx, out, RC, MBC, 0))
+TILE_KERNEL(tile_q4_1, q4_tile(w, rb, K, x, sx, out, RC, MBC, 1))
+TILE_KERNEL(tile_q8_0, q8_0_tile(w, rb, K, x, sx, out, RC, MBC))
 ROW_KERNEL(rows_q5_0, q5_rows(w, K, x, sx, out, MBC, 0))
 ROW_KERNEL(rows_q5_1, q5_rows(w, K, x, sx, out, MBC, 1))
-ROW_KERNEL(rows_q8_0, q8_0_rows(w, K, x, sx, out, MBC))
 ROW_KERNEL(rows_q4_k, q4_k_rows(w, K, x, sx, out, MBC))
 ROW_KERNEL(rows_q5_k, q5_k_rows(w, K, x, sx, out, MBC))
 ROW_KERNEL(rows_q6_k, q6_k_rows(w, K, x, sx, out, MBC))
@@ -590,13 +635,19 @@ ROW_KERNEL(rows_bf16, float_rows(w, K, x, sx, out, MBC, BF16))
 ROW_KERNEL(rows_f16, float_rows(w, K, x, sx, out, MBC, F16))
 #endif
 
-static row_kernel fused_kernel(int type) {
+static tile_kernel tiled_kernel(int type) {
     switch (type) {
-    case Q4_0: return rows_q4_0;
-    case Q4_1: return rows_q4_1;
+    case Q4_0: return tile_q4_0;
+    case Q4_1: return tile_q4_1;
+    case Q8_0: return tile_q8_0;
+    default: return NULL;
+    }
+}
+
+static row_kernel row_kernel_for(int type) {
+    switch (type) {
     case Q5_0: return rows_q5_0;
     case Q5_1: return rows_q5_1;
-    case Q8_0: return rows_q8_0;
     case Q4_K: return rows_q4_k;
     case Q5_K: return rows_q5_k;
     case Q6_K: return rows_q6_k;
@@ -609,7 +660,8 @@ static row_kernel fused_kernel(int type) {
     }
 }
 #else
-static row_kernel fused_kernel(int type) { (void)type; return NULL; }
+static tile_kernel tiled_kernel(int type) { (void)type; return NULL; }
+static row_kernel row_kernel_for(int type) { (void)type; return NULL; }
 #endif
 
 static int needs_block_sums(int type) {
@@ -619,8 +671,9 @@ static int needs_block_sums(int type) {
 // ---------------------------------------------------------------------------------------------
 
 typedef struct {
-    int type;
-    row_kernel kernel;
+    int type, tile_rows;  // weight rows per tile call
+    tile_kernel tile;
+    row_kernel row;
     const uint8_t *w;
     int64_t row_bytes, K, M, ldy;
     const float *x, *sx;
@@ -629,22 +682,28 @@ typedef struct {
 
 static void matmul_range(void *ctx, int64_t n0, int64_t n1) {
     const matmul_job *j = ctx;
-    const int64_t K = j->K, M = j->M, nb = K / 32;
-    if (j->kernel) {
-        float out[MAX_MB];
-        for (int64_t n = n0; n < n1; n++) {
-            const uint8_t *w = j->w + n * j->row_bytes;
-            for (int64_t m0 = 0; m0 < M; m0 += MAX_MB) {
-                const int mb = M - m0 < MAX_MB ? (int)(M - m0) : MAX_MB;
-                j->kernel(w, K, j->x + m0 * K, j->sx ? j->sx + m0 * nb : NULL, mb, out);
-                for (int m = 0; m < mb; m++) j->y[(m0 + m) * j->ldy + n] = out[m];
+    const int64_t K = j->K, M = j->M, nb = K / 32, rb = j->row_bytes;
+    if (j->tile || j->row) {
+        float out[4 * MAX_MB];
+        const int mchunk = MAX_MB / j->tile_rows;
+        for (int64_t n = n0; n < n1;) {
+            const int R = n1 - n >= j->tile_rows ? j->tile_rows : 1;
+            const uint8_t *w = j->w + n * rb;
+            for (int64_t m0 = 0; m0 < M; m0 += mchunk) {
+                const int mb = M - m0 < mchunk ? (int)(M - m0) : mchunk;
+                const float *x = j->x + m0 * K, *sx = j->sx ? j->sx + m0 * nb : NULL;
+                if (j->tile) j->tile(w, rb, K, x, sx, R, mb, out);
+                else j->row(w, K, x, sx, mb, out);
+                for (int r = 0; r < R; r++)
+                    for (int m = 0; m < mb; m++) j->y[(m0 + m) * j->ldy + n + r] = out[r * MAX_MB + m];
             }
+            n += R;
         }
         return;
     }
     float *row = malloc(K * sizeof(float));
     for (int64_t n = n0; n < n1; n++) {
-        dequantize_row(j->type, j->w + n * j->row_bytes, row, K);
+        dequantize_row(j->type, j->w + n * rb, row, K);
         for (int64_t m = 0; m < M; m++) j->y[m * j->ldy + n] = dot(row, j->x + m * K, K);
     }
     free(row);
@@ -658,23 +717,34 @@ static void matmul_range(void *ctx, int64_t n0, int64_t n1) {
 void dp_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K,
                const float *x, int64_t M, float *y, int64_t ldy) {
     if (n1 <= n0 || M <= 0) return;
-    matmul_job job = { type, fused_kernel(type), w, row_bytes, K, M, ldy, x, NULL, y };
-    float *sx = NULL;
-    if (job.kernel && needs_block_sums(type)) {
-        const int64_t nb = K / 32;
-        sx = malloc(M * nb * sizeof(float));
+    matmul_job job = { .type = type, .tile = tiled_kernel(type), .w = w, .row_bytes = row_bytes, .K = K, .M = M,
+                       .ldy = ldy, .x = x, .y = y };
+    job.row = job.tile ? NULL : row_kernel_for(type);
+    job.tile_rows = job.tile ? (M == 1 ? 4 : M == 2 ? 2 : 1) : 1;
+    const int64_t nb = K / 32;
+    float *scratch = NULL;
+    if ((job.tile || job.row) && needs_block_sums(type)) {
+        const int rearrange = type == Q4_0 || type == Q4_1;  // see q4_tile
+        scratch = malloc((M * nb + (rearrange ? M * K : 0)) * sizeof(float));
+        float *sx = scratch, *xt = scratch + M * nb;
         for (int64_t m = 0; m < M; m++)
             for (int64_t b = 0; b < nb; b++) {
                 const float *p = x + m * K + b * 32;
                 float s = 0.0f;
                 for (int i = 0; i < 32; i++) s += p[i];
                 sx[m * nb + b] = s;
+                if (rearrange) {
+                    float *t = xt + m * K + b * 32;
+                    for (int i = 0; i < 16; i++) { t[i] = p[i] - p[i + 16] * 0.0625f; t[i + 16] = p[i + 16] * 0.0625f; }
+                }
             }
         job.sx = sx;
+        if (rearrange) job.x = xt;
     }
-    if ((n1 - n0) * row_bytes < PARALLEL_MIN_BYTES) matmul_range(&job, n0, n1);
-    else parallel_for(matmul_range, &job, n0, n1, chunk_rows(n1 - n0));
-    free(sx);
+    const int64_t N = n1 - n0;
+    if (N * row_bytes < PARALLEL_MIN_BYTES) matmul_range(&job, n0, n1);
+    else parallel_for(matmul_range, &job, n0, n1, (chunk_rows(N) + 3) / 4 * 4);
+    free(scratch);
 }
 
 typedef struct {
