@@ -268,8 +268,11 @@ static void parallel_for(range_fn fn, void *ctx, int64_t begin, int64_t end, int
 }
 
 // Rows per chunk: about four chunks per thread, so a thread slowed by the VM costs little.
+#ifndef CHUNKS_PER_THREAD
+#define CHUNKS_PER_THREAD 4
+#endif
 static int64_t chunk_rows(int64_t n) {
-    int64_t chunks = 4 * (int64_t)pool.want, c = (n + chunks - 1) / chunks;
+    int64_t chunks = CHUNKS_PER_THREAD * (int64_t)pool.want, c = (n + chunks - 1) / chunks;
     return c < 1 ? 1 : c;
 }
 
@@ -357,12 +360,15 @@ DP_INLINE __m256 dot32(__m256 q0, __m256 q1, __m256 q2, __m256 q3, const float *
 #ifndef PF_TILES
 #define PF_TILES 2
 #endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T0
+#endif
 // The R rows of a tile are R streams through memory, which the hardware prefetchers follow poorly:
 // while working on one tile, fetch the tiles PF_TILES ahead, bytes in step with the blocks done.
 DP_INLINE void prefetch_ahead(const uint8_t *p, int64_t tile_bytes, int step) {
     if (PF_TILES == 0) return;
     const uint8_t *q = p + PF_TILES * tile_bytes;
-    for (int i = 0; i < step; i += 64) _mm_prefetch((const char *)q + i, _MM_HINT_T0);
+    for (int i = 0; i < step; i += 64) _mm_prefetch((const char *)q + i, PF_HINT);
 }
 
 // Tiles: R weight rows against MB rows of x (R * MB <= 4), out[r * MAX_MB + m]. Several weight
@@ -686,6 +692,12 @@ static void matmul_range(void *ctx, int64_t n0, int64_t n1) {
     if (j->tile || j->row) {
         float out[4 * MAX_MB];
         const int mchunk = MAX_MB / j->tile_rows;
+#ifdef DP_AVX2
+        if (j->tile) {  // the tiles prefetch_ahead does not cover: the first ones of this range
+            const uint8_t *p = j->w + n0 * rb, *end = j->w + (n1 < n0 + PF_TILES * j->tile_rows ? n1 : n0 + PF_TILES * j->tile_rows) * rb;
+            for (; p < end; p += 64) _mm_prefetch((const char *)p, _MM_HINT_T0);
+        }
+#endif
         for (int64_t n = n0; n < n1;) {
             const int R = n1 - n >= j->tile_rows ? j->tile_rows : 1;
             const uint8_t *w = j->w + n * rb;
