@@ -36,7 +36,7 @@ def test_matmul_and_rows_match_gguf(qtype, threads):
     # 512 columns: two K-quant super-blocks; 300 rows: enough bytes to be split over threads
     w, reference = weight(qtype, 300, 512)
     rng = np.random.default_rng(1)
-    for M in (1, 3, 5, 8):
+    for M in (1, 3, 5, 8, GEMM_MIN_ROWS):  # the last through dequantize + torch
         x = torch.from_numpy(rng.standard_normal((M, 512)).astype(np.float32))
         # write into a column slice of a wider buffer, as a fused projection does
         buffer = torch.full((M, 310), 7.0)
@@ -52,12 +52,13 @@ def test_matmul_and_rows_match_gguf(qtype, threads):
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.F32], ids=lambda q: q.name)
 def test_kernel_path_for_every_small_m(qtype, threads):
-    # M below GEMM_MIN_ROWS goes through dp_matmul (in chunks of up to 4 rows of x), with odd sizes
-    w, reference = weight(qtype, 1000, 96, seed=2)
+    # M below GEMM_MIN_ROWS goes through dp_matmul (tiles of 4 weight rows x 1 row of x, 2 x 2 or
+    # 1 x 4, and a tail of single rows), with odd sizes
+    w, reference = weight(qtype, 1001, 96, seed=2)
     rng = np.random.default_rng(3)
-    for M in range(1, GEMM_MIN_ROWS + 2):
+    for M in range(1, 11):
         x = torch.from_numpy(rng.standard_normal((M, 96)).astype(np.float32))
-        out = torch.empty(M, 1000)
+        out = torch.empty(M, 1001)
         w.matmul_into(x, out)
         expected = x.double().numpy() @ reference.T
         scale = np.abs(x.double().numpy()) @ np.abs(reference.T) + 1e-6

@@ -144,29 +144,35 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
 
 // ---------------------------------------------------------------------------------------------
 // Thread pool: dp_set_threads(n) runs parallel regions on the calling thread plus n - 1 workers.
-// Workers spin on a generation counter for a while after each region (decode calls come every few
-// microseconds), then sleep on a condition variable so an idle process burns no CPU. One region
-// runs at a time (dispatch mutex), so callers on different threads are simply serialized.
+// A region is split in chunks that threads claim from a shared ticket; the caller works too and
+// returns once every chunk is done, without waiting for workers that never woke up (a worker the VM
+// or another process delays costs nothing unless it holds a chunk). Workers spin for a while after
+// each region (decode calls come every few microseconds), yielding the core to anything else that
+// wants it, then sleep on a condition variable so an idle process burns no CPU. One region runs at
+// a time (dispatch mutex), so callers on different threads are simply serialized.
 
 typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
 
 #define MAX_THREADS 64
-#define SPIN_PAUSE_NS 100000LL    // pure busy-wait this long,
-#define SPIN_YIELD_NS 2000000LL   // then busy-wait with sched_yield until this, then sleep
+#define SPIN_PAUSE_NS 20000LL    // after a region, busy-wait this long,
+#define SPIN_YIELD_NS 300000LL   // then busy-wait with sched_yield until this, then sleep
 
 static struct {
     pthread_mutex_t dispatch, lock;
     pthread_cond_t wake;
     int want, workers;
     pthread_t tid[MAX_THREADS];
-    atomic_uint_fast64_t generation;
-    atomic_int sleeping, active, quit;
-    atomic_int_fast64_t next;
-    range_fn fn;
-    void *ctx;
-    int64_t end, chunk;
+    atomic_uint_fast64_t generation;  // bumped to start a region (or to stop the workers)
+    atomic_int sleeping, quit;
+    // the current region: written by the caller before it bumps generation
+    _Atomic(range_fn) fn;
+    _Atomic(void *) ctx;
+    atomic_int_fast64_t begin, end, chunk, n_chunks;
+    atomic_int nap;                   // workers sleep right after this region (torch runs next)
+    atomic_uint_fast64_t ticket;      // (generation << 32) | next chunk to claim
+    atomic_int_fast64_t done;         // chunks finished
 } pool = { .dispatch = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER,
-            .wake = PTHREAD_COND_INITIALIZER, .want = 1 };
+           .wake = PTHREAD_COND_INITIALIZER, .want = 1 };
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -182,34 +188,40 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
 }
 
-static void run_chunks(void) {
+#define RELAXED memory_order_relaxed
+
+// Claim and run chunks of region `gen` until none is left. The fields read here are those of `gen`
+// whenever a claim succeeds: the caller rewrites them only after every claimed chunk is done.
+static void run_chunks(uint32_t gen) {
+    range_fn fn = atomic_load_explicit(&pool.fn, RELAXED);
+    void *ctx = atomic_load_explicit(&pool.ctx, RELAXED);
+    const int64_t begin = atomic_load_explicit(&pool.begin, RELAXED), end = atomic_load_explicit(&pool.end, RELAXED);
+    const int64_t chunk = atomic_load_explicit(&pool.chunk, RELAXED), n = atomic_load_explicit(&pool.n_chunks, RELAXED);
+    uint64_t t = atomic_load(&pool.ticket);
     for (;;) {
-        int64_t a = atomic_fetch_add_explicit(&pool.next, pool.chunk, memory_order_relaxed);
-        if (a >= pool.end) return;
-        int64_t b = a + pool.chunk < pool.end ? a + pool.chunk : pool.end;
-        pool.fn(pool.ctx, a, b);
+        if ((uint32_t)(t >> 32) != gen || (int64_t)(t & 0xffffffffu) >= n) return;
+        if (!atomic_compare_exchange_weak(&pool.ticket, &t, t + 1)) continue;
+        const int64_t a = begin + (int64_t)(t & 0xffffffffu) * chunk, b = a + chunk < end ? a + chunk : end;
+        fn(ctx, a, b);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+        t = atomic_load(&pool.ticket);
     }
 }
 
-// Busy-wait until pred() holds, pausing, then yielding; returns 0 if it gave up after SPIN_YIELD_NS.
-#define SPIN_UNTIL(cond, give_up)                                                                  \
-    do {                                                                                           \
-        int64_t t0_ = 0;                                                                           \
-        for (uint32_t i_ = 1; !(cond); i_++) {                                                     \
-            cpu_relax();                                                                           \
-            if ((i_ & 127) == 0) {                                                                 \
-                int64_t t_ = now_ns();                                                             \
-                if (t0_ == 0) t0_ = t_;                                                            \
-                else if (t_ - t0_ > SPIN_YIELD_NS && (give_up)) break;                             \
-                else if (t_ - t0_ > SPIN_PAUSE_NS) sched_yield();                                  \
-            }                                                                                      \
-        }                                                                                          \
-    } while (0)
-
 static void *worker_main(void *arg) {
     uint64_t seen = (uint64_t)(uintptr_t)arg;
+    int nap = 0;
     for (;;) {
-        SPIN_UNTIL(atomic_load_explicit(&pool.generation, memory_order_acquire) != seen, 1);
+        int64_t t0 = 0;
+        for (uint32_t i = 1; !nap && atomic_load_explicit(&pool.generation, memory_order_acquire) == seen; i++) {
+            cpu_relax();
+            if ((i & 63) == 0) {
+                const int64_t t = now_ns();
+                if (t0 == 0) t0 = t;
+                else if (t - t0 > SPIN_YIELD_NS) break;
+                else if (t - t0 > SPIN_PAUSE_NS) sched_yield();
+            }
+        }
         if (atomic_load(&pool.generation) == seen) {
             pthread_mutex_lock(&pool.lock);
             atomic_fetch_add(&pool.sleeping, 1);
@@ -217,14 +229,14 @@ static void *worker_main(void *arg) {
             atomic_fetch_sub(&pool.sleeping, 1);
             pthread_mutex_unlock(&pool.lock);
         }
-        seen = atomic_load(&pool.generation);
+        seen = atomic_load_explicit(&pool.generation, memory_order_acquire);
         if (atomic_load(&pool.quit)) return NULL;
-        run_chunks();
-        atomic_fetch_sub_explicit(&pool.active, 1, memory_order_release);
+        nap = atomic_load_explicit(&pool.nap, RELAXED);
+        run_chunks((uint32_t)seen);
     }
 }
 
-static void publish(void) {  // start the region set up in pool.*: every worker runs it
+static void publish(void) {  // bump the generation and wake sleeping workers
     atomic_fetch_add(&pool.generation, 1);
     if (atomic_load(&pool.sleeping) > 0) {
         pthread_mutex_lock(&pool.lock);
@@ -252,22 +264,39 @@ static void start_workers(void) {  // with dispatch held
     }
 }
 
-// fn(ctx, a, b) over [begin, end) in chunks of `chunk`, on all threads; returns when all are done.
-static void parallel_for(range_fn fn, void *ctx, int64_t begin, int64_t end, int64_t chunk) {
+// fn(ctx, a, b) over [begin, end) in chunks of `chunk` rows, on all threads; returns when all are
+// done. nap: let the workers sleep right after (the caller runs torch's own threads next).
+static void parallel_for(range_fn fn, void *ctx, int64_t begin, int64_t end, int64_t chunk, int nap) {
     if (pool.want <= 1 || end - begin <= chunk) { fn(ctx, begin, end); return; }
     pthread_mutex_lock(&pool.dispatch);
     start_workers();
     if (pool.workers == 0) { pthread_mutex_unlock(&pool.dispatch); fn(ctx, begin, end); return; }
-    pool.fn = fn; pool.ctx = ctx; pool.end = end; pool.chunk = chunk;
-    atomic_store(&pool.next, begin);
-    atomic_store(&pool.active, pool.workers);
+    const int64_t n = (end - begin + chunk - 1) / chunk;
+    const uint32_t gen = (uint32_t)(atomic_load(&pool.generation) + 1);
+    atomic_store_explicit(&pool.fn, fn, RELAXED);
+    atomic_store_explicit(&pool.ctx, ctx, RELAXED);
+    atomic_store_explicit(&pool.begin, begin, RELAXED);
+    atomic_store_explicit(&pool.end, end, RELAXED);
+    atomic_store_explicit(&pool.chunk, chunk, RELAXED);
+    atomic_store_explicit(&pool.n_chunks, n, RELAXED);
+    atomic_store_explicit(&pool.nap, nap, RELAXED);
+    atomic_store_explicit(&pool.done, 0, RELAXED);
+    atomic_store(&pool.ticket, (uint64_t)gen << 32);
     publish();
-    run_chunks();
-    SPIN_UNTIL(atomic_load_explicit(&pool.active, memory_order_acquire) == 0, 0);
+    run_chunks(gen);
+    int64_t t0 = 0;
+    for (uint32_t i = 1; atomic_load_explicit(&pool.done, memory_order_acquire) < n; i++) {
+        cpu_relax();  // a worker is finishing its last chunk
+        if ((i & 63) == 0) {
+            const int64_t t = now_ns();
+            if (t0 == 0) t0 = t;
+            else if (t - t0 > SPIN_PAUSE_NS) sched_yield();
+        }
+    }
     pthread_mutex_unlock(&pool.dispatch);
 }
 
-// Rows per chunk: about four chunks per thread, so a thread slowed by the VM costs little.
+// Rows per chunk: a few chunks per thread, so that a thread slowed down by the VM costs little.
 #ifndef CHUNKS_PER_THREAD
 #define CHUNKS_PER_THREAD 4
 #endif
@@ -295,7 +324,6 @@ static void after_fork_child(void) {
     pthread_cond_init(&pool.wake, NULL);
     pool.workers = 0;
     atomic_store(&pool.sleeping, 0);
-    atomic_store(&pool.active, 0);
     atomic_store(&pool.quit, 0);
 }
 
@@ -755,7 +783,7 @@ void dp_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_
     }
     const int64_t N = n1 - n0;
     if (N * row_bytes < PARALLEL_MIN_BYTES) matmul_range(&job, n0, n1);
-    else parallel_for(matmul_range, &job, n0, n1, (chunk_rows(N) + 3) / 4 * 4);
+    else parallel_for(matmul_range, &job, n0, n1, (chunk_rows(N) + 3) / 4 * 4, 0);
     free(scratch);
 }
 
@@ -777,5 +805,5 @@ void dp_dequantize_rows(int type, const uint8_t *w, int64_t row_bytes, const int
                         int64_t K, float *out) {
     rows_job job = { type, w, row_bytes, K, rows, out };
     if (n_rows * K < 65536) rows_range(&job, 0, n_rows);
-    else parallel_for(rows_range, &job, 0, n_rows, chunk_rows(n_rows));
+    else parallel_for(rows_range, &job, 0, n_rows, chunk_rows(n_rows), 1);
 }

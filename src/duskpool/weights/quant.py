@@ -12,8 +12,9 @@ from duskpool.weights import kernels
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
-# Above this many rows of input, dequantizing the weight once and calling BLAS beats the row kernel.
-GEMM_MIN_ROWS = 8
+# From this many rows of input, dequantizing the weight once and calling BLAS beats the fused kernel
+# (which reads each weight row once for up to 4 rows of x, so its cost grows with every 4 rows).
+GEMM_MIN_ROWS = 24
 
 
 @dataclass
