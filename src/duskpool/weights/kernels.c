@@ -733,7 +733,13 @@ static void matmul_range(void *ctx, int64_t n0, int64_t n1) {
                 const int mb = M - m0 < mchunk ? (int)(M - m0) : mchunk;
                 const float *x = j->x + m0 * K, *sx = j->sx ? j->sx + m0 * nb : NULL;
                 if (j->tile) j->tile(w, rb, K, x, sx, R, mb, out);
-                else j->row(w, K, x, sx, mb, out);
+                else {
+#ifdef DP_AVX2
+                    if (m0 == 0)  // one row at a time: fetch the row two ahead
+                        for (int64_t i = 0; i < rb; i += 64) _mm_prefetch((const char *)w + 2 * rb + i, _MM_HINT_T0);
+#endif
+                    j->row(w, K, x, sx, mb, out);
+                }
                 for (int r = 0; r < R; r++)
                     for (int m = 0; m < mb; m++) j->y[(m0 + m) * j->ldy + n + r] = out[r * MAX_MB + m];
             }
