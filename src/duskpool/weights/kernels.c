@@ -3,8 +3,9 @@
 // is read once and dotted with every row of x block by block: d * sum(q * x) (+ m * sum(x) for the
 // types with a min, sum(x) per 32 taken once per call), with AVX2/FMA where the compiler targets it
 // and plain C (dequantize a row into L1, then dot) elsewhere. All arithmetic is fp32, so results
-// match a dequantize-then-matmul reference up to summation order. Rows are split over a small
-// persistent thread pool (dp_set_threads). Built at first use by duskpool/weights/kernels.py.
+// match a dequantize-then-matmul reference up to summation order (and, for Q4_0/Q4_1, one rounding
+// of a rearranged x: see q4_tile). Rows are split over a small persistent thread pool
+// (dp_set_threads). Built at first use by duskpool/weights/kernels.py.
 #if defined(__linux__) && !defined(_GNU_SOURCE)
 #define _GNU_SOURCE  // clock_gettime, sched_yield under -std=c11
 #endif
@@ -406,6 +407,8 @@ DP_INLINE void prefetch_ahead(const uint8_t *p, int64_t tile_bytes, int step) {
 // q_{16+j} (high); rather than shifting out the high nibble, the tile takes x already rearranged per
 // block as xt = [x_j - x_{16+j} / 16, x_{16+j} / 16] (j < 16), so that
 // lo_j * xt_j + byte_j * xt_{16+j} = lo_j * x_j + hi_j * x_{16+j} with byte_j = lo_j + 16 hi_j.
+// That saves the FMA ports two shifts per block; the price is one fp32 rounding of x_j - x_{16+j}/16
+// (relative 2^-24 of |x_j| + |x_{16+j}| / 16), well inside the error of the fp32 sum itself.
 DP_INLINE void q4_tile(const uint8_t *w, int64_t rb, int64_t K, const float *xt, const float *sx, float *out,
                        const int R, const int MB, const int has_min) {
     const int64_t nb = K / 32;
