@@ -358,6 +358,17 @@ static inline __m256i i8x8(const uint8_t *p) { return _mm256_cvtepi8_epi32(_mm_l
 static inline __m256 ld(const float *p) { return _mm256_loadu_ps(p); }
 #define FMA _mm256_fmadd_ps
 
+// The two halves at p (a block's d and m, or d and the first quants) as floats in lanes 0 and 1:
+// one F16C conversion costs less than two table lookups (which also compete with the weights for L1)
+DP_INLINE __m128 half2(const uint8_t *p) {
+#ifdef __F16C__
+    int32_t h; memcpy(&h, p, 4);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(h));
+#else
+    return _mm_setr_ps(f16(p), f16(p + 2), 0.0f, 0.0f);
+#endif
+}
+
 // sum_j q[j] * x[8j .. 8j + 7] for four vectors of 8 weights
 DP_INLINE __m256 dot32(__m256 q0, __m256 q1, __m256 q2, __m256 q3, const float *x) {
     __m256 s = _mm256_mul_ps(q0, ld(x));
@@ -423,8 +434,9 @@ DP_INLINE void q4_tile(const uint8_t *w, int64_t rb, int64_t K, const float *xt,
             const __m256i r0 = u8x8(blk + off), r1 = u8x8(blk + off + 8);
             const __m256 l0 = _mm256_cvtepi32_ps(_mm256_and_si256(r0, low)), l1 = _mm256_cvtepi32_ps(_mm256_and_si256(r1, low));
             const __m256 b0 = _mm256_cvtepi32_ps(r0), b1 = _mm256_cvtepi32_ps(r1);
-            const float df = f16(blk), mn = has_min ? f16(blk + 2) : -8.0f * df;
-            const __m256 d = _mm256_set1_ps(df);
+            const __m128 dm = half2(blk);
+            const __m256 d = _mm256_broadcastss_ps(dm);
+            const float mn = has_min ? _mm_cvtss_f32(_mm_movehdup_ps(dm)) : -8.0f * _mm_cvtss_f32(dm);
             for (int m = 0; m < MB; m++) {
                 const float *xb = xt + m * K + b * 32;
                 __m256 s = FMA(l1, ld(xb + 8), _mm256_mul_ps(l0, ld(xb)));
@@ -453,8 +465,9 @@ DP_INLINE void q5_block(const uint8_t *w, int64_t b, ACC_ARGS, const float *x, i
     __m256 q1 = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(r1, low), _mm256_and_si256(_mm256_srlv_epi32(h4, s8), sixteen)));
     __m256 q2 = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(r0, 4), _mm256_and_si256(_mm256_srlv_epi32(h, s12), sixteen)));
     __m256 q3 = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(r1, 4), _mm256_and_si256(_mm256_srlv_epi32(h, s20), sixteen)));
-    const float df = f16(w), mn = has_min ? f16(w + 2) : -16.0f * df;
-    const __m256 d = _mm256_set1_ps(df);
+    const __m128 dm = half2(w);
+    const __m256 d = _mm256_broadcastss_ps(dm);
+    const float mn = has_min ? _mm_cvtss_f32(_mm_movehdup_ps(dm)) : -16.0f * _mm_cvtss_f32(dm);
     for (int m = 0; m < MB; m++) {
         acc[m] = FMA(dot32(q0, q1, q2, q3, x + m * K + b * 32), d, acc[m]);
         macc[m] += mn * sx[m * (K / 32) + b];
@@ -479,7 +492,7 @@ DP_INLINE void q8_0_tile(const uint8_t *w, int64_t rb, int64_t K, const float *x
             const uint8_t *blk = w + r * rb + b * 34;
             const __m256 q0 = _mm256_cvtepi32_ps(i8x8(blk + 2)), q1 = _mm256_cvtepi32_ps(i8x8(blk + 10));
             const __m256 q2 = _mm256_cvtepi32_ps(i8x8(blk + 18)), q3 = _mm256_cvtepi32_ps(i8x8(blk + 26));
-            const __m256 d = _mm256_set1_ps(f16(blk));
+            const __m256 d = _mm256_broadcastss_ps(half2(blk));
             for (int m = 0; m < MB; m++) acc[r * MB + m] = FMA(dot32(q0, q1, q2, q3, x + m * K + b * 32), d, acc[r * MB + m]);
         }
     }
