@@ -29,7 +29,7 @@ def load(path: Path) -> tuple[list[dict[str, QuantTensor]], QuantTensor]:
     n_layers = int(file.metadata[f"{file.architecture}.block_count"])
     layers = []
     for i in range(n_layers):
-        def r(name: str) -> QuantTensor:
+        def r(name: str, i: int = i) -> QuantTensor:
             return file.read(f"blk.{i}.{name}.weight")
         qkv = Linear([r("attn_q"), r("attn_k"), r("attn_v")]).parts[0]
         gate_up = Linear([r("ffn_gate"), r("ffn_up")]).parts[0]
