@@ -2,6 +2,8 @@
 
 import torch
 
+from duskpool.weights import kernels
+
 
 class ContextOverflowError(ValueError):
     """A session asked for more positions than its cache was sized for."""
@@ -23,8 +25,14 @@ class KVCache:
             raise ContextOverflowError(f"context overflow: position {end} is past this session's "
                                        f"context of {self.capacity} tokens")
         i = layer - self.layers.start
-        self.k[i, :, start:end] = k
-        self.v[i, :, start:end] = v
+        lib = kernels.library()
+        if lib is not None and k.stride(0) == v.stride(0) == k.shape[2] and k.stride(2) == v.stride(2) == 1 \
+                and k.stride(1) == v.stride(1):  # one C call instead of two strided torch copies
+            lib.dp_store_kv(k.data_ptr(), v.data_ptr(), k.stride(1), k.shape[1], k.shape[0], k.shape[2],
+                            self.k[i].data_ptr(), self.v[i].data_ptr(), self.capacity, start)
+        else:
+            self.k[i, :, start:end] = k
+            self.v[i, :, start:end] = v
         return self.k[i, :, :end], self.v[i, :, :end]
 
     def clear(self) -> None:

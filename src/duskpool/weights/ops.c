@@ -90,3 +90,14 @@ void dp_silu_mul(const float *restrict gate_up, float *restrict out, int64_t T, 
             out[i] = g * (g >= 0.0f ? 1.0f : e) / (1.0f + e) * gate_up[F + i];
         }
 }
+
+// Write T tokens' keys and values, each [T, Hk, d] with row stride ld (views into the fused q|k|v
+// output), into the session's cache layer k, v [Hk, capacity, d] at positions start..start+T.
+void dp_store_kv(const float *restrict k, const float *restrict v, int64_t ld, int64_t T, int64_t Hk, int64_t d,
+                 float *restrict kc, float *restrict vc, int64_t capacity, int64_t start) {
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < Hk; h++) {
+            memcpy(kc + (h * capacity + start + t) * d, k + t * ld + h * d, d * sizeof(float));
+            memcpy(vc + (h * capacity + start + t) * d, v + t * ld + h * d, d * sizeof(float));
+        }
+}
