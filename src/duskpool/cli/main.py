@@ -260,7 +260,8 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from duskpool.cluster import planner
-    from duskpool.cluster.gateway import NodeClient, model_profile, node_profile
+    from duskpool.cluster.gateway import GATEWAY_PROFILE, NodeClient, model_profile, node_profile
+    from duskpool.engine.runner import DEFAULT_CONTEXT
     from duskpool.models import LlamaConfig
     from duskpool.weights.catalog import resolve_model
     from duskpool.weights.gguf import GGUFFile
@@ -270,10 +271,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     file = GGUFFile(resolve_model(args.model))
     profile = model_profile(file, LlamaConfig.from_gguf(file.metadata))
     nodes = [node_profile(NodeClient(a), profile.layer_bytes) for a in args.node]
-    gateway = planner.NodeProfile("gateway", 2**62, 0.0, 0.0, 1e12)
-    config = planner.PlanConfig(context=args.context or 4096, privacy_prefix=args.privacy_prefix,
+    config = planner.PlanConfig(context=args.context or DEFAULT_CONTEXT, privacy_prefix=args.privacy_prefix,
                                 privacy_suffix=args.privacy_suffix)
-    print(planner.explain(planner.plan(profile, gateway, nodes, config), profile, gateway, nodes, config))
+    placement = planner.plan(profile, GATEWAY_PROFILE, nodes, config)
+    print(planner.explain(placement, profile, GATEWAY_PROFILE, nodes, config))
     return 0
 
 

@@ -97,6 +97,10 @@ def node_profile(client: NodeClient, layer_bytes: int) -> planner.NodeProfile:
                                bandwidth_bytes_per_s=125e6)  # assume gigabit until measured
 
 
+# The gateway as the planner sees it: it holds only the edges and the privacy layers, never middle ones.
+GATEWAY_PROFILE = planner.NodeProfile("gateway", 2**62, 0.0, 0.0, 1e12)
+
+
 def local_address_towards(address: str) -> str:
     """This machine's IP on the interface that reaches `address` (where nodes can reach us back)."""
     host = address.rsplit(":", 1)[0].strip("[]")
@@ -134,12 +138,12 @@ class Gateway(Engine):
         self._closing = False
 
         self.clients = [NodeClient(a) for a in node_addresses]
+        self._client_at = {c.address: c for c in self.clients}
         profile = model_profile(self.file, self.config)
         config = planner.PlanConfig(sessions=sessions, context=self.context_length, privacy_prefix=prefix,
                                     privacy_suffix=suffix)
         profiles = [node_profile(c, profile.layer_bytes) for c in self.clients]
-        gateway = planner.NodeProfile("gateway", 2**62, 0.0, 0.0, 1e12)
-        self.plan = planner.plan(profile, gateway, profiles, config)
+        self.plan = planner.plan(profile, GATEWAY_PROFILE, profiles, config)
         if even_split:  # a local swarm: its nodes share one CPU, so the speed model has nothing to choose
             self.plan = even_plan(self.plan, [c.info.node_id for c in self.clients])
         by_id = {c.info.node_id: c for c in self.clients}
@@ -193,7 +197,7 @@ class Gateway(Engine):
                     bar.advance(len(piece))
             bar.close()
 
-        client = next(c for c in self.clients if c.address == stage.address)
+        client = self._client_at[stage.address]
         try:
             for reply in client.stub.LoadSpan(requests()):
                 if not reply.ready:
@@ -260,7 +264,7 @@ class Gateway(Engine):
 
     def _watch(self, stage: RouteStage) -> None:
         """Health.Watch stays open while the node lives: its end means the node is gone."""
-        client = next(c for c in self.clients if c.address == stage.address)
+        client = self._client_at[stage.address]
         reason = "its health stream ended"
         try:
             for _ in health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest()):

@@ -9,7 +9,7 @@ import torch
 
 from duskpool.engine.generate import GenerationParams, GenerationStats, check_prompt, generate
 from duskpool.engine.tokenizer import Tokenizer
-from duskpool.models import KVCache, Llama, load_model
+from duskpool.models import Llama, load_model
 from duskpool.weights import kernels
 from duskpool.weights.gguf import GGUFFile, ModelFileError
 
@@ -20,7 +20,7 @@ def set_threads(threads: int) -> None:
     """Compute threads for both torch and duskpool's own kernels."""
     torch.set_num_threads(threads)
     lib = kernels.library()
-    if lib is not None and hasattr(lib, "dp_set_threads"):
+    if lib is not None:
         lib.dp_set_threads(threads)
 
 
@@ -91,4 +91,4 @@ class LocalEngine(Engine):
         return LocalSession(self.model, capacity)
 
 
-__all__ = ["DEFAULT_CONTEXT", "Engine", "KVCache", "LocalEngine", "LocalSession", "Session", "set_threads"]
+__all__ = ["DEFAULT_CONTEXT", "Engine", "LocalEngine", "LocalSession", "Session", "set_threads"]
