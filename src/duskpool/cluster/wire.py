@@ -21,9 +21,12 @@ def from_wire(message: pb.Hidden, dim: int, max_tokens: int) -> torch.Tensor:
         raise ValueError(f"hidden state shape {list(message.shape)} is not [1..{max_tokens}, {dim}]")
     dtype = DTYPES[message.dtype]
     expected = message.shape[0] * dim * dtype.itemsize
-    if len(message.data) != expected:
-        raise ValueError(f"hidden state has {len(message.data)} bytes; its shape and dtype need {expected}")
-    hidden = torch.frombuffer(bytearray(message.data), dtype=dtype).view(*message.shape).float()
-    if not torch.isfinite(hidden).all():
+    data = message.data
+    if len(data) != expected:
+        raise ValueError(f"hidden state has {len(data)} bytes; its shape and dtype need {expected}")
+    hidden = torch.frombuffer(bytearray(data), dtype=dtype).view(message.shape[0], dim)
+    if dtype != torch.float32:
+        hidden = hidden.float()
+    if not hidden.isfinite().all():
         raise ValueError("hidden state contains NaN or Inf")
     return hidden
