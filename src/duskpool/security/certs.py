@@ -1,0 +1,104 @@
+"""Keys, certificates and the identity files a node or gateway keeps.
+
+Every key is EC P-256: small certificates, fast handshakes, supported by gRPC's BoringSSL everywhere.
+A certificate's fingerprint is the sha256 hex of its DER bytes; it names a member and pins the CA.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+NODE_NAME = "duskpool-node"  # DNS SAN in every member certificate; the name channels check (nodes are reached by IP)
+GATEWAY_NAME = "duskpool-gateway"  # DNS SAN only the gateway's certificate has; the join client checks it
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def fingerprint(cert: x509.Certificate | bytes) -> str:
+    """sha256 hex of the DER encoding; accepts a certificate object or its PEM bytes."""
+    if isinstance(cert, bytes):
+        cert = x509.load_pem_x509_certificate(cert)
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, name: str) -> bytes:
+    """A CSR for `name`; the gateway decides everything else (SANs, usages, validity)."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    return x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256()).public_bytes(
+        serialization.Encoding.PEM)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret so that it is never readable by others, not even for an instant (created 0600).
+
+    Refuses to overwrite: a key that exists is someone's identity. Callers replace one with `os.replace`.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """What a member needs for mutual TLS: its certificate and key, and the pool's CA certificate (all PEM)."""
+    cert_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+    member_id: int
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.cert_pem)
+
+    def __repr__(self) -> str:  # never print the key
+        return f"NodeIdentity(member_id={self.member_id}, fingerprint={self.fingerprint[:16]}…)"
+
+
+IDENTITY_FILES = ("node.crt", "node.key", "ca.crt", "member.json")
+
+
+def save_identity(identity: NodeIdentity, directory: Path) -> None:
+    """Write the identity into `directory` (0700); the key file is 0600. Replaces an older identity."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_path = directory / "node.key"
+    tmp = directory / "node.key.tmp"
+    tmp.unlink(missing_ok=True)
+    write_private(tmp, identity.key_pem)
+    os.replace(tmp, key_path)
+    (directory / "node.crt").write_bytes(identity.cert_pem)
+    (directory / "ca.crt").write_bytes(identity.ca_pem)
+    (directory / "member.json").write_text(json.dumps({"member_id": identity.member_id}) + "\n")
+
+
+def load_identity(directory: Path) -> NodeIdentity:
+    """Read what `save_identity` wrote; refuses a key file that others can read."""
+    directory = Path(directory)
+    missing = [n for n in IDENTITY_FILES if not (directory / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"no node identity in {directory} (missing {', '.join(missing)}): join the pool first")
+    key_path = directory / "node.key"
+    mode = key_path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise PermissionError(f"{key_path} has mode {mode:o}; a private key must be 600 (chmod 600 {key_path})")
+    return NodeIdentity(cert_pem=(directory / "node.crt").read_bytes(), key_pem=key_path.read_bytes(),
+                        ca_pem=(directory / "ca.crt").read_bytes(),
+                        member_id=int(json.loads((directory / "member.json").read_text())["member_id"]))

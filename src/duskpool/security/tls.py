@@ -1,0 +1,103 @@
+"""Mutual TLS for gRPC between pool members, and the per-call revocation check.
+
+Every member certificate carries the DNS name NODE_NAME; nodes are dialled by IP, so channels
+override the name they check with NODE_CHANNEL_OPTIONS. What authenticates a peer is the CA
+signature (gRPC checks it in the handshake, both ways); what ends a member is revocation, which
+TLS cannot know about, so servers add RevocationInterceptor.
+"""
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from duskpool.security.certs import GATEWAY_NAME, NODE_NAME, fingerprint
+
+log = logging.getLogger("duskpool.security")
+
+# pass these (plus your own) to grpc.secure_channel when dialling a member / the gateway's join port
+NODE_CHANNEL_OPTIONS: list[tuple[str, Any]] = [("grpc.ssl_target_name_override", NODE_NAME)]
+GATEWAY_CHANNEL_OPTIONS: list[tuple[str, Any]] = [("grpc.ssl_target_name_override", GATEWAY_NAME)]
+
+
+def server_credentials(cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> grpc.ServerCredentials:
+    """A server that only talks to clients holding a certificate from the pool's CA."""
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True)
+
+
+def channel_credentials(cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> grpc.ChannelCredentials:
+    """A client that presents its certificate and only trusts servers certified by the pool's CA."""
+    return grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem)
+
+
+def peer_certificate(context: grpc.ServicerContext) -> bytes | None:
+    """The verified client certificate (PEM) of this call, or None on a connection without one."""
+    certs = context.auth_context().get("x509_pem_cert")
+    return certs[0] if certs else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _fingerprint_of_pem(pem: bytes) -> str:
+    return fingerprint(pem)
+
+
+def peer_fingerprint(context: grpc.ServicerContext) -> str | None:
+    """The peer's identity: sha256 hex of its certificate, as PoolState records it; None if it showed none."""
+    pem = peer_certificate(context)
+    return _fingerprint_of_pem(pem) if pem else None
+
+
+class RevocationInterceptor(grpc.ServerInterceptor):
+    """Refuses every call from a revoked certificate with PERMISSION_DENIED, and logs why.
+
+    An interceptor sees only the method name, not the peer, so it wraps the method's handler: the check
+    runs in the handler's thread with the call's ServicerContext, before the servicer sees the request.
+    Streams are checked when they open. `is_revoked` gets the peer's fingerprint; it is called on every
+    call, so it should be cheap (a set lookup on nodes, PoolState.is_revoked on the gateway).
+    """
+
+    def __init__(self, is_revoked: Callable[[str], bool]):
+        self.is_revoked = is_revoked
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+                          handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self._checked(handler.unary_unary, method),
+                                                       handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(self._checked(handler.unary_stream, method),
+                                                        handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(self._checked(handler.stream_unary, method),
+                                                        handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(self._checked(handler.stream_stream, method),
+                                                     handler.request_deserializer, handler.response_serializer)
+
+    def _checked(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable:
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            self.check(context, method)
+            return behavior(request, context)
+        return checked
+
+    def check(self, context: grpc.ServicerContext, method: str = "") -> None:
+        """Abort the call unless its peer shows a certificate that is not revoked."""
+        fp = peer_fingerprint(context)
+        if fp is None:
+            log.warning("refused %s from %s: no client certificate", method, context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate from the pool is required")
+        try:
+            revoked = self.is_revoked(fp)
+        except Exception:  # fail closed: a broken revocation list must not let a revoked member in
+            log.exception("refused %s from %s: revocation check failed", method, context.peer())
+            revoked = None
+        if revoked is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "revocation check failed")
+        if revoked:
+            log.warning("refused %s from %s: certificate %s is revoked", method, context.peer(), fp)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
