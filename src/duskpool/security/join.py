@@ -153,17 +153,15 @@ def join(token_text: str, gateway: str, name: str, node_address: str | None = No
     request = {"token": token.secret, "csr": make_csr(key, name).decode(), "name": name, "address": node_address}
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
     with grpc.secure_channel(gateway, credentials, options=GATEWAY_CHANNEL_OPTIONS) as channel:
-        try:
-            grpc.channel_ready_future(channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise JoinError(f"no TLS connection to {gateway} within {timeout:.0f} s: the server there does not hold "
-                            "a gateway certificate from the token's pool, or it went away") from None
         call = channel.unary_unary(METHOD, request_serializer=_encode, response_deserializer=_decode)
-        try:
+        try:  # not wait_for_ready: a handshake the pin refuses fails at once, with its reason
             reply = call(request, timeout=timeout)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.PERMISSION_DENIED:
                 raise JoinRefused(e.details()) from None
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise JoinError(f"no TLS connection to {gateway}: the server there does not hold a gateway "
+                                f"certificate from the token's pool, or it went away ({e.details()})") from None
             raise JoinError(f"join at {gateway} failed: {e.code().name}: {e.details()}") from None
     try:
         cert_pem = reply["cert"].encode()

@@ -224,6 +224,8 @@ class PoolState:
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         """One connection in autocommit mode; callers that need atomicity say BEGIN IMMEDIATE themselves."""
+        if not self.exists:
+            raise FileNotFoundError(f"no pool in {self.state_dir}: run `duskpool init` first")
         conn = sqlite3.connect(self.db_path, timeout=10.0, isolation_level=None)
         try:
             conn.executescript(SCHEMA)
