@@ -51,8 +51,8 @@ class CAMismatch(JoinError):
 def _decode(data: bytes) -> Any:
     try:
         return json.loads(data)
-    except ValueError:  # a bad body becomes INVALID_ARGUMENT in the handler, not a deserializer INTERNAL
-        return None
+    except ValueError:  # {}, not None (which gRPC answers with INTERNAL): the handler says INVALID_ARGUMENT
+        return {}
 
 
 def _encode(message: dict) -> bytes:

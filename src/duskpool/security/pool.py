@@ -169,6 +169,7 @@ class PoolState:
         self.db_path = self.state_dir / "pool.db"
         self._ca_cert: x509.Certificate | None = None
         self._ca_key: ec.EllipticCurvePrivateKey | None = None
+        self._schema_ready = False
 
     @property
     def exists(self) -> bool:
@@ -228,7 +229,9 @@ class PoolState:
             raise FileNotFoundError(f"no pool in {self.state_dir}: run `duskpool init` first")
         conn = sqlite3.connect(self.db_path, timeout=10.0, isolation_level=None)
         try:
-            conn.executescript(SCHEMA)
+            if not self._schema_ready:
+                conn.executescript(SCHEMA)
+                self._schema_ready = True
             yield conn
         finally:
             conn.close()
