@@ -28,7 +28,8 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None,
-                        help="path to a GGUF model file (default: the bundled SmolLM2-135M-Instruct)")
+                        help="a GGUF file, or a name `duskpool models` lists, such as llama3.2:3b from Ollama "
+                             "(default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--context", type=int, default=None,
                         help="context length of a session in tokens (default: 4096 or the model's, if less)")
 
@@ -45,6 +46,21 @@ def _add_route_flags(parser: argparse.ArgumentParser) -> None:
                         help="last K layers run on this machine, next to the head (default: 1)")
     parser.add_argument("--routing", choices=["ring", "star"], default="ring",
                         help="ring: each node pushes to the next (default); star: every hop via the gateway")
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    from duskpool.api import DEFAULT_PORT  # the package alone: FastAPI's import would slow --help
+
+    g = parser.add_argument_group("HTTP API (OpenAI and Ollama compatible, dashboard at /)")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on (default: 127.0.0.1); any other needs an API key")
+    g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to serve on (default: {DEFAULT_PORT})")
+    g.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="a key clients must send as 'Authorization: Bearer KEY' (repeatable; "
+                        "or set DUSKPOOL_API_KEY)")
+    g.add_argument("--max-sessions", type=int, default=4, help="generations served at once (default: 4)")
+    g.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait for a slot; more get 429 (default: 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_route_flags(swarm)
     _add_threads_flag(swarm)
     _add_generation_flags(swarm)
+    _add_serve_flags(swarm)
     swarm.set_defaults(handler=cmd_swarm)
+
+    serve = commands.add_parser(
+        "serve", help="serve the OpenAI and Ollama APIs and the dashboard",
+        description="Serve a model over HTTP: OpenAI's /v1/chat/completions, /v1/completions, /v1/models; "
+                    "Ollama's /api/chat, /api/generate, /api/tags, /api/show, /api/ps; a live dashboard at /; "
+                    "Prometheus metrics at /metrics. Without --node the model runs in this process.")
+    serve.add_argument("--node", action="append", default=[], metavar="HOST:PORT",
+                       help="a node to spread the model over (repeatable); without any, run it here")
+    _add_model_flags(serve)
+    _add_route_flags(serve)
+    _add_threads_flag(serve)
+    _add_serve_flags(serve)
+    serve.set_defaults(handler=cmd_serve)
 
     gateway = commands.add_parser(
         "gateway", help="drive a model over nodes on the network",
@@ -108,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--no-announce", action="store_true", help="do not announce this node by mDNS")
     _add_threads_flag(node)
     node.set_defaults(handler=cmd_node)
+
+    models = commands.add_parser(
+        "models", help="list the GGUF models already on this machine",
+        description="List the GGUF models of Ollama (~/.ollama/models), LM Studio (~/.lmstudio/models, "
+                    "~/.cache/lm-studio/models), the Hugging Face cache and the bundled default. --model "
+                    "accepts the names in the first column.")
+    models.set_defaults(handler=cmd_models)
 
     plan = commands.add_parser(
         "plan", help="show how a model would be split over nodes, and why",
@@ -171,6 +208,42 @@ def _wait_for_ctrl_c(what: str) -> int:
         return 0
 
 
+def _api_keys(args: argparse.Namespace) -> list[str]:
+    keys = list(args.api_key)
+    if os.environ.get("DUSKPOOL_API_KEY"):
+        keys.append(os.environ["DUSKPOOL_API_KEY"])
+    return keys
+
+
+def _model_name(model: str | None, path: Path) -> str:
+    """What the APIs call the model: the name it was asked by (`duskpool models` names), else the file's stem."""
+    from duskpool.weights.catalog import BUNDLED_NAME
+
+    if model is None:
+        return BUNDLED_NAME
+    return path.stem if Path(model).expanduser().exists() else model
+
+
+def _serve(engine, args: argparse.Namespace) -> int:
+    from duskpool.api.server import serve
+    from duskpool.api.service import Service
+    from duskpool.weights.catalog import resolve_model
+
+    path = resolve_model(args.model)
+    service = Service(engine, _model_name(args.model, path), path, max_active=args.max_sessions,
+                      max_queue=args.max_queue)
+
+    def ready(url: str) -> None:
+        print(f"duskpool: serving {service.model_name} at {url}  (dashboard: {url}/, OpenAI: {url}/v1, "
+              f"Ollama: {url}/api); Ctrl-C stops", file=sys.stderr, flush=True)
+
+    try:
+        serve(service, args.host, args.port, _api_keys(args), on_ready=ready)
+    finally:
+        service.close()
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from duskpool.engine.runner import LocalEngine
     from duskpool.weights.catalog import resolve_model
@@ -206,10 +279,13 @@ def _placement(gateway) -> str:
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
+    from duskpool.api.server import check_bind
     from duskpool.cluster.swarm import LocalSwarm
 
     if args.prompt is not None:
         _generation_params(args)
+    else:
+        check_bind(args.host, _api_keys(args))  # before minutes of starting nodes, not after
     _set_threads(args)
     print(f"duskpool: starting {args.nodes} local node(s)", file=sys.stderr)
     with LocalSwarm(args.nodes, threads=args.threads) as swarm:
@@ -217,7 +293,7 @@ def cmd_swarm(args: argparse.Namespace) -> int:
         gateway = _start_gateway(args, swarm.addresses, even_split=True)
         try:
             if args.prompt is None:
-                return _wait_for_ctrl_c(f"local pool of {args.nodes} node(s) is up")
+                return _serve(gateway, args)
             return _answer(gateway, args)
         finally:
             gateway.close()
@@ -244,6 +320,26 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         gateway.close()
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from duskpool.api.server import check_bind
+    from duskpool.engine.runner import LocalEngine
+    from duskpool.weights.catalog import resolve_model
+
+    check_bind(args.host, _api_keys(args))
+    _set_threads(args)
+    if args.node:
+        engine = _start_gateway(args, args.node)
+    else:
+        path = resolve_model(args.model)
+        print(f"duskpool: loading {path}", file=sys.stderr)
+        engine = LocalEngine.load(path, args.context)
+    try:
+        return _serve(engine, args)
+    finally:
+        if args.node:
+            engine.close()
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from duskpool.cluster.node import serve
     from duskpool.weights.store import default_cache_dir
@@ -255,6 +351,13 @@ def cmd_node(args: argparse.Namespace) -> int:
         serve(args.host, args.port, cache_dir, limit, announce=not args.no_announce)
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from duskpool.weights.catalog import find_models, format_models
+
+    print(format_models(find_models()))
     return 0
 
 

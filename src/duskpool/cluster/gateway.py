@@ -132,6 +132,7 @@ class Gateway(Engine):
         self.tokenizer = load_tokenizer(self.file)
         self.context_length = min(context_length or DEFAULT_CONTEXT, self.config.context_length)
         self.weight_bytes_sent = 0
+        self.hidden_bytes_sent = 0  # activations the gateway sent (prefix outputs; in star, every hop's input)
         self._pending: dict[tuple[str, int], Future] = {}
         self._pending_lock = threading.Lock()
         self._broken: str | None = None  # why the route cannot serve, once a node on it is gone
@@ -228,6 +229,7 @@ class Gateway(Engine):
         request = pb.ForwardRequest(session_id=session_id, step=step, position=position, context=context,
                                     hidden=wire.to_wire(hidden), model_hash=self.model_hash, route=route)
         self._pushers.get(route[0].address).send(request)
+        self.hidden_bytes_sent += len(request.hidden.data)
         try:
             return future.result(timeout=STEP_TIMEOUT_S)
         except FutureTimeout:
@@ -276,6 +278,14 @@ class Gateway(Engine):
         self._broken = (f"node {stage.node_id} at {stage.address} (layers [{stage.start}, {stage.stop})) is gone "
                         f"({reason})")
         self._fail_all(self._broken)
+
+    @property
+    def broken(self) -> str | None:
+        """Why the route can no longer serve (a node on it is gone), or None while it can."""
+        return self._broken
+
+    def node_info(self, address: str, timeout: float = 2.0) -> pb.NodeInfo:
+        return self._client_at[address].stub.Info(pb.InfoRequest(), timeout=timeout)
 
     # --- sessions ---------------------------------------------------------------------------------
     def open_session(self, capacity: int) -> "RemoteSession":

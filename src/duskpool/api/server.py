@@ -1,0 +1,210 @@
+"""The gateway's HTTP face: OpenAI and Ollama APIs, the live dashboard at /, Prometheus /metrics.
+
+Errors come in the shape of the API that was called: OpenAI's `{"error": {"message", "type", "code"}}`
+under /v1, Ollama's `{"error": "..."}` elsewhere.
+"""
+
+import asyncio
+import hmac
+import ipaddress
+import json
+from collections.abc import Callable
+from importlib.resources import files
+
+import prometheus_client as prom
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from duskpool import __version__
+from duskpool.api import DEFAULT_PORT, ollama, openai
+from duskpool.api.service import Overloaded, RequestError, Service
+from duskpool.cluster.gateway import RouteError
+from duskpool.models import ContextOverflowError
+
+MAX_BODY_BYTES = 4 * 2**20  # far above any prompt a context holds
+DASHBOARD_PERIOD_S = 1.0
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+
+
+def error_response(request: Request, status: int, message: str, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    if request.url.path.startswith("/v1"):
+        body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "code": code,
+                          "param": None}}
+    else:
+        body = {"error": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """Refuses bodies over `limit` bytes with 413, whether or not the client declared their length; reads
+    every body as JSON."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        # `curl -d` and some clients label JSON as a form; both APIs read the body as JSON whatever its label
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + \
+            [(b"content-type", b"application/json")]
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send):
+        request = Request(scope, receive)
+        response = error_response(request, 413, f"the request body is over {self.limit // 2**20} MiB",
+                                  "request_too_large")
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def create_app(service: Service, check_key: Callable[[str], bool] | None = None) -> FastAPI:
+    """The ASGI app. With `check_key`, every request but the dashboard's page itself needs
+    `Authorization: Bearer KEY` for which it returns True."""
+    app = FastAPI(title="duskpool", version=__version__,
+                  description="OpenAI- and Ollama-compatible API over a pool of machines")
+    app.state.service = service
+    app.include_router(openai.router)
+    app.include_router(ollama.router)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if check_key is not None and request.url.path != "/":
+            scheme, _, key = request.headers.get("authorization", "").partition(" ")
+            if request.url.path.startswith("/dashboard/") and not key:  # EventSource cannot send headers
+                scheme, key = "bearer", request.query_params.get("key", "")
+            if scheme.lower() != "bearer" or not check_key(key.strip()):
+                return error_response(request, 401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                                      "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError):
+        return error_response(request, e.status, e.message, e.code)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, e: Overloaded):
+        return error_response(request, e.status, str(e), "overloaded", {"Retry-After": str(e.retry_after)})
+
+    @app.exception_handler(RouteError)
+    async def route_error(request: Request, e: RouteError):
+        return error_response(request, 503, f"the pool cannot serve right now: {e}", "pool_unavailable",
+                              {"Retry-After": "5"})
+
+    @app.exception_handler(ContextOverflowError)
+    async def context_overflow(request: Request, e: ContextOverflowError):
+        return error_response(request, 400, str(e), "context_length_exceeded")
+
+    @app.exception_handler(ValueError)
+    async def bad_value(request: Request, e: ValueError):
+        return error_response(request, 400, str(e), "invalid_request")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = "the body is not valid JSON" if first.get("type") == "json_invalid" else \
+            f"{where or 'body'}: {first.get('msg', 'invalid')}"
+        return error_response(request, 400, message, "invalid_request")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return error_response(request, e.status_code, str(e.detail), None, e.headers)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard():
+        return files("duskpool.api").joinpath("static/dashboard.html").read_text()
+
+    @app.get("/dashboard/state")
+    async def state(request: Request):
+        return request.app.state.service.snapshot()
+
+    @app.get("/dashboard/events", include_in_schema=False)
+    async def events(request: Request):
+        async def stream():
+            while not await request.is_disconnected():
+                yield f"data: {json.dumps(service.snapshot())}\n\n"
+                await asyncio.sleep(DASHBOARD_PERIOD_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(prom.generate_latest(service.metrics.registry), media_type=prom.CONTENT_TYPE_LATEST)
+
+    @app.get("/health")
+    async def health():
+        gateway = service.gateway
+        broken = gateway.broken if gateway is not None else None
+        return JSONResponse({"status": "unavailable" if broken else "ok", "reason": broken},
+                            status_code=503 if broken else 200)
+
+    return BodyLimit(app)
+
+
+def check_bind(host: str, api_keys: list[str]) -> None:
+    """Off loopback, an API key is required: anyone on the network could otherwise use the pool."""
+    if not is_loopback(host) and not api_keys:
+        raise ValueError(f"serving on {host} (not loopback) needs an API key: make one with `duskpool key create` "
+                         "or pass --api-key KEY (or set DUSKPOOL_API_KEY); or serve on 127.0.0.1")
+
+
+def key_checker(api_keys: list[str]) -> Callable[[str], bool] | None:
+    if not api_keys:
+        return None
+    encoded = [k.encode() for k in api_keys]
+    # compare with every key, in constant time for each, so timing does not tell which matched
+    return lambda given: sum(hmac.compare_digest(given.encode(), k) for k in encoded) > 0
+
+
+def serve(service: Service, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_keys: list[str] = (),
+          on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve until interrupted."""
+    check_bind(host, list(api_keys))
+    app = create_app(service, key_checker(list(api_keys)))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+    server = uvicorn.Server(config)
+    if on_ready is not None:
+        shown = f"[{host}]" if ":" in host else host
+        original = server.startup
+
+        async def startup(sockets=None):
+            await original(sockets)
+            if server.started:
+                on_ready(f"http://{shown}:{server.servers[0].sockets[0].getsockname()[1]}")
+
+        server.startup = startup
+    server.run()
