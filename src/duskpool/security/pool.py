@@ -258,6 +258,8 @@ class PoolState:
         """
         csr = self._check_csr(csr_pem)
         _check_name(name)
+        if address is not None and len(address) > 255:
+            raise ValueError("member address is longer than 255 characters")
         now = time.time()
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
