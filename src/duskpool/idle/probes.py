@@ -3,7 +3,7 @@
 Each source is read by a pure parser over the text a real tool prints (or a sysfs tree under a root we
 are given), so the tests run on recorded outputs; `probe()` is the one place that runs commands.
 
-macOS: `ioreg -c IOHIDSystem` (HIDIdleTime, ns since the last keyboard/mouse/trackpad input),
+macOS: `ioreg -c IOHIDSystem -r -d 1` (HIDIdleTime, ns since the last keyboard/mouse/trackpad input),
        `pmset -g batt` (power source, battery %), `pmset -g therm` (CPU_Speed_Limit, warning levels),
        `ioreg -n IODisplayWrangler -r -d 1` (display power state: below its maximum = dimmed or asleep).
 Linux: logind sessions through `loginctl` (IdleHint / IdleSinceHint of local seat sessions),
@@ -39,7 +39,10 @@ class MachineState:
 
 
 def parse_hid_idle(text: str) -> float | None:
-    """Seconds since the last HID input, from `ioreg -c IOHIDSystem` (the first `"HIDIdleTime" = <ns>`)."""
+    """Seconds since the last HID input, from `ioreg -c IOHIDSystem [-r -d 1]`: the first `"HIDIdleTime" = <ns>`.
+
+    Only the property line matches (`= ` with spaces); a dict entry would print as `"HIDIdleTime"=<ns>`.
+    """
     m = re.search(r'"HIDIdleTime" = (\d+)', text)
     return int(m.group(1)) / 1e9 if m else None
 
@@ -205,7 +208,8 @@ def probe_macos(run: Runner = run_command) -> MachineState:
     on_ac, percent = parse_pmset_batt(run(["pmset", "-g", "batt"]) or "")
     speed, warning = parse_pmset_therm(run(["pmset", "-g", "therm"]) or "")
     return MachineState(
-        idle_seconds=parse_hid_idle(run(["ioreg", "-c", "IOHIDSystem"]) or ""),
+        # -r -d 1: print only the IOHIDSystem node, not the whole registry tree that plain `ioreg -c` prints
+        idle_seconds=parse_hid_idle(run(["ioreg", "-c", "IOHIDSystem", "-r", "-d", "1"]) or ""),
         on_ac=on_ac, battery_percent=percent, cpu_speed_limit=speed, thermal_warning=warning,
         display_asleep=parse_display_wrangler(run(["ioreg", "-n", "IODisplayWrangler", "-r", "-d", "1"]) or ""))
 
