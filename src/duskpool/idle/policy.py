@@ -107,7 +107,7 @@ def _parse_days(text: str, spec: str) -> frozenset[int]:
 def parse_window(spec: str) -> Window:
     """"mon-fri 22:00-07:00", "sat,sun 00:00-24:00", "daily 09:00-17:00", or just "22:00-07:00" (every day)."""
     words = spec.strip().lower().split()
-    if len(words) not in (1, 2) or words[-1].count("-") != 1:
+    if len(words) not in (1, 2) or not re.fullmatch(r"[\d:]+-[\d:]+", words[-1]):
         raise ValueError(f"bad window {spec!r}: expected [days] HH:MM-HH:MM, e.g. 'mon-fri 22:00-07:00'")
     start, end = (_parse_time(t, spec) for t in words[-1].split("-"))
     days = _parse_days(words[0], spec) if len(words) == 2 else frozenset(range(7))
