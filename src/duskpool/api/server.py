@@ -40,46 +40,59 @@ def error_response(request: Request, status: int, message: str, code: str | None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class BodyLimit:
-    """Refuses bodies over `limit` bytes with 413, whether or not the client declared their length; reads
-    every body as JSON."""
+class Gatekeeper:
+    """In front of the app (plain ASGI, so that a client's disconnect still reaches the handlers):
+    - with `check_key`, every request but the dashboard page needs `Authorization: Bearer KEY`;
+    - the whole body is read first, and one over `limit` bytes is refused with 413, whether or not the
+      client declared its length;
+    - every body is read as JSON, whatever its label."""
 
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
-        self.app, self.limit = app, limit
+    def __init__(self, app, check_key: Callable[[str], bool] | None, limit: int = MAX_BODY_BYTES):
+        self.app, self.check_key, self.limit = app, check_key, limit
+
+    def _authorized(self, request: Request) -> bool:
+        if self.check_key is None or request.url.path == "/":
+            return True
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if request.url.path.startswith("/dashboard/") and not key:  # EventSource cannot send headers
+            scheme, key = "bearer", request.query_params.get("key", "")
+        return scheme.lower() == "bearer" and self.check_key(key.strip())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        # `curl -d` and some clients label JSON as a form; both APIs read the body as JSON whatever its label
+        if not self._authorized(Request(scope)):
+            response = error_response(Request(scope), 401, "missing or wrong API key (send Authorization: "
+                                      "Bearer KEY)", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        # `curl -d` and some clients label JSON as a form; both APIs read the body as JSON
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + \
             [(b"content-type", b"application/json")]
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
-        received = 0
-
-        async def counting_receive():
-            nonlocal received
+        too_large = declared is not None and declared.isdigit() and int(declared) > self.limit
+        body, more = bytearray(), not too_large
+        while more:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise _TooLarge
-            return message
+            if message["type"] != "http.request":
+                return  # the client left before it finished sending
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            too_large = len(body) > self.limit
+            more = more and not too_large
+        if too_large:
+            response = error_response(Request(scope), 413, f"the request body is over {self.limit // 2**20} MiB",
+                                      "request_too_large", {"Connection": "close"})
+            return await response(scope, receive, send)
+        replayed = False
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # from here on: only the disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
 
-    async def _refuse(self, scope, receive, send):
-        request = Request(scope, receive)
-        response = error_response(request, 413, f"the request body is over {self.limit // 2**20} MiB",
-                                  "request_too_large")
-        await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def is_loopback(host: str) -> bool:
@@ -99,17 +112,6 @@ def create_app(service: Service, check_key: Callable[[str], bool] | None = None)
     app.state.service = service
     app.include_router(openai.router)
     app.include_router(ollama.router)
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if check_key is not None and request.url.path != "/":
-            scheme, _, key = request.headers.get("authorization", "").partition(" ")
-            if request.url.path.startswith("/dashboard/") and not key:  # EventSource cannot send headers
-                scheme, key = "bearer", request.query_params.get("key", "")
-            if scheme.lower() != "bearer" or not check_key(key.strip()):
-                return error_response(request, 401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                                      "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError):
@@ -172,7 +174,7 @@ def create_app(service: Service, check_key: Callable[[str], bool] | None = None)
         return JSONResponse({"status": "unavailable" if broken else "ok", "reason": broken},
                             status_code=503 if broken else 200)
 
-    return BodyLimit(app)
+    return Gatekeeper(app, check_key)
 
 
 def check_bind(host: str, api_keys: list[str]) -> None:
