@@ -65,7 +65,8 @@ def main() -> None:
     with LocalSwarm(args.max_stages, threads=args.threads) as swarm:
         for stages in range(1, args.max_stages + 1):
             for routing in ("ring", "star"):
-                gateway = Gateway(model, swarm.addresses[:stages], routing=routing, even_split=True, progress=False)
+                gateway = Gateway(model, swarm.addresses[:stages],
+                                  identity=swarm.gateway_identity, routing=routing, even_split=True, progress=False)
                 try:
                     measure(gateway, prompt, 8)
                     ttft, rate = measure(gateway, prompt, args.tokens)
@@ -89,7 +90,7 @@ def main() -> None:
         with Hosts(args.max_stages) as hosts, LocalSwarm(
                 args.max_stages, threads=args.threads, hosts=[hosts.address(i) for i in range(args.max_stages)],
                 prefixes=[hosts.exec_prefix(i) for i in range(args.max_stages)]) as swarm:
-            gateway = Gateway(model, swarm.addresses, even_split=True, progress=False)
+            gateway = Gateway(model, swarm.addresses, identity=swarm.gateway_identity, even_split=True, progress=False)
             try:
                 measure(gateway, prompt, 8)
                 ttft, rate = measure(gateway, prompt, args.tokens)

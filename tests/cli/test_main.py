@@ -74,6 +74,7 @@ def test_plan_explains_the_placement(capsys, tmp_path):
     from duskpool.cluster.swarm import LocalSwarm
 
     with LocalSwarm(2, cache_root=tmp_path) as swarm:
-        code, out, _ = run_cli(capsys, "plan", "--node", swarm.addresses[0], "--node", swarm.addresses[1])
+        code, out, _ = run_cli(capsys, "plan", "--node", swarm.addresses[0], "--node", swarm.addresses[1],
+                               "--state-dir", str(swarm.pool.pool.state_dir))
     assert code == 0
     assert "ms/token" in out and "gateway" in out

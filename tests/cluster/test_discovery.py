@@ -19,7 +19,7 @@ def test_a_node_on_the_lan_is_found_by_browsing(tmp_path):
         pytest.skip(reason)
     with Hosts(1) as hosts:
         node = subprocess.Popen([*hosts.exec_prefix(0), sys.executable, "-m", "duskpool.cli.main", "node",
-                                 "--host", hosts.address(0), "--port", "0", "--cache-dir", str(tmp_path)],
+                                 "--host", hosts.address(0), "--port", "0", "--cache-dir", str(tmp_path), "--insecure"],
                                 stdout=subprocess.PIPE, text=True)
         try:
             address = READY.search(node.stdout.readline()).group(1)

@@ -8,6 +8,21 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 DEFAULT_NODE_PORT = 7471
+DEFAULT_JOIN_PORT = 7472
+INSECURE_WARNING = ("duskpool: WARNING: --insecure: links between machines are plaintext and unauthenticated; "
+                    "anyone on the network can join this pool or read its activations. For debugging only.")
+
+
+def _home() -> Path:
+    """Where duskpool keeps its state: the pool's CA and members (gateway), the node's identity."""
+    return Path(os.environ.get("DUSKPOOL_HOME") or Path.home() / ".duskpool").expanduser()
+
+
+def _add_security_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", default=None, metavar="DIR",
+                        help="the pool's state: CA, members, tokens (default: $DUSKPOOL_HOME/pool, ~/.duskpool/pool)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plaintext, unauthenticated links between machines (debugging only)")
 
 
 def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("prompt", nargs="?", default=None, help="the user message; '-' reads it from stdin")
     swarm.add_argument("--nodes", "-n", type=int, default=3, help="node processes to start (default: 3)")
     swarm.add_argument("--system", default=None, help="a system message to put before the prompt")
+    swarm.add_argument("--insecure", action="store_true",
+                       help="plaintext links between the local nodes (debugging only; by default the swarm makes "
+                            "a throwaway pool and uses mutual TLS like any pool)")
     _add_model_flags(swarm)
     _add_route_flags(swarm)
     _add_threads_flag(swarm)
@@ -104,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Prometheus metrics at /metrics. Without --node the model runs in this process.")
     serve.add_argument("--node", action="append", default=[], metavar="HOST:PORT",
                        help="a node to spread the model over (repeatable); without any, run it here")
+    serve.add_argument("--join-port", type=int, default=DEFAULT_JOIN_PORT,
+                       help=f"with --node: port where nodes join with a token (default: {DEFAULT_JOIN_PORT})")
+    _add_security_flags(serve)
     _add_model_flags(serve)
     _add_route_flags(serve)
     _add_threads_flag(serve)
@@ -118,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--node", action="append", default=[], metavar="HOST:PORT",
                          help="a node to use (repeatable); without any, nodes are found by mDNS on the LAN")
     gateway.add_argument("--system", default=None, help="a system message to put before the prompt")
+    gateway.add_argument("--join-port", type=int, default=DEFAULT_JOIN_PORT,
+                         help=f"port where nodes join with a token (default: {DEFAULT_JOIN_PORT})")
+    _add_security_flags(gateway)
     _add_model_flags(gateway)
     _add_route_flags(gateway)
     _add_threads_flag(gateway)
@@ -136,8 +160,37 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--memory-limit", default=None, metavar="SIZE",
                       help="most memory to lend, e.g. 8G or 512M (default: what is free)")
     node.add_argument("--no-announce", action="store_true", help="do not announce this node by mDNS")
+    node.add_argument("--join", default=None, metavar="TOKEN@HOST:PORT",
+                      help="join the pool of the gateway at HOST:PORT with a token from its `duskpool token`")
+    node.add_argument("--identity", default=None, metavar="DIR",
+                      help="this node's certificate and key (default: $DUSKPOOL_HOME/node, ~/.duskpool/node)")
+    node.add_argument("--insecure", action="store_true",
+                      help="plaintext, unauthenticated links (debugging only)")
     _add_threads_flag(node)
     node.set_defaults(handler=cmd_node)
+
+    init = commands.add_parser(
+        "init", help="create this gateway's pool: its certificate authority and member list",
+        description="Create the pool's certificate authority and state (SQLite) in --state-dir. Nodes join "
+                    "with tokens from `duskpool token`; every link in the pool is then mutual TLS.")
+    init.add_argument("--state-dir", default=None, metavar="DIR", help="default: $DUSKPOOL_HOME/pool")
+    init.set_defaults(handler=cmd_init)
+
+    token = commands.add_parser(
+        "token", help="print a single-use join token for one node",
+        description="Print a short-lived, single-use token. On the machine to add: "
+                    "duskpool node --join TOKEN@THIS_HOST:7472")
+    token.add_argument("--ttl", default="10m", help="how long the token is valid, e.g. 10m, 1h (default: 10m)")
+    token.add_argument("--state-dir", default=None, metavar="DIR", help="default: $DUSKPOOL_HOME/pool")
+    token.set_defaults(handler=cmd_token)
+
+    nodes = commands.add_parser("nodes", help="list the pool's members, or revoke one",
+                                description="List the members of this gateway's pool; `nodes revoke ID` ends one: "
+                                            "its connections are refused from then on.")
+    nodes.add_argument("action", nargs="?", choices=["list", "revoke"], default="list")
+    nodes.add_argument("member", nargs="?", type=int, default=None, metavar="ID", help="the member to revoke")
+    nodes.add_argument("--state-dir", default=None, metavar="DIR", help="default: $DUSKPOOL_HOME/pool")
+    nodes.set_defaults(handler=cmd_nodes)
 
     models = commands.add_parser(
         "models", help="list the GGUF models already on this machine",
@@ -151,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask each node for its memory and speed, then print the placement the gateway would use.")
     plan.add_argument("--node", action="append", default=[], metavar="HOST:PORT", help="a node (repeatable)")
     plan.add_argument("--explain", action="store_true", help="print the full table and the reasons (default)")
+    _add_security_flags(plan)
     _add_model_flags(plan)
     _add_route_flags(plan)
     plan.set_defaults(handler=cmd_plan)
@@ -258,13 +312,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _answer(engine, args)
 
 
-def _start_gateway(args: argparse.Namespace, addresses: list[str], even_split: bool = False):
+def _pool(args: argparse.Namespace):
+    """The gateway's pool state, which must exist (`duskpool init`)."""
+    from duskpool.security import PoolState
+
+    pool = PoolState(Path(args.state_dir).expanduser() if args.state_dir else _home() / "pool")
+    if not pool.exists:
+        raise ValueError(f"no pool at {pool.state_dir}: run `duskpool init` first (or pass --insecure to debug "
+                         "without TLS)")
+    return pool
+
+
+def _gateway_security(args: argparse.Namespace):
+    """(identity, pool) of a gateway: its certificate and the pool's state, or (None, None) with --insecure."""
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+        return None, None
+    pool = _pool(args)
+    return pool.gateway_identity(), pool
+
+
+def _start_join_server(pool, port: int):
+    from duskpool.security import start_join_server
+
+    if pool is None:
+        return None
+    server, bound = start_join_server(pool, "0.0.0.0", port)
+    print(f"duskpool: nodes join at port {bound} (`duskpool token` prints a token)", file=sys.stderr)
+    return server
+
+
+def _start_gateway(args: argparse.Namespace, addresses: list[str], identity, pool, even_split: bool = False):
     from duskpool.cluster.gateway import Gateway
     from duskpool.weights.catalog import resolve_model
 
     path = resolve_model(args.model)
     print(f"duskpool: planning {path.name} over {len(addresses)} node(s)", file=sys.stderr)
-    gateway = Gateway(path, addresses, prefix=args.privacy_prefix, suffix=args.privacy_suffix,
+    gateway = Gateway(path, addresses, identity=identity, pool=pool, prefix=args.privacy_prefix,
+                      suffix=args.privacy_suffix,
                       routing=args.routing, context_length=args.context, even_split=even_split,
                       progress=sys.stderr.isatty())
     print(_placement(gateway), file=sys.stderr)
@@ -287,10 +372,13 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     else:
         check_bind(args.host, _api_keys(args))  # before minutes of starting nodes, not after
     _set_threads(args)
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
     print(f"duskpool: starting {args.nodes} local node(s)", file=sys.stderr)
-    with LocalSwarm(args.nodes, threads=args.threads) as swarm:
+    with LocalSwarm(args.nodes, threads=args.threads, insecure=args.insecure) as swarm:
         # local nodes share this machine's CPU, so the swarm splits evenly to show a real pipeline
-        gateway = _start_gateway(args, swarm.addresses, even_split=True)
+        pool = swarm.pool.pool if swarm.pool is not None else None
+        gateway = _start_gateway(args, swarm.addresses, swarm.gateway_identity, pool, even_split=True)
         try:
             if args.prompt is None:
                 return _serve(gateway, args)
@@ -305,19 +393,28 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         _generation_params(args)
     _set_threads(args)
+    identity, pool = _gateway_security(args)
+    join_server = _start_join_server(pool, args.join_port)
     addresses = args.node
     if not addresses:
-        print("duskpool: looking for nodes on the local network (mDNS)...", file=sys.stderr)
-        addresses = browse(timeout=3.0)
-        if not addresses:
-            raise ValueError("no nodes found on the local network; start `duskpool node` or pass --node HOST:PORT")
-    gateway = _start_gateway(args, addresses)
+        print("duskpool: looking for nodes on the local network (mDNS); waiting until one joins or announces "
+              "itself (Ctrl-C stops)", file=sys.stderr)
+        while not (addresses := browse(timeout=3.0)):
+            pass
+    try:
+        gateway = _start_gateway(args, addresses, identity, pool)
+    except BaseException:
+        if join_server is not None:
+            join_server.stop(grace=0)
+        raise
     try:
         if args.prompt is None:
             return _wait_for_ctrl_c("gateway is up")
         return _answer(gateway, args)
     finally:
         gateway.close()
+        if join_server is not None:
+            join_server.stop(grace=0)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -327,8 +424,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     check_bind(args.host, _api_keys(args))
     _set_threads(args)
+    join_server = None
     if args.node:
-        engine = _start_gateway(args, args.node)
+        identity, pool = _gateway_security(args)
+        join_server = _start_join_server(pool, args.join_port)
+        engine = _start_gateway(args, args.node, identity, pool)
     else:
         path = resolve_model(args.model)
         print(f"duskpool: loading {path}", file=sys.stderr)
@@ -338,6 +438,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if args.node:
             engine.close()
+        if join_server is not None:
+            join_server.stop(grace=0)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -347,8 +449,9 @@ def cmd_node(args: argparse.Namespace) -> int:
     _set_threads(args)
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir() / "node"
     limit = _parse_size(args.memory_limit) if args.memory_limit else None
+    identity = _node_identity(args)
     try:
-        serve(args.host, args.port, cache_dir, limit, announce=not args.no_announce)
+        serve(args.host, args.port, cache_dir, identity, limit, announce=not args.no_announce)
     except KeyboardInterrupt:
         pass
     return 0
@@ -358,6 +461,99 @@ def cmd_models(args: argparse.Namespace) -> int:
     from duskpool.weights.catalog import find_models, format_models
 
     print(format_models(find_models()))
+    return 0
+
+
+def _node_identity(args: argparse.Namespace):
+    """The node's certificate: joined now with --join, or saved by an earlier join; None with --insecure."""
+    import platform
+
+    from duskpool.security import join, load_identity, save_identity, split_join_arg
+
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+        return None
+    directory = Path(args.identity).expanduser() if args.identity else _home() / "node"
+    if args.join:
+        token, gateway = split_join_arg(args.join)
+        address = None if args.host in ("0.0.0.0", "::", "") else args.host
+        identity = _join_when_up(lambda: join(token, gateway, platform.node() or "node", address), gateway)
+        save_identity(identity, directory)
+        print(f"duskpool: joined the pool at {gateway} as member {identity.member_id}; identity saved in "
+              f"{directory}", file=sys.stderr)
+        return identity
+    try:
+        return load_identity(directory)
+    except (FileNotFoundError, ValueError, PermissionError) as e:
+        raise ValueError(f"this node has no pool identity ({e}); join a pool with `duskpool node --join "
+                         "TOKEN@GATEWAY:7472` (a token comes from `duskpool token` on the gateway), or use "
+                         "--insecure to debug") from None
+
+
+def _join_when_up(join, gateway: str, patience_s: float = 120.0):
+    """Join, retrying while the gateway's join server is not up yet (nodes and gateway start in any order)."""
+    from duskpool.security import CAMismatch, JoinError
+
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return join()
+        except CAMismatch:
+            raise
+        except JoinError as e:
+            if time.monotonic() > deadline:
+                raise
+            if "could not reach" not in str(e):  # the server is there but refused: retrying will not help
+                raise
+            print(f"duskpool: waiting for the gateway's join server at {gateway}...", file=sys.stderr)
+            time.sleep(2)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from duskpool.security import PoolState
+
+    pool = PoolState(Path(args.state_dir).expanduser() if args.state_dir else _home() / "pool")
+    try:
+        pool.init()
+    except FileExistsError:
+        raise ValueError(f"a pool already exists at {pool.state_dir}") from None
+    print(f"duskpool: created a pool in {pool.state_dir}")
+    print(f"CA fingerprint (sha256): {pool.ca_fingerprint}")
+    print("next: `duskpool token` on this machine, then `duskpool node --join TOKEN@THIS_HOST:"
+          f"{DEFAULT_JOIN_PORT}` on each machine to add")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from duskpool.idle.policy import parse_duration
+
+    ttl = parse_duration(args.ttl)
+    token = _pool(args).issue_token(ttl)
+    print(token.text)
+    print(f"duskpool: single use, valid {args.ttl}; on the machine to add: duskpool node --join "
+          f"{token.text[:12]}…@THIS_HOST:{DEFAULT_JOIN_PORT}", file=sys.stderr)
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    pool = _pool(args)
+    if args.action == "revoke":
+        if args.member is None:
+            raise ValueError("say which member to revoke: duskpool nodes revoke ID (IDs from `duskpool nodes`)")
+        try:
+            member = pool.revoke(args.member)
+        except KeyError:
+            raise ValueError(f"no member {args.member} in this pool") from None
+        print(f"duskpool: revoked member {member.id} ({member.name}); a running gateway tells its nodes "
+              "within seconds")
+        return 0
+    rows = [("ID", "NAME", "ROLE", "ADDRESS", "JOINED", "STATE")]
+    for m in pool.members():
+        joined = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.joined_at))
+        rows.append((str(m.id), m.name, m.role, m.address or "-", joined, "revoked" if m.revoked else "member"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -373,7 +569,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError("give the nodes to plan over with --node HOST:PORT")
     file = GGUFFile(resolve_model(args.model))
     profile = model_profile(file, LlamaConfig.from_gguf(file.metadata))
-    nodes = [node_profile(NodeClient(a), profile.layer_bytes) for a in args.node]
+    identity, _ = _gateway_security(args)
+    nodes = [node_profile(NodeClient(a, identity), profile.layer_bytes) for a in args.node]
     config = planner.PlanConfig(context=args.context or DEFAULT_CONTEXT, privacy_prefix=args.privacy_prefix,
                                 privacy_suffix=args.privacy_suffix)
     placement = planner.plan(profile, GATEWAY_PROFILE, nodes, config)
@@ -397,11 +594,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
+    from duskpool.security import JoinError, JoinRefused
     from duskpool.weights.gguf import ModelFileError
 
     try:
         return args.handler(args)
-    except (ModelFileError, ValueError, RuntimeError) as e:  # bad input or a failed pool: one clear line
+    except (ModelFileError, ValueError, RuntimeError, JoinError, JoinRefused) as e:  # bad input, failed pool
         print(f"duskpool: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -25,17 +25,19 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from duskpool.cluster import planner, wire
-from duskpool.cluster.node import GRPC_OPTIONS, Pushers, start_server
-from duskpool.cluster.progress import Progress
+from duskpool.cluster.node import Pushers, open_channel, start_server
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.engine.runner import DEFAULT_CONTEXT, Engine, load_tokenizer
 from duskpool.models import LlamaConfig, load_model
+from duskpool.security import NodeIdentity, PoolState
 from duskpool.weights import names
 from duskpool.weights.gguf import GGUFFile
+from duskpool.weights.progress import Progress
 from duskpool.weights.store import config_metadata, model_hash, tensor_hashes
 
 CHUNK_BYTES = 4 * 2**20
+REVOCATION_POLL_S = 5.0  # how soon nodes hear of a member revoked with `duskpool nodes revoke`
 STEP_TIMEOUT_S = 300.0  # a step still unanswered after this is an error (dead nodes are noticed far sooner)
 
 
@@ -54,10 +56,10 @@ class RouteStage:
 class NodeClient:
     """The gateway's connection to one node, and what it last said about itself."""
 
-    def __init__(self, address: str, timeout: float = 10.0):
+    def __init__(self, address: str, identity: NodeIdentity | None, timeout: float = 10.0):
         self.address = address
         # its own connection: closing another gateway's channel to the same node must not touch this one
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)])
+        self.channel = open_channel(address, identity, [("grpc.use_local_subchannel_pool", 1)])
         self.stub = pb_grpc.NodeStub(self.channel)
         started = time.perf_counter()
         try:
@@ -119,9 +121,12 @@ def even_plan(plan: planner.Plan, node_ids: list[str]) -> planner.Plan:
 
 
 class Gateway(Engine):
-    def __init__(self, model_path: str | Path, node_addresses: list[str], *, prefix: int = 1, suffix: int = 1,
-                 routing: str = "ring", context_length: int | None = None, sessions: int = 4,
-                 even_split: bool = False, progress: bool = True):
+    def __init__(self, model_path: str | Path, node_addresses: list[str], *, identity: NodeIdentity | None,
+                 pool: PoolState | None = None, prefix: int = 1, suffix: int = 1, routing: str = "ring",
+                 context_length: int | None = None, sessions: int = 4, even_split: bool = False,
+                 progress: bool = True):
+        """`identity`: the gateway's certificate in the pool (None: plaintext, for debugging only).
+        `pool`: the pool's state, when this gateway keeps it: revocations then reach the nodes."""
         if routing not in ("ring", "star"):
             raise ValueError(f"routing must be 'ring' or 'star', not {routing!r}")
         if not node_addresses:
@@ -138,7 +143,8 @@ class Gateway(Engine):
         self._broken: str | None = None  # why the route cannot serve, once a node on it is gone
         self._closing = False
 
-        self.clients = [NodeClient(a) for a in node_addresses]
+        self.identity, self.pool = identity, pool
+        self.clients = [NodeClient(a, identity) for a in node_addresses]
         self._client_at = {c.address: c for c in self.clients}
         profile = model_profile(self.file, self.config)
         config = planner.PlanConfig(sessions=sessions, context=self.context_length, privacy_prefix=prefix,
@@ -154,12 +160,15 @@ class Gateway(Engine):
         self.suffix_model = load_model(self.file, self.plan.suffix, embed=False, head=True)
 
         listen = "127.0.0.1" if all(a.startswith(("127.", "localhost")) for a in node_addresses) else "0.0.0.0"
-        self._server, port = start_server(GatewaySink(self), listen, 0)
+        is_revoked = pool.is_revoked if pool is not None else (lambda fingerprint: False)
+        self._server, port = start_server(GatewaySink(self), listen, 0, identity, is_revoked)
         self.sink_address = f"{local_address_towards(node_addresses[0]) if listen != '127.0.0.1' else listen}:{port}"
-        self._pushers = Pushers(on_reply=self._on_reply, on_broken=self._on_broken)
+        self._pushers = Pushers(identity, on_reply=self._on_reply, on_broken=self._on_broken)
 
         self.model_hash = self._load_spans()
         self._watchers = [threading.Thread(target=self._watch, args=(stage,), daemon=True) for stage in self.route]
+        if pool is not None and identity is not None:
+            self._watchers.append(threading.Thread(target=self._push_revocations, daemon=True))
         for watcher in self._watchers:
             watcher.start()
 
@@ -278,6 +287,20 @@ class Gateway(Engine):
         self._broken = (f"node {stage.node_id} at {stage.address} (layers [{stage.start}, {stage.stop})) is gone "
                         f"({reason})")
         self._fail_all(self._broken)
+
+    def _push_revocations(self) -> None:
+        """Tell every node which certificates are revoked, now and whenever that changes."""
+        told: set[str] | None = None
+        while not self._closing:
+            revoked = self.pool.revoked_fingerprints()
+            if revoked != told:
+                for client in self.clients:
+                    try:
+                        client.stub.SetRevoked(pb.RevokedList(fingerprints=sorted(revoked)), timeout=5)
+                    except grpc.RpcError:
+                        revoked = None  # try this node again next round
+                told = revoked
+            time.sleep(REVOCATION_POLL_S)
 
     @property
     def broken(self) -> str | None:

@@ -26,10 +26,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from duskpool import __version__
 from duskpool.cluster import wire
-from duskpool.cluster.progress import Progress
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.models import KVCache, Llama, load_model
+from duskpool.security import (
+    NODE_CHANNEL_OPTIONS,
+    NodeIdentity,
+    RevocationInterceptor,
+    channel_credentials,
+    peer_is_gateway,
+    server_credentials,
+)
+from duskpool.weights.progress import Progress
 from duskpool.weights.quant import QuantTensor
 from duskpool.weights.store import StoredModel, TensorStore
 
@@ -41,13 +49,23 @@ SESSION_IDLE_SECONDS = 600  # a session nobody ended is freed after this long un
 MAX_CONTEXT = 131072
 
 
+def open_channel(address: str, identity: NodeIdentity | None, options: list | None = None) -> grpc.Channel:
+    """A channel to a pool member: mutual TLS under the pool's CA, or plaintext when `identity` is None
+    (--insecure, for debugging only)."""
+    options = GRPC_OPTIONS + (options or [])
+    if identity is None:
+        return grpc.insecure_channel(address, options=options)
+    credentials = channel_credentials(identity.cert_pem, identity.key_pem, identity.ca_pem)
+    return grpc.secure_channel(address, credentials, options=options + NODE_CHANNEL_OPTIONS)
+
+
 class Pusher:
     """One long-lived Forward stream to a peer. `send` only queues, so compute never waits on the network."""
 
-    def __init__(self, address: str, on_reply: Callable[[pb.ForwardReply], None],
+    def __init__(self, address: str, identity: NodeIdentity | None, on_reply: Callable[[pb.ForwardReply], None],
                  on_broken: Callable[["Pusher", Exception], None]):
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.channel = open_channel(address, identity)
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.broken = False
         self.last_sent: pb.ForwardRequest | None = None
@@ -76,8 +94,9 @@ class Pusher:
 class Pushers:
     """The Pusher to each address, replaced when its stream breaks."""
 
-    def __init__(self, on_reply: Callable[[pb.ForwardReply], None],
+    def __init__(self, identity: NodeIdentity | None, on_reply: Callable[[pb.ForwardReply], None],
                  on_broken: Callable[[Pusher, Exception], None]):
+        self.identity = identity
         self._by_address: dict[str, Pusher] = {}
         self._lock = threading.Lock()
         self._on_reply, self._on_broken = on_reply, on_broken
@@ -86,7 +105,7 @@ class Pushers:
         with self._lock:
             pusher = self._by_address.get(address)
             if pusher is None or pusher.broken:
-                pusher = self._by_address[address] = Pusher(address, self._on_reply, self._on_broken)
+                pusher = self._by_address[address] = Pusher(address, self.identity, self._on_reply, self._on_broken)
             return pusher
 
     def close(self) -> None:
@@ -118,7 +137,8 @@ def measure_matmul_throughput() -> float:
 
 
 class NodeService(pb_grpc.NodeServicer):
-    def __init__(self, cache_dir: Path, memory_limit: int | None = None, node_id: str | None = None):
+    def __init__(self, cache_dir: Path, memory_limit: int | None = None, node_id: str | None = None,
+                 identity: NodeIdentity | None = None):
         self.store = TensorStore(cache_dir)
         self.memory_limit = memory_limit
         self.node_id = node_id or f"{platform.node()}-{uuid.uuid4().hex[:6]}"
@@ -130,7 +150,9 @@ class NodeService(pb_grpc.NodeServicer):
         self.matmul_bytes_per_ms = measure_matmul_throughput()
         self._lock = threading.Lock()  # spans and sessions
         self._compute = threading.Lock()  # one forward at a time: the kernels use every core already
-        self._pushers = Pushers(on_reply=self._on_downstream_reply, on_broken=self._on_downstream_broken)
+        self.identity = identity
+        self.revoked: frozenset[str] = frozenset()  # certificate fingerprints the gateway said are revoked
+        self._pushers = Pushers(identity, on_reply=self._on_downstream_reply, on_broken=self._on_downstream_broken)
 
     # --- Info -------------------------------------------------------------------------------------
     def Info(self, request: pb.InfoRequest, context) -> pb.NodeInfo:
@@ -303,6 +325,12 @@ class NodeService(pb_grpc.NodeServicer):
             cache.clear()  # nothing of the session outlives it
         return True
 
+    def SetRevoked(self, request: pb.RevokedList, context) -> pb.RevokedReply:
+        if self.identity is not None and not peer_is_gateway(context):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "only the gateway may revoke members")
+        self.revoked = frozenset(request.fingerprints)
+        return pb.RevokedReply()
+
     def reap_idle_sessions(self, idle_seconds: float = SESSION_IDLE_SECONDS) -> None:
         now = time.monotonic()
         with self._lock:
@@ -318,24 +346,34 @@ def _reason(e: Exception) -> str:
     return e.details() if isinstance(e, grpc.RpcError) and hasattr(e, "details") else str(e)
 
 
-def start_server(service: pb_grpc.NodeServicer, host: str, port: int) -> tuple[grpc.Server, int]:
-    """A gRPC server for `service` plus the standard health service; returns it and its bound port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS)
+def start_server(service: pb_grpc.NodeServicer, host: str, port: int, identity: NodeIdentity | None,
+                 is_revoked: Callable[[str], bool]) -> tuple[grpc.Server, int]:
+    """A gRPC server for `service` plus the standard health service; returns it and its bound port.
+
+    With an identity, only members of its pool get in (mutual TLS), and not once revoked."""
+    interceptors = [RevocationInterceptor(is_revoked)] if identity is not None else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS,
+                         interceptors=interceptors)
     pb_grpc.add_NodeServicer_to_server(service, server)
     health_service = health.HealthServicer()
     health_service.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if identity is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        credentials = server_credentials(identity.cert_pem, identity.key_pem, identity.ca_pem)
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
     return server, bound
 
 
-def serve(host: str, port: int, cache_dir: Path, memory_limit: int | None = None, announce: bool = True) -> None:
+def serve(host: str, port: int, cache_dir: Path, identity: NodeIdentity | None, memory_limit: int | None = None,
+          announce: bool = True) -> None:
     """Run a node until interrupted; prints 'listening on HOST:PORT' once ready (the swarm waits for it)."""
-    service = NodeService(cache_dir, memory_limit)
-    server, bound = start_server(service, host, port)
+    service = NodeService(cache_dir, memory_limit, identity=identity)
+    server, bound = start_server(service, host, port, identity, lambda fp: fp in service.revoked)
     print(f"duskpool node {service.node_id} listening on {host}:{bound}", flush=True)
     announcement = None
     if announce:

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+from duskpool.security import NodeIdentity, local_pool
 from duskpool.weights.store import default_cache_dir
 
 READY = re.compile(r"listening on (\S+:\d+)")
@@ -17,14 +18,18 @@ class LocalSwarm:
     """Starts `n` `duskpool node` processes and stops them on close (or `with`).
 
     By default they listen on 127.0.0.1; `hosts[i]` and a command `prefixes[i]` (such as
-    `ip netns exec NS`) run node i elsewhere, as the multi-host tests do.
+    `ip netns exec NS`) run node i elsewhere, as the multi-host tests do. The swarm makes a throwaway
+    pool (a CA, certificates for the nodes and for `gateway_identity`), so its links are mutual TLS like
+    any pool's; `insecure=True` runs them in plaintext instead (debugging only).
     """
 
     def __init__(self, n: int, cache_root: Path | None = None, threads: int | None = None,
                  start_timeout: float = 120.0, hosts: list[str] | None = None,
-                 prefixes: list[list[str]] | None = None):
+                 prefixes: list[list[str]] | None = None, insecure: bool = False):
         if n < 1:
             raise ValueError("a swarm needs at least one node")
+        self.pool = None if insecure else local_pool(n, address=None)
+        self.gateway_identity: NodeIdentity | None = None if insecure else self.pool.gateway
         self.hosts = hosts or ["127.0.0.1"] * n
         self.prefixes = prefixes or [[] for _ in range(n)]
         self.cache_root = cache_root or default_cache_dir() / "swarm"
@@ -41,6 +46,7 @@ class LocalSwarm:
     def _start(self, i: int, threads: int | None) -> subprocess.Popen:
         args = [*self.prefixes[i], sys.executable, "-m", "duskpool.cli.main", "node", "--host", self.hosts[i],
                 "--port", "0", "--cache-dir", str(self.cache_root / f"node-{i}"), "--no-announce"]
+        args += ["--identity", str(self.pool.node_dirs[i])] if self.pool is not None else ["--insecure"]
         if threads:
             args += ["--threads", str(threads)]
         return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
@@ -75,6 +81,8 @@ class LocalSwarm:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if self.pool is not None:
+            self.pool.close()
 
     def __enter__(self) -> "LocalSwarm":
         return self

@@ -12,6 +12,7 @@ from duskpool.security.tls import (
     RevocationInterceptor,
     channel_credentials,
     peer_fingerprint,
+    peer_is_gateway,
     server_credentials,
 )
 
@@ -19,5 +20,5 @@ __all__ = [
     "CAMismatch", "GATEWAY_CHANNEL_OPTIONS", "GATEWAY_NAME", "JoinError", "JoinRefused", "JoinToken", "LocalPool",
     "Member", "NODE_CHANNEL_OPTIONS", "NODE_NAME", "NodeIdentity", "PoolState", "RevocationInterceptor",
     "add_join_service", "channel_credentials", "fingerprint", "join", "load_identity", "local_pool", "parse_token",
-    "peer_fingerprint", "save_identity", "server_credentials", "split_join_arg", "start_join_server",
+    "peer_fingerprint", "peer_is_gateway", "save_identity", "server_credentials", "split_join_arg", "start_join_server",
 ]

@@ -101,3 +101,17 @@ class RevocationInterceptor(grpc.ServerInterceptor):
         if revoked:
             log.warning("refused %s from %s: certificate %s is revoked", method, context.peer(), fp)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
+
+
+def peer_is_gateway(context: grpc.ServicerContext) -> bool:
+    """Whether this call's verified client certificate is the gateway's (only it carries GATEWAY_NAME)."""
+    from cryptography import x509
+
+    pem = peer_certificate(context)
+    if pem is None:
+        return False
+    try:
+        names = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return GATEWAY_NAME in names.value.get_values_for_type(x509.DNSName)

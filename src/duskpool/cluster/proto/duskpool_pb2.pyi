@@ -167,3 +167,13 @@ class EndSessionReply(_message.Message):
     EXISTED_FIELD_NUMBER: _ClassVar[int]
     existed: bool
     def __init__(self, existed: _Optional[bool] = ...) -> None: ...
+
+class RevokedList(_message.Message):
+    __slots__ = ("fingerprints",)
+    FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
+    fingerprints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, fingerprints: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RevokedReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

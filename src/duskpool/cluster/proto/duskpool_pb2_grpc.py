@@ -54,6 +54,11 @@ class NodeStub:
                 request_serializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.EndSessionRequest.SerializeToString,
                 response_deserializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.EndSessionReply.FromString,
                 _registered_method=True)
+        self.SetRevoked = channel.unary_unary(
+                '/duskpool.v1.Node/SetRevoked',
+                request_serializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedList.SerializeToString,
+                response_deserializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -90,6 +95,13 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRevoked(self, request, context):
+        """Gateway -> node: the certificates the pool has revoked; the node refuses their calls from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +124,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.EndSession,
                     request_deserializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.EndSessionRequest.FromString,
                     response_serializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.EndSessionReply.SerializeToString,
+            ),
+            'SetRevoked': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRevoked,
+                    request_deserializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedList.FromString,
+                    response_serializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +239,33 @@ class Node:
             '/duskpool.v1.Node/EndSession',
             duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.EndSessionRequest.SerializeToString,
             duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.EndSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRevoked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duskpool.v1.Node/SetRevoked',
+            duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedList.SerializeToString,
+            duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedReply.FromString,
             options,
             channel_credentials,
             insecure,
