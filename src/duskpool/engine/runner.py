@@ -81,9 +81,10 @@ class LocalEngine(Engine):
         self.model, self.tokenizer, self.context_length = model, tokenizer, context_length
 
     @classmethod
-    def load(cls, path: str | Path, context_length: int | None = None) -> "LocalEngine":
+    def load(cls, path: str | Path, context_length: int | None = None, progress: bool = False) -> "LocalEngine":
+        """`progress`: report the bytes read on stderr (a bar on a terminal, plain lines otherwise)."""
         file = GGUFFile(path)
-        model = load_model(file)
+        model = load_model(file, progress=progress)
         context = min(context_length or DEFAULT_CONTEXT, model.config.context_length)
         return cls(model, load_tokenizer(file), context)
 
