@@ -34,6 +34,7 @@ from duskpool.security import (
     NodeIdentity,
     RevocationInterceptor,
     channel_credentials,
+    peer_fingerprint,
     peer_is_gateway,
     server_credentials,
 )
@@ -47,6 +48,9 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 SERVER_OPTIONS = GRPC_OPTIONS
 SESSION_IDLE_SECONDS = 600  # a session nobody ended is freed after this long unused
 MAX_CONTEXT = 131072
+MAX_SESSIONS = 64  # live sessions per node: each holds a KV cache
+MAX_SESSIONS_PER_PEER = 32  # so that one sender cannot take them all
+MAX_ROUTE = 64  # hops in one request's route
 
 
 def open_channel(address: str, identity: NodeIdentity | None, options: list | None = None) -> grpc.Channel:
@@ -117,7 +121,10 @@ class Pushers:
 
 @dataclass
 class Session:
+    peer: str  # who opened it (certificate fingerprint, or address without TLS): sessions are counted per peer
+    context: int
     caches: dict[tuple[str, int, int], KVCache] = field(default_factory=dict)
+    filled: dict[tuple[str, int, int], int] = field(default_factory=dict)  # positions written, per span
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -253,12 +260,16 @@ class NodeService(pb_grpc.NodeServicer):
 
     # --- Forward ----------------------------------------------------------------------------------
     def Forward(self, request_iterator: Iterator[pb.ForwardRequest], context) -> Iterator[pb.ForwardReply]:
+        """Every message is checked against its session before any compute; a bad one gets an error reply
+        (its own, not the stream's: one stream carries many sessions) and the node goes on serving."""
+        peer = peer_fingerprint(context) or context.peer()
         for request in request_iterator:
             try:
-                hidden = self._run(request)
+                _check_route(request.route)
+                hidden = self._run(request, peer)
             except Exception as e:  # the sender (or the gateway) hears about it; the node keeps serving
                 error = f"node {self.node_id}: {e}"
-                if len(request.route) > 1:
+                if len(request.route) > 1 and _valid_route(request.route):
                     self._report(request, error)
                 else:
                     yield pb.ForwardReply(session_id=request.session_id, step=request.step, error=error)
@@ -273,29 +284,59 @@ class NodeService(pb_grpc.NodeServicer):
                 yield pb.ForwardReply(session_id=request.session_id, step=request.step,
                                       hidden=wire.to_wire(hidden, request.hidden.dtype))
 
-    def _run(self, request: pb.ForwardRequest) -> torch.Tensor:
-        if not request.route:
-            raise ValueError("the request has no route")
+    def _run(self, request: pb.ForwardRequest, peer: str) -> torch.Tensor:
+        if not 0 < len(request.session_id) <= 64:
+            raise ValueError("the session id must be 1..64 characters")
         hop = request.route[0]
         key = (request.model_hash, hop.start, hop.stop)
         model = self.spans.get(key)
         if model is None:
             raise ValueError(f"layers [{hop.start}, {hop.stop}) of model {request.model_hash[:12]} are not loaded here")
         if not 0 < request.context <= min(MAX_CONTEXT, model.config.context_length):
-            raise ValueError(f"context {request.context} is out of range")
+            raise ValueError(f"context {request.context} is out of range 1..{model.config.context_length}")
         hidden = wire.from_wire(request.hidden, model.config.dim, request.context)
-        if request.position + hidden.shape[0] > request.context:
-            raise ValueError(f"positions {request.position}..{request.position + hidden.shape[0]} are past "
-                             f"the session's context of {request.context}")
+        end = request.position + hidden.shape[0]
+        if end > request.context:
+            raise ValueError(f"positions {request.position}..{end} are past the session's context of {request.context}")
         with self._lock:
-            session = self.sessions.setdefault(request.session_id, Session())
-            session.last_used = time.monotonic()
+            session = self.sessions.get(request.session_id)
+            if session is None:
+                session = self._open_session(request, peer)
+            if session.context != request.context:
+                raise ValueError(f"session {request.session_id[:12]} has a context of {session.context}, "
+                                 f"not {request.context}")
+            filled = session.filled.get(key, 0)
+            if request.position > filled:  # a gap would attend over positions never written
+                raise ValueError(f"position {request.position} skips ahead: session {request.session_id[:12]} "
+                                 f"holds {filled} positions of layers [{hop.start}, {hop.stop})")
             cache = session.caches.get(key)
             if cache is None:
+                self._check_memory(KVCache.bytes_for(len(model.layers), model.config.n_kv_heads,
+                                                     model.config.head_dim, request.context))
                 cache = session.caches[key] = model.new_cache(request.context)
-        positions = torch.arange(request.position, request.position + hidden.shape[0])
+            session.last_used = time.monotonic()
+        positions = torch.arange(request.position, end)
         with self._compute:
-            return model.forward_span(hidden, cache, positions)
+            hidden = model.forward_span(hidden, cache, positions)
+        session.filled[key] = max(filled, end)
+        return hidden
+
+    def _open_session(self, request: pb.ForwardRequest, peer: str) -> Session:
+        """Under self._lock: a new session, if the message may open one and there is room."""
+        if request.position != 0:
+            raise ValueError(f"unknown or expired session {request.session_id[:12]} (a session starts at position 0)")
+        if len(self.sessions) >= MAX_SESSIONS:
+            raise ValueError(f"this node serves {MAX_SESSIONS} sessions already; retry later")
+        if sum(s.peer == peer for s in self.sessions.values()) >= MAX_SESSIONS_PER_PEER:
+            raise ValueError(f"this sender has {MAX_SESSIONS_PER_PEER} sessions open here already")
+        session = self.sessions[request.session_id] = Session(peer, request.context)
+        return session
+
+    def _check_memory(self, needed: int) -> None:
+        free = self.free_bytes()
+        if needed > free:
+            raise ValueError(f"a KV cache for this context needs {needed / 2**20:.0f} MiB; this node has "
+                             f"{free / 2**20:.0f} MiB to lend")
 
     def _report(self, request: pb.ForwardRequest, error: str) -> None:
         """Tell the gateway (the ring's last hop) that this step failed here."""
@@ -340,6 +381,25 @@ class NodeService(pb_grpc.NodeServicer):
 
     def close(self) -> None:
         self._pushers.close()
+
+
+def _check_route(route) -> None:
+    """A route the node may act on: 1..MAX_ROUTE hops, each after the first at a HOST:PORT."""
+    if not 0 < len(route) <= MAX_ROUTE:
+        raise ValueError(f"the route has {len(route)} hops; 1..{MAX_ROUTE} are allowed")
+    for hop in route[1:]:
+        host, sep, port = hop.address.rpartition(":")
+        if not sep or not host or len(hop.address) > 255 or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"route address {hop.address[:40]!r} is not HOST:PORT")
+
+
+def _valid_route(route) -> bool:
+    """Whether a failure may be reported along the route (to its last hop), or only to the sender."""
+    try:
+        _check_route(route)
+        return True
+    except ValueError:
+        return False
 
 
 def _reason(e: Exception) -> str:

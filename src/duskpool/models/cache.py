@@ -43,3 +43,8 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    @staticmethod
+    def bytes_for(n_layers: int, n_kv_heads: int, head_dim: int, capacity: int) -> int:
+        """What a cache of this size will hold, before allocating it (float32 keys and values)."""
+        return 2 * n_layers * n_kv_heads * capacity * head_dim * 4
