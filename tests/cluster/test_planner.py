@@ -16,7 +16,9 @@ from duskpool.cluster.planner import (
     hop_ms,
     layer_memory,
     plan,
+    replicate,
     usable_bytes,
+    with_replicas,
 )
 
 # Llama-70B at ~4.5 bits: 80 layers of 0.5 GB (≈40 GB), 8 KV heads × 128 dims in fp16 -> 4 KB per token per layer.
@@ -227,3 +229,101 @@ def test_bad_inputs_are_refused():
         plan(LLAMA_70B, GATEWAY, [M1_8, M1_8], CONFIG)
     with pytest.raises(ValueError, match="must fit"):
         plan(LLAMA_70B, GATEWAY, [M1_8], PlanConfig(privacy_prefix=50, privacy_suffix=31))
+
+
+# --- replicas ---------------------------------------------------------------------------------------
+
+def holders(p: Plan) -> dict[tuple[int, int], list[str]]:
+    """Each span of the route -> the nodes holding it, its route node first."""
+    held = {(s.start, s.stop): [s.node_id] for s in p.stages}
+    for r in p.replicas:
+        held[(r.start, r.stop)].append(r.node_id)
+    return held
+
+
+def assert_replicas_valid(p: Plan, model: ModelProfile, nodes: list[NodeProfile], replicas: int,
+                          config: PlanConfig = CONFIG) -> None:
+    """Copies on distinct nodes, within every node's memory, and a span is short only if no node had room."""
+    by_id = {n.id: n for n in nodes}
+    per_layer = layer_memory(model, config)
+    used = dict.fromkeys(by_id, 0)
+    for s in p.stages + p.replicas:
+        used[s.node_id] += s.layers
+    for node_id, layers in used.items():
+        assert layers * per_layer <= usable_bytes(by_id[node_id], config), f"{node_id} over its memory"
+    short = {(a, b): missing for a, b, missing in p.short}
+    for span, ids in holders(p).items():
+        assert len(set(ids)) == len(ids), f"a node holds {span} twice: {ids}"
+        assert len(ids) == 1 + replicas - short.get(span, 0), (span, ids, short)
+        if span in short:
+            room = [i for i in by_id if i not in ids and (used[i] + span[1] - span[0]) * per_layer
+                    <= usable_bytes(by_id[i], config)]
+            assert room == [], f"{span} is short of copies, yet {room} had room for it"
+
+
+def test_replicas_go_to_spare_machines_first_and_spread_over_them():
+    spares = [mac("spare-a", 40, 18.0), mac("spare-b", 40, 18.0)]
+    nodes = [mac(f"mac-{i}", 13, 1.8) for i in range(4)] + spares
+    first = plan(LLAMA_70B, GATEWAY, nodes, CONFIG)
+    p = with_replicas(first, LLAMA_70B, nodes, 1, CONFIG)
+    assert p.stages == first.stages and p.predicted_ms_per_token == first.predicted_ms_per_token
+    assert [(r.node_id, r.start, r.stop) for r in p.replicas] == [
+        ("spare-a", 1, 21), ("spare-b", 21, 41), ("spare-a", 41, 61), ("spare-b", 61, 79)]
+    assert p.short == ()
+    assert_replicas_valid(p, LLAMA_70B, nodes, 1)
+    assert "41-61 replica" in explain(p, LLAMA_70B, GATEWAY, nodes, CONFIG)
+
+
+def test_no_replica_where_no_machine_has_room_and_the_plan_says_so():
+    nodes = [mac(f"mac-{i}", 13, 1.8) for i in range(4)]  # full: 20 + 20 + 20 + 18 of 20 layers each
+    p = with_replicas(plan(LLAMA_70B, GATEWAY, nodes, CONFIG), LLAMA_70B, nodes, 1, CONFIG)
+    assert p.replicas == ()
+    assert p.short == ((1, 21, 1), (21, 41, 1), (41, 61, 1), (61, 79, 1))
+    assert "layers 61-79: 1 replica(s) short, no node has room" in explain(p, LLAMA_70B, GATEWAY, nodes, CONFIG)
+
+
+def test_equal_nodes_each_hold_their_successors_span_as_in_a_ring():
+    small = ModelProfile("small", 30, 3_000_000, 1024, 2304, 50_000_000)
+    nodes = [mac(f"n{i}", 8, 1.0) for i in range(3)]
+    spans = [(1, 10), (10, 19), (19, 28)]
+    added, short = replicate(small, nodes, spans, {"n0": [(1, 10)], "n1": [(10, 19)], "n2": [(19, 28)]}, 2)
+    assert [(s.node_id, s.start, s.stop) for s in added] == [("n1", 1, 10), ("n2", 10, 19), ("n0", 19, 28)]
+    assert short == ()
+
+
+def test_a_span_whose_holders_are_gone_goes_to_the_spare_with_room():
+    small = ModelProfile("small", 30, 1 * 10**9, 1024, 2304, 50_000_000)  # 1 GB layers: 9 need ~10 GB
+    survivors = [mac("full", 11, 1.0), mac("roomy", 24, 3.0), mac("tiny", 4, 0.5)]
+    held = {"full": [(1, 10)], "gone": [(10, 19)]}  # "gone" is not among the nodes: it holds nothing now
+    added, short = replicate(small, survivors, [(1, 10), (10, 19)], held, 1)
+    assert [(s.node_id, s.start, s.stop) for s in added] == [("roomy", 10, 19)]
+    assert short == ()
+    added, short = replicate(small, [survivors[0], survivors[2]], [(1, 10), (10, 19)], held, 1)
+    assert added == () and short == ((10, 19, 1),)
+
+
+def test_replicas_are_valid_on_random_clusters_and_none_leaves_the_plan_as_it_was():
+    rng = random.Random(11)
+    model = ModelProfile("small", 12, 1 * 10**9, 1024, 400_000, 10**8)
+    checked, replicated, short = 0, 0, 0
+    for _ in range(80):
+        nodes = random_cluster(rng, rng.randrange(1, 8))
+        try:
+            first = plan(model, GATEWAY, nodes, CONFIG)
+        except ModelDoesNotFit:
+            continue
+        assert with_replicas(first, model, nodes, 0, CONFIG) == first
+        for replicas in (1, 2, 3):
+            p = with_replicas(first, model, nodes, replicas, CONFIG)
+            assert_replicas_valid(p, model, nodes, replicas)
+            shuffled = nodes[:]
+            rng.shuffle(shuffled)
+            assert with_replicas(first, model, shuffled, replicas, CONFIG) == p, "the order of nodes mattered"
+            replicated, short = replicated + len(p.replicas), short + len(p.short)
+        checked += 1
+    assert checked > 30 and replicated > 50 and short > 10, (checked, replicated, short)
+
+
+def test_replicas_must_not_be_negative():
+    with pytest.raises(ValueError, match="replicas"):
+        with_replicas(plan(LLAMA_70B, GATEWAY, [M3MAX_128], CONFIG), LLAMA_70B, [M3MAX_128], -1, CONFIG)

@@ -13,6 +13,11 @@ independent of the route's order, so the route is simply listed fastest node fir
 Memory is the hard constraint: a node holding n layers needs n × (layer_bytes + KV for
 sessions × context tokens) ≤ free_bytes × (1 - safety_margin). The gateway holds only the tokenizer-side
 edges (embedding, head, final norm) and the privacy prefix and suffix; it never takes middle layers.
+
+Replicas (`with_replicas`, `replicate`): after the route is chosen, more copies of its spans go where memory
+is left, spares first, so that when a node dies the gateway can fail over to a copy instead of streaming the
+span's weights anew. The same function picks where a span goes when its last holder is gone, and what a
+node that (re)joins should hold. Copies are budgeted like route layers (weights + KV for every session).
 """
 
 import math
@@ -78,6 +83,8 @@ class Plan:
     gateway_ms: float  # the gateway's prefix + suffix compute
     return_hop_ms: float  # the last node's push back into the gateway (0 with no stages)
     excluded: tuple[tuple[str, str], ...]  # (node_id, why it got no layers), sorted by id
+    replicas: tuple[Stage, ...] = ()  # more holders of the route's spans, to fail over to (see `replicate`)
+    short: tuple[tuple[int, int, int], ...] = ()  # (start, stop, copies missing): spans no node had room for
 
     @property
     def tokens_per_s(self) -> float:
@@ -227,6 +234,63 @@ def _forced_cost(candidates: list[_Candidate], target: int, j: int) -> float:
     return min(options)
 
 
+Span = tuple[int, int]  # layers [start, stop)
+
+
+def replicate(model: ModelProfile, nodes: list[NodeProfile] | tuple[NodeProfile, ...], spans: list[Span],
+              held: dict[str, list[Span]], copies: int,
+              config: PlanConfig | None = None) -> tuple[tuple[Stage, ...], tuple[tuple[int, int, int], ...]]:
+    """Where to load more copies of `spans` so that each is held by `copies` different nodes.
+
+    `held`: the spans each node holds already (they count as copies and take its memory). A copy goes to
+    a node that lacks the span and has room for it, preferring the node holding the fewest layers (spares
+    first, so copies spread), then the fastest, then the next after a holder of the span in id order (so
+    equal nodes each end up holding their successor's span, as in a ring). Every span gets its first copy
+    before any gets its second, and so on. Returns (the new copies as stages, in the order chosen; (start, stop,
+    copies missing) for each span no node had room for, in `spans` order).
+    """
+    config = config or PlanConfig()
+    per_layer = layer_memory(model, config)
+    holding = {n.id: set(held.get(n.id, ())) for n in nodes}  # nodes not in `nodes` (gone) hold nothing
+    layers = {node_id: sum(b - a for a, b in held_) for node_id, held_ in holding.items()}
+    count = {span: sum(span in held_ for held_ in holding.values()) for span in spans}
+    rank = {node_id: i for i, node_id in enumerate(sorted(holding))}
+
+    def after_holder(node_id: str, span: Span) -> int:
+        """How far `node_id` comes after the nearest holder of `span`, cycling through the ids."""
+        holders = [rank[h] for h, held_ in holding.items() if span in held_] or [-1]
+        return min((rank[node_id] - h) % len(rank) for h in holders)
+
+    added = []
+    for target in range(1, copies + 1):
+        for span in spans:
+            n_layers = span[1] - span[0]
+            fits = [n for n in nodes if count[span] < target and span not in holding[n.id]
+                    and (layers[n.id] + n_layers) * per_layer <= usable_bytes(n, config)]
+            if fits:
+                node = min(fits, key=lambda n: (layers[n.id], n.ms_per_layer, after_holder(n.id, span), n.id))
+                holding[node.id].add(span)
+                layers[node.id] += n_layers
+                count[span] += 1
+                added.append(Stage(node.id, span[0], span[1], n_layers * node.ms_per_layer, hop_ms(node, model)))
+    short = tuple((a, b, copies - count[(a, b)]) for a, b in spans if count[(a, b)] < copies)
+    return tuple(added), short
+
+
+def with_replicas(plan_: Plan, model: ModelProfile, nodes: list[NodeProfile] | tuple[NodeProfile, ...],
+                  replicas: int, config: PlanConfig | None = None) -> Plan:
+    """`plan_` with `replicas` more copies of each of its spans, where memory allows (see `replicate`)."""
+    if replicas < 0:
+        raise ValueError(f"replicas must be >= 0, not {replicas}")
+    spans = [(s.start, s.stop) for s in plan_.stages]
+    held: dict[str, list[Span]] = {}
+    for s in plan_.stages:
+        held.setdefault(s.node_id, []).append((s.start, s.stop))
+    added, short = replicate(model, nodes, spans, held, 1 + replicas, config)
+    return Plan(plan_.stages, plan_.prefix, plan_.suffix, plan_.predicted_ms_per_token, plan_.gateway_ms,
+                plan_.return_hop_ms, plan_.excluded, added, short)
+
+
 def explain(plan: Plan, model: ModelProfile, gateway: NodeProfile,
             nodes: list[NodeProfile] | tuple[NodeProfile, ...], config: PlanConfig | None = None) -> str:
     """A plain-text table of the plan: who holds what, the memory it takes, and where the time goes."""
@@ -245,12 +309,16 @@ def explain(plan: Plan, model: ModelProfile, gateway: NodeProfile,
         f"{plan.return_hop_ms:.2f} (return)" if plan.stages else "-")
     for s in plan.stages:
         row(by_id[s.node_id], s.layers, f"{s.start}-{s.stop}", s.layers * per_layer, s.compute_ms, f"{s.hop_ms:.2f}")
+    for s in plan.replicas:
+        row(by_id[s.node_id], s.layers, f"{s.start}-{s.stop} replica", s.layers * per_layer, s.compute_ms,
+            f"{s.hop_ms:.2f}")
 
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     text_columns = (0, 2)  # node and span; the numbers are right-aligned
     lines = ["  ".join(c.ljust(widths[k]) if k in text_columns else c.rjust(widths[k]) for k, c in enumerate(r))
              for r in rows]
     lines += [f"{node_id}: no layers, {reason}" for node_id, reason in plan.excluded]
+    lines += [f"layers {a}-{b}: {missing} replica(s) short, no node has room" for a, b, missing in plan.short]
     lines.append(f"model {model.name}: {plan.predicted_ms_per_token:.1f} ms/token predicted "
                  f"({plan.tokens_per_s:.1f} tok/s), spans [start-stop) run in the order listed")
     return "\n".join(lines)
