@@ -43,9 +43,17 @@ from duskpool.weights.quant import QuantTensor
 from duskpool.weights.store import StoredModel, TensorStore
 
 MAX_MESSAGE_BYTES = 64 * 2**20  # a chunk of weights or a long prompt's hidden states
+# Keepalive: every link is pinged each second, even idle, and dropped when a ping goes unanswered for a second,
+# so a peer cut off the network (or frozen) is noticed in about 2 s; a dead process closes its sockets at once.
+# (gRPC core enforces the answer's deadline through ping_timeout_ms, not keepalive_timeout_ms: grpc/grpc#39239)
+KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 1000),
+                     ("grpc.http2.ping_timeout_ms", 1000), ("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.max_pings_without_data", 0)]
 GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-SERVER_OPTIONS = GRPC_OPTIONS
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)] + KEEPALIVE_OPTIONS
+# servers must accept pings that often (by default they allow one per 5 minutes without data, then hang up)
+SERVER_OPTIONS = GRPC_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 500),
+                                 ("grpc.http2.max_ping_strikes", 0)]
 SESSION_IDLE_SECONDS = 600  # a session nobody ended is freed after this long unused
 MAX_CONTEXT = 131072
 MAX_SESSIONS = 64  # live sessions per node: each holds a KV cache
