@@ -81,21 +81,28 @@ class Pusher:
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.broken = False
         self.last_sent: pb.ForwardRequest | None = None
+        self._error: grpc.RpcError | None = None
+        self._lock = threading.Lock()  # a failure is reported once: by the reader, or by a send that comes after
         self._replies = pb_grpc.NodeStub(self.channel).Forward(iter(self.outbox.get, None))
         self._on_reply, self._on_broken = on_reply, on_broken
         threading.Thread(target=self._read, daemon=True, name=f"pusher-{address}").start()
 
     def send(self, request: pb.ForwardRequest) -> None:
-        self.last_sent = request
-        self.outbox.put(request)
+        with self._lock:
+            self.last_sent = request
+            if not self.broken:
+                self.outbox.put(request)
+                return
+        self._on_broken(self, self._error)  # the stream died before this request could go
 
     def _read(self) -> None:
         try:
             for reply in self._replies:
                 self._on_reply(reply)
         except grpc.RpcError as e:
-            self.broken = True
-            if e.code() != grpc.StatusCode.CANCELLED:
+            with self._lock:
+                self.broken, self._error, last = True, e, self.last_sent
+            if e.code() != grpc.StatusCode.CANCELLED and last is not None:
                 self._on_broken(self, e)
 
     def close(self) -> None:
@@ -277,7 +284,7 @@ class NodeService(pb_grpc.NodeServicer):
                 hidden = self._run(request, peer)
             except Exception as e:  # the sender (or the gateway) hears about it; the node keeps serving
                 error = f"node {self.node_id}: {e}"
-                if len(request.route) > 1 and _valid_route(request.route):
+                if len(request.route) > 1 and valid_route(request.route):
                     self._report(request, error)
                 else:
                     yield pb.ForwardReply(session_id=request.session_id, step=request.step, error=error)
@@ -401,7 +408,7 @@ def _check_route(route) -> None:
             raise ValueError(f"route address {hop.address[:40]!r} is not HOST:PORT")
 
 
-def _valid_route(route) -> bool:
+def valid_route(route) -> bool:
     """Whether a failure may be reported along the route (to its last hop), or only to the sender."""
     try:
         _check_route(route)

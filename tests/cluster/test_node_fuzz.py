@@ -1,0 +1,193 @@
+"""Hostile input on a node's Forward stream: ≥ 10 000 generated messages (hypothesis) against a real node
+process over mutual TLS. Every message is answered (an error or a valid result), the node never crashes,
+its RSS stays flat, and a well-formed session interleaved throughout still gets the right tokens."""
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from queue import Empty, SimpleQueue
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from duskpool.cluster import wire
+from duskpool.cluster.gateway import Gateway
+from duskpool.cluster.node import open_channel, start_server, valid_route
+from duskpool.cluster.proto import duskpool_pb2 as pb
+from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
+from duskpool.engine.runner import LocalEngine
+from duskpool.security import local_pool
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = 10_000
+DIM = 576  # SmolLM2-135M
+
+
+def rss_bytes(pid: int) -> int:
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) * 1024
+
+
+class Sink(pb_grpc.NodeServicer):
+    """Where ring messages end: the node pushes results and error reports here."""
+
+    def __init__(self):
+        self.delivered: SimpleQueue = SimpleQueue()
+
+    def Forward(self, request_iterator, context):
+        for request in request_iterator:
+            self.delivered.put(request)
+        yield from ()
+
+
+def hidden_messages(span_dims: int) -> st.SearchStrategy[pb.Hidden]:
+    dtypes = st.sampled_from(["float32", "float16", "bfloat16", "float64", "int8", "", "float32\x00"])
+
+    @st.composite
+    def build(draw) -> pb.Hidden:
+        dtype = draw(dtypes)
+        tokens = draw(st.sampled_from([0, 1, 1, 2, 5, 300, 2**31]))
+        shape = draw(st.one_of(st.just([tokens, span_dims]), st.lists(st.integers(0, 2**32 - 1), max_size=4)))
+        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 4)
+        exact = shape[0] * shape[1] * itemsize if len(shape) == 2 and shape[0] * shape[1] < 10**6 else 0
+        size = draw(st.one_of(st.just(exact), st.integers(0, 4 * span_dims * 2), st.just(max(exact - 1, 0))))
+        kind = draw(st.sampled_from(["random", "normal", "nan", "inf", "zeros"]))
+        if kind == "random":
+            data = draw(st.binary(min_size=min(size, 64), max_size=min(size, 64))) * (size // 64 + 1)
+            data = data[:size]
+        else:
+            values = {"normal": torch.randn(size // 4 + 1), "zeros": torch.zeros(size // 4 + 1),
+                      "nan": torch.full((size // 4 + 1,), float("nan")),
+                      "inf": torch.full((size // 4 + 1,), float("inf"))}[kind]
+            data = values.numpy().tobytes()[:size]
+        return pb.Hidden(shape=shape, dtype=dtype, data=data)
+
+    return build()
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    with local_pool(2, root=tmp_path_factory.mktemp("pool"), address=None) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def node(pool, tmp_path_factory):
+    """One node process, lending little memory: a flood of sessions must hit the limit, not the machine."""
+    process = subprocess.Popen([sys.executable, "-m", "duskpool.cli.main", "node", "--host", "127.0.0.1",
+                                "--port", "0", "--no-announce", "--threads", "1", "--memory-limit", "160M",
+                                "--cache-dir", str(tmp_path_factory.mktemp("cache")),
+                                "--identity", str(pool.node_dirs[0])], stdout=subprocess.PIPE, text=True)
+    address = re.search(r"listening on (\S+)", process.stdout.readline()).group(1)
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    yield process, address
+    process.terminate()
+    process.wait(10)
+
+
+def test_ten_thousand_hostile_messages(node, pool, bundled_model):
+    process, address = node
+    gateway = Gateway(bundled_model, [address], identity=pool.gateway, context_length=256, sessions=1,
+                      even_split=True, progress=False)
+    hop = gateway.route[0]
+    sink = Sink()
+    sink_server, sink_port = start_server(sink, "127.0.0.1", 0, pool.nodes[1], lambda fp: False)
+    sink_address = f"127.0.0.1:{sink_port}"
+
+    # the well-formed session: greedy tokens through the node, fed one step per 100 hostile messages
+    local = LocalEngine.load(bundled_model)
+    prompt = local.tokenizer.encode(local.tokenizer.render_chat([{"role": "user", "content": "Name a fruit."}]))
+    expected, session_local = [], local.open_session(len(prompt) + 120)
+    logits = session_local.forward(prompt, 0)
+    for _ in range(100):
+        expected.append(int(torch.argmax(logits)))
+        logits = session_local.forward(expected[-1:], len(prompt) + len(expected) - 1)
+    good = gateway.open_session(len(prompt) + 120)
+    got = [int(torch.argmax(good.forward(prompt, 0)))]
+
+    outbox: SimpleQueue = SimpleQueue()
+    channel = open_channel(address, pool.nodes[1])
+    replies = pb_grpc.NodeStub(channel).Forward(iter(outbox.get, None))
+    counts = {"sent": 0, "error": 0, "result": 0}
+    session_ids = st.one_of(st.sampled_from(["s1", "s2", "s3"]), st.text(max_size=80))
+
+    def reply_for(step: int, ring: bool, request=None) -> pb.ForwardReply | pb.ForwardRequest:
+        if not ring:
+            reply = next(replies)
+            assert reply.step == step
+            return reply
+        try:
+            delivered = sink.delivered.get(timeout=30)
+        except Empty:
+            raise AssertionError(f"no answer for ring message {step}: {request}"[:2000]) from None
+        assert delivered.step == step
+        return delivered
+
+    @settings(max_examples=MESSAGES, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(session_id=session_ids, position=st.one_of(st.integers(0, 3), st.integers(0, 2**32 - 1)),
+           context=st.one_of(st.sampled_from([64, 256]), st.integers(0, 2**32 - 1)),
+           hidden=hidden_messages(DIM),
+           model_hash=st.one_of(st.just(gateway.model_hash), st.text(max_size=70)),
+           start=st.one_of(st.just(hop.start), st.integers(0, 2**32 - 1)),
+           stop=st.one_of(st.just(hop.stop), st.integers(0, 2**32 - 1)),
+           extra_hops=st.sampled_from([0, 0, 1, 2]), well_formed=st.integers(0, 3),
+           tokens=st.integers(1, 8),
+           # a next hop that is garbage, or a port nobody listens on (no name lookups: CI has no DNS)
+           bad_address=st.one_of(st.text(st.characters(blacklist_characters=":"), max_size=30),
+                                 st.sampled_from(["127.0.0.1:1", "[::1]:1", "127.0.0.1:0", "127.0.0.1:99999"])))
+    def fuzz(session_id, position, context, hidden, model_hash, start, stop, extra_hops, bad_address, well_formed,
+             tokens):
+        step = counts["sent"]
+        if well_formed == 0:  # a quarter are valid, so that the compute path runs under fire too
+            session_id, context, model_hash, start, stop = "s1", 256, gateway.model_hash, hop.start, hop.stop
+            position, hidden = 0, wire.to_wire(torch.randn(tokens, DIM), "float16")
+        route = [pb.Hop(address=address, start=start, stop=stop)]
+        if extra_hops == 1:
+            route.append(pb.Hop(address=sink_address))  # the node pushes its answer (or error) to us
+        elif extra_hops == 2:
+            route += [pb.Hop(address=bad_address), pb.Hop(address=sink_address)]
+        request = pb.ForwardRequest(session_id=session_id, step=step, position=position, context=context,
+                                    hidden=hidden, model_hash=model_hash, route=route)
+        outbox.put(request)
+        counts["sent"] += 1
+        answer = reply_for(step, extra_hops > 0 and valid_route(route), request)
+        if answer.error:
+            counts["error"] += 1
+            assert f"node {gateway.clients[0].info.node_id}" in answer.error
+        else:
+            counts["result"] += 1
+            out = wire.from_wire(answer.hidden, DIM, context)  # a valid result is a finite [T, dim] state
+            assert out.shape[0] == hidden.shape[0]
+        if step % 100 == 99 and len(got) < len(expected):  # the well-formed session goes on meanwhile
+            got.append(int(torch.argmax(good.forward(got[-1:], len(prompt) + len(got) - 1))))
+        if step == 500:
+            counts["rss_after_warmup"] = rss_bytes(process.pid)
+
+    started = time.monotonic()
+    try:
+        while counts["sent"] < MESSAGES:
+            fuzz()
+        elapsed = time.monotonic() - started
+        assert process.poll() is None, "the node died"
+        while len(got) < len(expected):
+            got.append(int(torch.argmax(good.forward(got[-1:], len(prompt) + len(got) - 1))))
+        assert got == expected  # the good session never noticed the flood
+        for sid in ["s1", "s2", "s3"]:
+            gateway.end_session(sid)
+        growth = rss_bytes(process.pid) - counts["rss_after_warmup"]
+        print(f"{counts['sent']} messages in {elapsed:.0f} s: {counts['error']} errors, {counts['result']} results; "
+              f"node RSS growth after warm-up {growth / 2**20:.1f} MiB")
+        assert growth < 50 * 2**20
+        assert counts["error"] > 0 and counts["result"] > 0  # both paths were exercised
+    finally:
+        outbox.put(None)
+        good.close()
+        channel.close()
+        sink_server.stop(grace=0)
+        gateway.close()
