@@ -306,9 +306,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _set_threads(args)
     path = resolve_model(args.model)
     print(f"duskpool: loading {path}", file=sys.stderr)
-    started = time.perf_counter()
-    engine = LocalEngine.load(path, args.context)
-    print(f"duskpool: loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    engine = LocalEngine.load(path, args.context, progress=True)
     return _answer(engine, args)
 
 
@@ -351,7 +349,7 @@ def _start_gateway(args: argparse.Namespace, addresses: list[str], identity, poo
     gateway = Gateway(path, addresses, identity=identity, pool=pool, prefix=args.privacy_prefix,
                       suffix=args.privacy_suffix,
                       routing=args.routing, context_length=args.context, even_split=even_split,
-                      progress=sys.stderr.isatty())
+                      progress=True)
     print(_placement(gateway), file=sys.stderr)
     return gateway
 
@@ -432,7 +430,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         path = resolve_model(args.model)
         print(f"duskpool: loading {path}", file=sys.stderr)
-        engine = LocalEngine.load(path, args.context)
+        engine = LocalEngine.load(path, args.context, progress=True)
     try:
         return _serve(engine, args)
     finally:

@@ -210,7 +210,7 @@ class NodeService(pb_grpc.NodeServicer):
         wanted = {t.sha256: t.nbytes for t in manifest.tensors if not self.store.has(t.sha256)}
         yield pb.LoadSpanReply(missing=list(wanted))
         bar = Progress(f"weights <- layers [{manifest.start}, {manifest.stop})", sum(wanted.values()),
-                       sys.stderr.isatty() and bool(wanted))
+                       bool(wanted))
         received = self._receive(request_iterator, wanted, context, bar)
         bar.close()
         stored = StoredModel(self.store, json.loads(manifest.metadata_json),
