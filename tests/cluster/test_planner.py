@@ -327,3 +327,14 @@ def test_replicas_are_valid_on_random_clusters_and_none_leaves_the_plan_as_it_wa
 def test_replicas_must_not_be_negative():
     with pytest.raises(ValueError, match="replicas"):
         with_replicas(plan(LLAMA_70B, GATEWAY, [M3MAX_128], CONFIG), LLAMA_70B, [M3MAX_128], -1, CONFIG)
+
+
+def test_replicas_of_unequal_spans_even_out_the_layers_each_node_holds():
+    small = ModelProfile("small", 30, 3_000_000, 1024, 2304, 50_000_000)
+    nodes = [mac(f"n{i}", 8, 1.0) for i in range(3)]
+    held = {"n0": [(19, 29)], "n1": [(1, 10)], "n2": [(10, 19)]}  # 10, 9 and 9 layers
+    added, _ = replicate(small, nodes, [(1, 10), (10, 19), (19, 29)], held, 2)
+    layers = {n.id: sum(b - a for a, b in held[n.id]) for n in nodes}
+    for s in added:
+        layers[s.node_id] += s.layers
+    assert sorted(layers.values()) == [18, 19, 19], layers

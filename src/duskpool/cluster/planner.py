@@ -246,8 +246,9 @@ def replicate(model: ModelProfile, nodes: list[NodeProfile] | tuple[NodeProfile,
     a node that lacks the span and has room for it, preferring the node holding the fewest layers (spares
     first, so copies spread), then the fastest, then the next after a holder of the span in id order (so
     equal nodes each end up holding their successor's span, as in a ring). Every span gets its first copy
-    before any gets its second, and so on. Returns (the new copies as stages, in the order chosen; (start, stop,
-    copies missing) for each span no node had room for, in `spans` order).
+    before any gets its second, and so on; within a round, the longest spans are placed first.
+    Returns (the new copies as stages, in the order chosen; (start, stop, copies missing) for each span
+    no node had room for, in `spans` order).
     """
     config = config or PlanConfig()
     per_layer = layer_memory(model, config)
@@ -263,7 +264,7 @@ def replicate(model: ModelProfile, nodes: list[NodeProfile] | tuple[NodeProfile,
 
     added = []
     for target in range(1, copies + 1):
-        for span in spans:
+        for span in sorted(spans, key=lambda s: s[0] - s[1]):  # longest first: the shorter ones even out the load
             n_layers = span[1] - span[0]
             fits = [n for n in nodes if count[span] < target and span not in holding[n.id]
                     and (layers[n.id] + n_layers) * per_layer <= usable_bytes(n, config)]

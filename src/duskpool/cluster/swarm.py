@@ -31,6 +31,7 @@ class LocalSwarm:
         self.pool = None if insecure else local_pool(n, address=None)
         self.gateway_identity: NodeIdentity | None = None if insecure else self.pool.gateway
         self.hosts = hosts or ["127.0.0.1"] * n
+        self.threads = threads
         self.prefixes = prefixes or [[] for _ in range(n)]
         self.cache_root = cache_root or default_cache_dir() / "swarm"
         self.processes: list[subprocess.Popen] = []
@@ -66,10 +67,15 @@ class LocalSwarm:
         raise RuntimeError(f"node process {process.pid} was not ready within {timeout:.0f} s")
 
     def restart(self, i: int, threads: int | None = None) -> str:
-        """Start node i again (same cache dir) after it stopped; its new address."""
-        self.processes[i] = self._start(i, threads)
+        """Start node i again (same cache dir and identity) after it stopped; its new address."""
+        self.processes[i] = self._start(i, threads or self.threads)
         self.addresses[i] = self._wait_ready(self.processes[i], 120.0)
         return self.addresses[i]
+
+    def kill(self, i: int) -> None:
+        """Kill node i at once (SIGKILL, as a crash or a pulled plug would) and reap it."""
+        self.processes[i].kill()
+        self.processes[i].wait()
 
     def close(self) -> None:
         for p in self.processes:
