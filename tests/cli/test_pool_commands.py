@@ -17,7 +17,7 @@ from tests.cli.test_main import run_cli
 
 def start_node(args: list[str]) -> tuple[subprocess.Popen, str]:
     node = subprocess.Popen([sys.executable, "-m", "duskpool.cli.main", "node", "--host", "127.0.0.1", "--port", "0",
-                             "--no-announce", "--threads", "1", *args], stdout=subprocess.PIPE,
+                             "--no-announce", "--threads", "1", "--lend", "always", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     line = node.stdout.readline()
     match = re.search(r"listening on (\S+)", line)

@@ -81,7 +81,7 @@ def node(pool, tmp_path_factory):
     """One node process, lending little memory: a flood of sessions must hit the limit, not the machine."""
     process = subprocess.Popen([sys.executable, "-m", "duskpool.cli.main", "node", "--host", "127.0.0.1",
                                 "--port", "0", "--no-announce", "--threads", "1", "--memory-limit", "160M",
-                                "--cache-dir", str(tmp_path_factory.mktemp("cache")),
+                                "--lend", "always", "--cache-dir", str(tmp_path_factory.mktemp("cache")),
                                 "--identity", str(pool.node_dirs[0])], stdout=subprocess.PIPE, text=True)
     address = re.search(r"listening on (\S+)", process.stdout.readline()).group(1)
     threading.Thread(target=process.stdout.read, daemon=True).start()

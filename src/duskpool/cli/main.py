@@ -166,6 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="this node's certificate and key (default: $DUSKPOOL_HOME/node, ~/.duskpool/node)")
     node.add_argument("--insecure", action="store_true",
                       help="plaintext, unauthenticated links (debugging only)")
+    lend = node.add_argument_group("lending (when this machine serves the pool)")
+    lend.add_argument("--lend", choices=["idle", "always", "never"], default="idle",
+                      help="idle: only while the owner is away (default); always: a dedicated machine; never")
+    lend.add_argument("--idle-after", default="5m", metavar="DURATION",
+                      help="the owner counts as away after this long without input (default: 5m)")
+    lend.add_argument("--require-ac", action="store_true", help="lend only on mains power")
+    lend.add_argument("--min-battery", type=float, default=None, metavar="PERCENT",
+                      help="on battery, lend only above this charge")
+    lend.add_argument("--max-temp", type=float, default=95.0, metavar="CELSIUS",
+                      help="stop lending above this CPU temperature (default: 95)")
+    lend.add_argument("--schedule", action="append", default=[], metavar="WINDOW",
+                      help="lend only inside this window, e.g. 'mon-fri 22:00-07:00' (repeatable)")
+    lend.add_argument("--drain-timeout", default="2m", metavar="DURATION",
+                      help="when the owner returns, finish requests in flight for at most this long, then hand "
+                           "them to other nodes (default: 2m)")
     _add_threads_flag(node)
     node.set_defaults(handler=cmd_node)
 
@@ -447,9 +462,15 @@ def cmd_node(args: argparse.Namespace) -> int:
     _set_threads(args)
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir() / "node"
     limit = _parse_size(args.memory_limit) if args.memory_limit else None
+    from duskpool.idle import LendPolicy, parse_duration, parse_window
+
+    policy = LendPolicy(lend=args.lend, idle_after_s=parse_duration(args.idle_after), require_ac=args.require_ac,
+                        min_battery=args.min_battery, max_temp_c=args.max_temp,
+                        windows=tuple(parse_window(w) for w in args.schedule),
+                        drain_timeout_s=parse_duration(args.drain_timeout))
     identity = _node_identity(args)
     try:
-        serve(args.host, args.port, cache_dir, identity, limit, announce=not args.no_announce)
+        serve(args.host, args.port, cache_dir, identity, limit, announce=not args.no_announce, policy=policy)
     except KeyboardInterrupt:
         pass
     return 0

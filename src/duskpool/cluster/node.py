@@ -4,11 +4,13 @@ A request's path through a node is `Forward`: check the message, run the span, t
 to the next hop of its route (ring) or answer the sender (star).
 """
 
+
 import hashlib
 import json
 import os
 import platform
 import queue
+import signal
 import sys
 import tempfile
 import threading
@@ -16,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -28,6 +30,7 @@ from duskpool import __version__
 from duskpool.cluster import wire
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
+from duskpool.idle import Lending, LendPolicy, LendState, MachineState, probe, step
 from duskpool.models import KVCache, Llama, load_model
 from duskpool.security import (
     NODE_CHANNEL_OPTIONS,
@@ -59,6 +62,7 @@ MAX_CONTEXT = 131072
 MAX_SESSIONS = 64  # live sessions per node: each holds a KV cache
 MAX_SESSIONS_PER_PEER = 32  # so that one sender cannot take them all
 MAX_ROUTE = 64  # hops in one request's route
+LEND_POLL_S = 2.0  # how often the node looks whether its owner is back
 
 
 def open_channel(address: str, identity: NodeIdentity | None, options: list | None = None) -> grpc.Channel:
@@ -160,8 +164,13 @@ def measure_matmul_throughput() -> float:
 
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, cache_dir: Path, memory_limit: int | None = None, node_id: str | None = None,
-                 identity: NodeIdentity | None = None):
+                 identity: NodeIdentity | None = None, policy: LendPolicy | None = None):
         self.store = TensorStore(cache_dir)
+        self.configured_policy = self.policy = policy or LendPolicy(lend="always")
+        # lent from the start; the first probe takes it back at once if the owner is there
+        self.lend_state = LendState(Lending.AVAILABLE, time.time(), "starting")
+        self.health = health.HealthServicer()  # SERVING while lent: the gateway watches it
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.memory_limit = memory_limit
         self.node_id = node_id or f"{platform.node()}-{uuid.uuid4().hex[:6]}"
         self.spans: dict[tuple[str, int, int], Llama] = {}
@@ -186,7 +195,8 @@ class NodeService(pb_grpc.NodeServicer):
                            device=platform.processor() or platform.machine(),
                            memory_total=psutil.virtual_memory().total, memory_free=self.free_bytes(),
                            matmul_bytes_per_ms=self.matmul_bytes_per_ms, ms_per_layer=self.ms_per_layer,
-                           spans=spans, sessions=n_sessions, kv_bytes=kv)
+                           spans=spans, sessions=n_sessions, kv_bytes=kv, lending=self.lend_state.lending.value,
+                           lending_reason=self.lend_state.reason)
 
     def free_bytes(self) -> int:
         used = sum(self.span_bytes.values()) + sum(c.nbytes for s in self.sessions.values()
@@ -340,6 +350,8 @@ class NodeService(pb_grpc.NodeServicer):
         """Under self._lock: a new session, if the message may open one and there is room."""
         if request.position != 0:
             raise ValueError(f"unknown or expired session {request.session_id[:12]} (a session starts at position 0)")
+        if self.lend_state.lending is not Lending.AVAILABLE:
+            raise ValueError(f"this machine is not lent now ({self.lend_state.reason}); it takes no new sessions")
         if len(self.sessions) >= MAX_SESSIONS:
             raise ValueError(f"this node serves {MAX_SESSIONS} sessions already; retry later")
         if sum(s.peer == peer for s in self.sessions.values()) >= MAX_SESSIONS_PER_PEER:
@@ -387,6 +399,34 @@ class NodeService(pb_grpc.NodeServicer):
         self.revoked = frozenset(request.fingerprints)
         return pb.RevokedReply()
 
+    def update_lending(self, machine, now: float) -> LendState:
+        """One step of the lending state machine; on a change, tell the gateway through the health status.
+        Draining keeps the sessions in flight; once it times out they are ended (the gateway re-routes them)."""
+        with self._lock:
+            in_flight = len(self.sessions)
+        old, new = self.lend_state, step(self.lend_state, machine, now, in_flight, self.policy)
+        self.lend_state = new
+        if new.lending is not old.lending:
+            status = "SERVING" if new.lending is Lending.AVAILABLE else "NOT_SERVING"
+            self.health.set("", getattr(health_pb2.HealthCheckResponse, status))
+            print(f"duskpool node: {new.lending.value} ({new.reason})", file=sys.stderr, flush=True)
+        if new.drain_timed_out:
+            for session_id in list(self.sessions):
+                self.end_session(session_id)
+        return new
+
+    def watch_lending(self, stop: threading.Event) -> None:
+        while not stop.wait(LEND_POLL_S if self.lend_state.reason != "starting" else 0):
+            self.update_lending(self._probe(), time.time())
+
+    def _probe(self) -> MachineState:
+        return probe() if self.policy.lend == "idle" else MachineState()  # "always"/"never" look at nothing
+
+    def hand_back(self, wanted: bool) -> None:
+        """The owner wants the machine now (`kill -USR1`: drain, lend no more), or lends it again (`-USR2`)."""
+        self.policy = replace(self.configured_policy, lend="never") if wanted else self.configured_policy
+        self.update_lending(self._probe(), time.time())
+
     def reap_idle_sessions(self, idle_seconds: float = SESSION_IDLE_SECONDS) -> None:
         now = time.monotonic()
         with self._lock:
@@ -423,15 +463,18 @@ def _reason(e: Exception) -> str:
 
 def start_server(service: pb_grpc.NodeServicer, host: str, port: int, identity: NodeIdentity | None,
                  is_revoked: Callable[[str], bool]) -> tuple[grpc.Server, int]:
-    """A gRPC server for `service` plus the standard health service; returns it and its bound port.
+    """A gRPC server for `service` plus the standard health service (the service's own `health`, if it
+    has one); returns it and its bound port.
 
     With an identity, only members of its pool get in (mutual TLS), and not once revoked."""
     interceptors = [RevocationInterceptor(is_revoked)] if identity is not None else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS,
                          interceptors=interceptors)
     pb_grpc.add_NodeServicer_to_server(service, server)
-    health_service = health.HealthServicer()
-    health_service.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_service = getattr(service, "health", None)
+    if health_service is None:
+        health_service = health.HealthServicer()
+        health_service.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     if identity is None:
         bound = server.add_insecure_port(f"{host}:{port}")
@@ -445,10 +488,14 @@ def start_server(service: pb_grpc.NodeServicer, host: str, port: int, identity: 
 
 
 def serve(host: str, port: int, cache_dir: Path, identity: NodeIdentity | None, memory_limit: int | None = None,
-          announce: bool = True) -> None:
+          announce: bool = True, policy: LendPolicy | None = None) -> None:
     """Run a node until interrupted; prints 'listening on HOST:PORT' once ready (the swarm waits for it)."""
-    service = NodeService(cache_dir, memory_limit, identity=identity)
+    service = NodeService(cache_dir, memory_limit, identity=identity, policy=policy)
     server, bound = start_server(service, host, port, identity, lambda fp: fp in service.revoked)
+    stop_watching = threading.Event()
+    threading.Thread(target=service.watch_lending, args=(stop_watching,), daemon=True).start()
+    signal.signal(signal.SIGUSR1, lambda *_: service.hand_back(True))
+    signal.signal(signal.SIGUSR2, lambda *_: service.hand_back(False))
     print(f"duskpool node {service.node_id} listening on {host}:{bound}", flush=True)
     announcement = None
     if announce:
@@ -460,6 +507,7 @@ def serve(host: str, port: int, cache_dir: Path, identity: NodeIdentity | None, 
         while server.wait_for_termination(timeout=30):  # True means it timed out: still serving
             service.reap_idle_sessions()
     finally:
+        stop_watching.set()
         if announcement is not None:
             announcement.close()
         service.close()

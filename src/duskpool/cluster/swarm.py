@@ -46,7 +46,8 @@ class LocalSwarm:
 
     def _start(self, i: int, threads: int | None) -> subprocess.Popen:
         args = [*self.prefixes[i], sys.executable, "-m", "duskpool.cli.main", "node", "--host", self.hosts[i],
-                "--port", "0", "--cache-dir", str(self.cache_root / f"node-{i}"), "--no-announce"]
+                "--port", "0", "--cache-dir", str(self.cache_root / f"node-{i}"), "--no-announce",
+                "--lend", "always"]  # the user started these nodes on their own machine, for now
         args += ["--identity", str(self.pool.node_dirs[i])] if self.pool is not None else ["--insecure"]
         if threads:
             args += ["--threads", str(threads)]

@@ -21,7 +21,7 @@ class SpanInfo(_message.Message):
     def __init__(self, model_hash: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("version", "node_id", "backend", "device", "memory_total", "memory_free", "matmul_bytes_per_ms", "ms_per_layer", "spans", "sessions", "kv_bytes")
+    __slots__ = ("version", "node_id", "backend", "device", "memory_total", "memory_free", "matmul_bytes_per_ms", "ms_per_layer", "spans", "sessions", "kv_bytes", "lending", "lending_reason")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class NodeInfo(_message.Message):
     SPANS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LENDING_FIELD_NUMBER: _ClassVar[int]
+    LENDING_REASON_FIELD_NUMBER: _ClassVar[int]
     version: str
     node_id: str
     backend: str
@@ -44,7 +46,9 @@ class NodeInfo(_message.Message):
     spans: _containers.RepeatedCompositeFieldContainer[SpanInfo]
     sessions: int
     kv_bytes: int
-    def __init__(self, version: _Optional[str] = ..., node_id: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., matmul_bytes_per_ms: _Optional[float] = ..., ms_per_layer: _Optional[float] = ..., spans: _Optional[_Iterable[_Union[SpanInfo, _Mapping]]] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+    lending: str
+    lending_reason: str
+    def __init__(self, version: _Optional[str] = ..., node_id: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., matmul_bytes_per_ms: _Optional[float] = ..., ms_per_layer: _Optional[float] = ..., spans: _Optional[_Iterable[_Union[SpanInfo, _Mapping]]] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., lending: _Optional[str] = ..., lending_reason: _Optional[str] = ...) -> None: ...
 
 class TensorEntry(_message.Message):
     __slots__ = ("name", "sha256", "qtype", "shape", "nbytes")
