@@ -207,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--state-dir", default=None, metavar="DIR", help="default: $DUSKPOOL_HOME/pool")
     nodes.set_defaults(handler=cmd_nodes)
 
+    service = commands.add_parser(
+        "service", help="install or remove the node as a background service (launchd on macOS, systemd on Linux)",
+        description="install: write and load a launchd agent (macOS) or systemd user unit (Linux) that runs "
+                    "`duskpool node` with the flags given after --, e.g. "
+                    "`duskpool service install -- --lend idle --require-ac`. uninstall: stop and remove it.")
+    service.add_argument("action", choices=["install", "uninstall"])
+    service.add_argument("--dry-run", action="store_true", help="write the file, run nothing")
+    service.set_defaults(handler=cmd_service)
+
     models = commands.add_parser(
         "models", help="list the GGUF models already on this machine",
         description="List the GGUF models of Ollama (~/.ollama/models), LM Studio (~/.lmstudio/models, "
@@ -476,6 +485,21 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    from duskpool.idle.service import ServiceError, install, uninstall
+
+    node_args = args.node_args
+    build_parser().parse_args(["node", *node_args])  # bad node flags fail now, not in a log later
+    try:
+        if args.action == "install":
+            install([sys.executable, "-m", "duskpool.cli.main", "node", *node_args], dry_run=args.dry_run)
+        else:
+            uninstall(dry_run=args.dry_run)
+    except ServiceError as e:
+        raise RuntimeError(str(e)) from None
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from duskpool.weights.catalog import find_models, format_models
 
@@ -609,7 +633,11 @@ def _parse_size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # `service install -- NODE FLAGS`: what follows -- is for the node the service will run
+    after = argv.index("--") if argv[:1] == ["service"] and "--" in argv else len(argv)
+    args = parser.parse_args(argv[:after])
+    args.node_args = argv[after + 1:]
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
