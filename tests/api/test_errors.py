@@ -70,6 +70,28 @@ def test_bad_requests_get_ollama_errors(http):
     assert http.get("/api/version").json()["version"]
 
 
+def test_what_fuzzing_found_is_answered_properly(http):
+    """Requests that once got a 500: found by schemathesis (test_fuzz.py: top_p near 0) and by hand around it."""
+    # a temperature, top_p or repetition penalty near 0 once broke the sampler (nan or all-zero probabilities)
+    for extreme in ({"temperature": 5e-324}, {"temperature": 1e-40}, {"top_p": 5e-324}):
+        answer = http.post(CHAT, json=chat_body(**{"temperature": 1.0} | extreme))
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"], answer.text
+    answer = http.post("/api/generate", json={"model": BUNDLED_NAME, "prompt": "hi", "stream": False,
+                                              "options": {"repeat_penalty": 5e-324, "num_predict": 4}})
+    assert answer.status_code == 200 and answer.json()["response"], answer.text
+    # a text content part whose text is not a string
+    openai_error(http.post(CHAT, json=chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}])),
+                 400, "invalid_request")
+    # half a surrogate pair: valid JSON, not valid text (json.dumps escapes it as \ud800)
+    half = "\ud800 hi"
+    openai_error(http.post(CHAT, content=json.dumps(chat_body(messages=[{"role": "user", "content": half}]))),
+                 400, "invalid_request")
+    openai_error(http.post("/v1/completions", content=json.dumps({"model": BUNDLED_NAME, "prompt": half})), 400)
+    answer = http.post("/api/generate", content=json.dumps({"model": BUNDLED_NAME, "prompt": half, "stream": False}))
+    assert answer.status_code == 400 and "Unicode" in answer.json()["error"], answer.text
+    assert http.get("/health").json()["status"] == "ok"
+
+
 @pytest.fixture(scope="module")
 def local_engine(bundled_model):
     return LocalEngine.load(bundled_model, 512)

@@ -21,8 +21,21 @@ from duskpool.engine.sampling import SamplingParams
 from duskpool.weights.catalog import quant_from_filename
 from duskpool.weights.gguf import GGUFFile
 
-router = APIRouter(prefix="/api")
 NS = 1_000_000_000
+
+
+class OllamaError(BaseModel):
+    """What every error under /api looks like (as the server's `error_response` writes it)."""
+
+    error: str
+
+
+router = APIRouter(prefix="/api", responses={
+    "4XX": {"model": OllamaError, "description": "a request the server cannot serve as asked"}})
+GENERATES = {  # what the generating endpoints add to the document
+    200: {"content": {"application/x-ndjson": {}},
+          "description": "a JSON object, or with `stream` (the default) NDJSON, the last line with `done: true`"},
+    503: {"model": OllamaError, "description": "the pool cannot serve now (a node is lost, or no slot freed in time)"}}
 
 
 class Options(BaseModel):
@@ -113,7 +126,7 @@ async def _respond(request: Request, body: Base, prompt: list[int], wrap) -> Any
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-@router.post("/chat")
+@router.post("/chat", responses=GENERATES)
 async def chat(request: Request, body: ChatRequest):
     service: Service = request.app.state.service
     service.check_model(body.model)
@@ -124,7 +137,7 @@ async def chat(request: Request, body: ChatRequest):
     return await _respond(request, body, prompt, lambda text: {"message": {"role": "assistant", "content": text}})
 
 
-@router.post("/generate")
+@router.post("/generate", responses=GENERATES)
 async def generate(request: Request, body: GenerateRequest):
     service: Service = request.app.state.service
     service.check_model(body.model)

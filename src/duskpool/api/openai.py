@@ -14,8 +14,28 @@ from duskpool.api.service import RequestError, Service, collect
 from duskpool.engine.generate import GenerationParams, GenerationStats
 from duskpool.engine.sampling import SamplingParams
 
-router = APIRouter(prefix="/v1")
 SEED = Field(None, ge=-(2**63), lt=2**63)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None
+    param: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """What every error under /v1 looks like (as the server's `error_response` writes it)."""
+
+    error: ErrorDetail
+
+
+router = APIRouter(prefix="/v1", responses={
+    "4XX": {"model": OpenAIError, "description": "a request the server cannot serve as asked"}})
+GENERATES = {  # what the generating endpoints add to the document
+    200: {"content": {"text/event-stream": {}},
+          "description": "a JSON object, or with `stream`, server-sent events ending in `data: [DONE]`"},
+    503: {"model": OpenAIError, "description": "the pool cannot serve now (a node is lost, or no slot freed in time)"}}
 
 
 class StreamOptions(BaseModel):
@@ -104,7 +124,7 @@ async def _respond(request: Request, body: Sampling, prompt: list[int], max_toke
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=GENERATES)
 async def chat_completions(request: Request, body: ChatRequest):
     service: Service = request.app.state.service
     service.check_model(body.model)
@@ -121,7 +141,7 @@ async def chat_completions(request: Request, body: ChatRequest):
     return await _respond(request, body, prompt, max_tokens, "chat", choice, delta)
 
 
-@router.post("/completions")
+@router.post("/completions", responses=GENERATES)
 async def completions(request: Request, body: CompletionRequest):
     service: Service = request.app.state.service
     service.check_model(body.model)

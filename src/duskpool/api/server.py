@@ -167,7 +167,7 @@ def create_app(service: Service, check_key: Callable[[str], bool] | None = None)
     async def metrics():
         return Response(prom.generate_latest(service.metrics.registry), media_type=prom.CONTENT_TYPE_LATEST)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "the pool cannot serve: `reason` says why"}})
     async def health():
         gateway = service.gateway
         broken = gateway.broken if gateway is not None else None

@@ -110,6 +110,8 @@ def _text(content) -> str:
         texts = [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
         if len(texts) != len(content):
             raise RequestError(400, "only text content parts are supported", "invalid_request")
+        if not all(isinstance(text, str) for text in texts):
+            raise RequestError(400, "a text content part's `text` must be a string", "invalid_request")
         return "".join(texts)
     raise RequestError(400, "message content must be a string or a list of text parts", "invalid_request")
 
@@ -157,9 +159,14 @@ class Service:
             text = self.engine.tokenizer.render_chat(flat)
         except Exception as e:  # noqa: BLE001 - a template may reject an order of roles
             raise RequestError(400, f"the model's chat template rejected the messages: {e}", "invalid_request") from e
-        return self.engine.tokenizer.encode(text, add_special=True)
+        return self.text_prompt(text)
 
     def text_prompt(self, text: str) -> list[int]:
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # JSON can escape half a surrogate pair (\ud800); the tokenizer takes no such text
+            raise RequestError(400, "the prompt is not valid Unicode (it holds a lone surrogate)",
+                               "invalid_request") from None
         return self.engine.tokenizer.encode(text, add_special=True)
 
     def budget(self, prompt: list[int], max_tokens: int | None, strict: bool) -> int:

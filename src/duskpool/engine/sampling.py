@@ -37,15 +37,18 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, context: list[int]) -> int:
         # logits: [vocab] of the last position; context: the token ids so far (prompt + generated)
         p = self.params
-        logits = logits.float()
+        # float64: a temperature, top_p or penalty near 0 (down to 5e-324) must not round to 0 as in float32
+        logits = logits.double()
         if p.repetition_penalty != 1.0 and context:
             seen = torch.tensor(sorted(set(context)), dtype=torch.int64)
             scores = logits[seen]
             logits = logits.clone()
             logits[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+            logits = logits.nan_to_num()  # an extreme penalty overflows: ±inf to the largest finite values
         if p.temperature == 0:
             return int(logits.argmax())
-        logits = logits / p.temperature
+        # scaled down from the top logit: a tiny temperature sends the others to -inf (never drawn), never to nan
+        logits = (logits - logits.max()) / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
