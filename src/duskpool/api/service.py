@@ -315,6 +315,7 @@ class Service:
                 view.backend, view.device = info.backend, info.device
                 view.memory_total, view.memory_free = info.memory_total, info.memory_free
                 view.kv_bytes, view.sessions, view.ms_per_layer = info.kv_bytes, info.sessions, info.ms_per_layer
+                view.lending = f"{info.lending} ({info.lending_reason})" if info.lending else "available"
                 view.health = "ok" if not gateway.broken else "route broken"
             self._update_gauges()
 
