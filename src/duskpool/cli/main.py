@@ -61,6 +61,9 @@ def _add_route_flags(parser: argparse.ArgumentParser) -> None:
                         help="last K layers run on this machine, next to the head (default: 1)")
     parser.add_argument("--routing", choices=["ring", "star"], default="ring",
                         help="ring: each node pushes to the next (default); star: every hop via the gateway")
+    parser.add_argument("--replicas", type=int, default=0, metavar="R",
+                        help="R more copies of each span where memory allows, to fail over to when a node dies "
+                             "(default: 0: a span whose node dies is loaded onto another)")
 
 
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -373,7 +376,7 @@ def _start_gateway(args: argparse.Namespace, addresses: list[str], identity, poo
     gateway = Gateway(path, addresses, identity=identity, pool=pool, prefix=args.privacy_prefix,
                       suffix=args.privacy_suffix,
                       routing=args.routing, context_length=args.context, even_split=even_split,
-                      progress=True)
+                      replicas=args.replicas, progress=True)
     print(_placement(gateway), file=sys.stderr)
     return gateway
 
@@ -616,7 +619,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     nodes = [node_profile(NodeClient(a, identity), profile.layer_bytes) for a in args.node]
     config = planner.PlanConfig(context=args.context or DEFAULT_CONTEXT, privacy_prefix=args.privacy_prefix,
                                 privacy_suffix=args.privacy_suffix)
-    placement = planner.plan(profile, GATEWAY_PROFILE, nodes, config)
+    placement = planner.with_replicas(planner.plan(profile, GATEWAY_PROFILE, nodes, config), profile, nodes,
+                                      args.replicas, config)
     print(planner.explain(placement, profile, GATEWAY_PROFILE, nodes, config))
     return 0
 

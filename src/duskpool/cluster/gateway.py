@@ -286,16 +286,17 @@ class Gateway(Engine):
             except RouteError:
                 continue  # it died or ran out of room meanwhile: the span stays short of this copy
             with self._lock:
-                if address not in self._dead and address not in self.holders[span]:
+                if self._client_at[address] in self.clients and address not in self.holders[span]:
                     self.holders[span].append(address)
                     placed.append((address, span))
         return placed
 
     # --- the data path ----------------------------------------------------------------------------
-    def run_route(self, session_id: str, step: int, position: int, context: int,
-                  hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, dim] after the prefix -> hidden after the last node's layers."""
-        route = tuple(self.route)
+    def run_route(self, session_id: str, step: int, position: int, context: int, hidden: torch.Tensor,
+                  route: tuple[RouteStage, ...] | None = None) -> torch.Tensor:
+        """hidden [T, dim] after the prefix -> hidden after the last node's layers, over `route` (the one
+        that holds the session's KV caches; by default the current route)."""
+        route = tuple(self.route) if route is None else route
         hops = [pb.Hop(address=s.address, start=s.start, stop=s.stop) for s in route]
         if self.routing == "ring":
             return self._step(session_id, step, position, context, hidden,
@@ -313,10 +314,10 @@ class Gateway(Engine):
             self._pending[(session_id, step)] = (future, route)
         try:
             # after registering: a node found dead from now on fails the future; one found dead before, here
-            gone = [s for s in route if s.address in self._dead]
+            gone = [s for s in route if not self.live(s)]
             if gone:
-                raise RouteError(f"node {gone[0].node_id} at {gone[0].address} is gone ({self._dead[gone[0].address]})",
-                                 route)
+                raise RouteError(f"node {gone[0].node_id} at {gone[0].address} is gone "
+                                 f"({self._dead.get(gone[0].address, 'restarted')})", route)
             request = pb.ForwardRequest(session_id=session_id, step=step, position=position, context=context,
                                         hidden=wire.to_wire(hidden), model_hash=self.model_hash, route=hops)
             self._pushers.get(hops[0].address).send(request)
@@ -368,16 +369,16 @@ class Gateway(Engine):
         except grpc.RpcError as e:
             reason = f"{e.code().name}: {e.details()}"
         if not self._closing:
-            self._mark_dead(client.address, reason)
+            self._mark_dead(client, reason)
 
-    def _mark_dead(self, address: str, reason: str) -> None:
-        """Stop counting on the node at `address`: fail its steps in flight, drop it from the holders and,
-        if it was on the route, rebuild the route now (sessions that failed wait for that)."""
+    def _mark_dead(self, client: NodeClient, reason: str) -> None:
+        """Stop counting on `client`'s node: fail its steps in flight, drop it from the holders and, if it
+        was on the route, rebuild the route now (sessions that failed wait for that)."""
+        address = client.address
         with self._lock:
-            if address in self._dead or self._client_at.get(address) not in self.clients:
-                return
+            if client not in self.clients:
+                return  # counted gone already
             self._dead[address] = reason
-            client = self._client_at[address]
             self.clients = [c for c in self.clients if c is not client]
             for holders in self.holders.values():
                 if address in holders:
@@ -390,33 +391,37 @@ class Gateway(Engine):
 
     def _probe(self, addresses: list[str]) -> None:
         """Health-check the nodes at `addresses` at once; count those that do not answer as gone."""
-        def check(address: str) -> None:
+        def check(client: NodeClient) -> None:
             try:
-                health_pb2_grpc.HealthStub(self._client_at[address].channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
+                health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(),
+                                                                 timeout=PROBE_TIMEOUT_S)
             except grpc.RpcError as e:
-                self._mark_dead(address, f"no answer to a health check ({e.code().name})")
+                self._mark_dead(client, f"no answer to a health check ({e.code().name})")
 
-        checks = [threading.Thread(target=check, args=(a,), daemon=True)
-                  for a in dict.fromkeys(addresses) if a not in self._dead]
+        live = [c for c in self.clients if c.address in addresses]
+        checks = [threading.Thread(target=check, args=(c,), daemon=True) for c in live]
         for t in checks:
             t.start()
         for t in checks:
             t.join()
 
+    def live(self, stage: RouteStage) -> bool:
+        """Whether the node `stage` names still runs (not one restarted at the same address since)."""
+        client = self._client_at.get(stage.address)
+        return client is not None and client in self.clients and client.info.node_id == stage.node_id
+
     def recover(self, failure: RouteError) -> None:
         """Make the route serve again after `failure`. Returns once the route's nodes are all live holders;
         raises `failure` itself when no node it ran through is gone (then it was no fault of the route's:
         a refused request, say), and a RouteError when some span has no live node and none can load it."""
-        suspects = [s.address for s in failure.route]
-        if not any(a in self._dead for a in suspects):
-            self._probe(suspects)
-        if not any(a in self._dead for a in suspects):
+        if all(self.live(s) for s in failure.route):
+            self._probe([s.address for s in failure.route])
+        if all(self.live(s) for s in failure.route):
             raise failure
         self._reroute()
 
     def _route_ok(self) -> bool:
-        return all(s.address in self.holders[(s.start, s.stop)] for s in self.route)
+        return all(self.live(s) and s.address in self.holders[(s.start, s.stop)] for s in self.route)
 
     def _reroute(self) -> None:
         """Rebuild the route from live holders: a span whose holders are all gone is loaded onto the node
@@ -454,7 +459,7 @@ class Gateway(Engine):
         the spans it now holds. A route that could not be rebuilt without it is rebuilt."""
         client = NodeClient(address, self.identity)
         with self._lock:
-            if client.address in self._client_at and client.address not in self._dead:
+            if self._client_at.get(address) in self.clients:  # known and live: nothing to do
                 client.close()
                 return [span for span, holders in self.holders.items() if address in holders]
             self._dead.pop(address, None)
@@ -532,6 +537,7 @@ class RemoteSession:
     def __init__(self, gateway: Gateway, capacity: int):
         self.gateway, self.capacity = gateway, capacity
         self.id, self.step = uuid.uuid4().hex, 0
+        self.route: tuple[RouteStage, ...] = tuple(gateway.route)  # where its KV caches are: it stays there
         self.history: list[int] = []  # the token at each position fed so far
         self.prefix_cache = gateway.prefix_model.new_cache(capacity)
         self.suffix_cache = gateway.suffix_model.new_cache(capacity)
@@ -549,7 +555,7 @@ class RemoteSession:
         g, positions = self.gateway, torch.arange(start, start + len(tokens))
         hidden = g.prefix_model.forward_span(g.prefix_model.embed(torch.tensor(tokens)), self.prefix_cache, positions)
         self.step += 1
-        hidden = g.run_route(self.id, self.step, start, self.capacity, hidden)
+        hidden = g.run_route(self.id, self.step, start, self.capacity, hidden, self.route)
         hidden = g.suffix_model.forward_span(hidden, self.suffix_cache, positions)
         return g.suffix_model.head(hidden[-1:])[0]
 
@@ -560,7 +566,7 @@ class RemoteSession:
         g, started, why = self.gateway, time.perf_counter(), str(failure)
         for _ in range(len(g._client_at) + 1):  # each round finds another node gone, or gives up
             g.recover(failure)
-            old, self.id, self.step = self.id, uuid.uuid4().hex, 0
+            old, self.id, self.step, self.route = self.id, uuid.uuid4().hex, 0, tuple(g.route)
             threading.Thread(target=g.end_session, args=(old,), daemon=True).start()
             self.prefix_cache.clear()
             self.suffix_cache.clear()
@@ -570,7 +576,7 @@ class RemoteSession:
             except RouteError as again:
                 failure = again
                 continue
-            g.recoveries.append(Recovery(why, time.perf_counter() - started, len(history), tuple(g.route)))
+            g.recoveries.append(Recovery(why, time.perf_counter() - started, len(history), self.route))
             return logits
         raise failure
 
