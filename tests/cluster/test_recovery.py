@@ -44,9 +44,10 @@ def swarm(tmp_path_factory):
         yield swarm
 
 
-def test_a_node_killed_mid_generation_fails_over_to_its_replica_and_rejoins(swarm, bundled_model):
+@pytest.mark.parametrize("routing", ["ring", "star"])
+def test_a_node_killed_mid_generation_fails_over_to_its_replica_and_rejoins(swarm, bundled_model, routing):
     gateway = Gateway(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
-                      replicas=1, progress=False)
+                      replicas=1, routing=routing, progress=False)
     try:
         assert all(len(holders) == 2 for holders in gateway.holders.values()), gateway.holders
         prompt, params = chat_prompt(gateway, STORY), greedy(48)
@@ -62,7 +63,7 @@ def test_a_node_killed_mid_generation_fails_over_to_its_replica_and_rejoins(swar
         outcome = assert_same_answer(got, want)
         [death] = gateway.deaths
         [recovery] = gateway.recoveries
-        print(f"kill -9 of {victim.address} (layers [{victim.start}, {victim.stop})): noticed after "
+        print(f"{routing}: kill -9 of {victim.address} (layers [{victim.start}, {victim.stop})): noticed after "
               f"{(death.noticed - killed[0]) * 1000:.0f} ms, the session moved and re-prefilled "
               f"{recovery.replayed_tokens} tokens in {recovery.seconds * 1000:.0f} ms; answer {outcome}")
         assert death.address == victim.address and death.noticed - killed[0] < 2.0

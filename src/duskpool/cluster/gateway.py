@@ -45,7 +45,7 @@ from duskpool.weights.store import config_metadata, model_hash, tensor_hashes
 CHUNK_BYTES = 4 * 2**20
 REVOCATION_POLL_S = 5.0  # how soon nodes hear of a member revoked with `duskpool nodes revoke`
 STEP_TIMEOUT_S = 300.0  # a step still unanswered after this is an error (dead nodes are noticed far sooner)
-PROBE_TIMEOUT_S = 1.0  # a node that does not answer a health check this fast is counted as gone
+PROBE_TIMEOUT_S = 2.0  # a node that does not answer a health check this fast is counted as gone
 
 Span = tuple[int, int]  # layers [start, stop)
 
