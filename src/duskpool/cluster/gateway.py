@@ -180,6 +180,8 @@ class Gateway(Engine):
         self._lock = threading.RLock()
         self._join_lock = threading.Lock()  # one node joins at a time
         self._dead: dict[str, str] = {}  # address -> why it is counted gone
+        # address -> the spans it held when it stopped lending: alive, finishing its sessions, given no new ones
+        self._draining: dict[str, list[Span]] = {}
         self.deaths: list[Death] = []
         self.recoveries: list[Recovery] = []
 
@@ -223,7 +225,11 @@ class Gateway(Engine):
 
     def _profiles(self) -> list[planner.NodeProfile]:
         """The live nodes as the planner sees them (their memory as it was when they joined)."""
-        return [node_profile(c, self.model.layer_bytes, even=self._even) for c in self.clients]
+        return [node_profile(c, self.model.layer_bytes, even=self._even) for c in self._lent()]
+
+    def _lent(self) -> list[NodeClient]:
+        """The live nodes that take new sessions (not draining)."""
+        return [c for c in self.clients if c.address not in self._draining]
 
     # --- weights ----------------------------------------------------------------------------------
     def _manifests(self) -> str:
@@ -274,9 +280,9 @@ class Gateway(Engine):
         """Load `spans` where the planner says, until each has `copies` live holders or no node has room;
         the (address, span) pairs loaded. Loads run outside the lock (a caller may hold it)."""
         with self._lock:
-            id_of = {c.info.node_id: c.address for c in self.clients}
+            id_of = {c.info.node_id: c.address for c in self._lent()}
             held = {c.info.node_id: [span for span, holders in self.holders.items() if c.address in holders]
-                    for c in self.clients}
+                    for c in self._lent()}
             added, _ = planner.replicate(self.model, self._profiles(), spans, held, copies, self.plan_config)
         placed = []
         for stage in added:
@@ -361,11 +367,12 @@ class Gateway(Engine):
 
     def _watch(self, client: NodeClient) -> None:
         """Health.Watch stays open while the node lives (keepalive pings it every second): its end means the
-        node is gone."""
+        node is gone. While it lives, its status says whether it lends itself (SERVING) or drains."""
         reason = "its health stream ended"
+        serving = health_pb2.HealthCheckResponse.SERVING
         try:
-            for _ in health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest()):
-                pass
+            for status in health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest()):
+                self._set_lending(client, status.status == serving)
         except grpc.RpcError as e:
             reason = f"{e.code().name}: {e.details()}"
         if not self._closing:
@@ -379,6 +386,7 @@ class Gateway(Engine):
             if client not in self.clients:
                 return  # counted gone already
             self._dead[address] = reason
+            self._draining.pop(address, None)
             self.clients = [c for c in self.clients if c is not client]
             for holders in self.holders.values():
                 if address in holders:
@@ -386,6 +394,28 @@ class Gateway(Engine):
             self.deaths.append(Death(address, client.info.node_id, time.monotonic(), reason))
             on_route = any(s.address == address for s in self.route)
         self._fail_through(address, f"node {client.info.node_id} at {address} is gone ({reason})")
+        if on_route:
+            threading.Thread(target=self._reroute_quietly, daemon=True).start()
+
+    def _set_lending(self, client: NodeClient, lent: bool) -> None:
+        """A node stopped lending (its owner is back: it finishes its sessions, takes no new ones) or lends
+        again. Draining, it leaves the holders, so new sessions get a route without it (its spans loaded
+        elsewhere if no replica has them); lending again, it holds what it held before."""
+        address = client.address
+        with self._lock:
+            if client not in self.clients or lent == (address not in self._draining):
+                return
+            if lent:
+                for span in self._draining.pop(address):
+                    if address not in self.holders[span]:
+                        self.holders[span].append(address)
+                if self._broken or not self._route_ok():
+                    threading.Thread(target=self._reroute_quietly, daemon=True).start()
+                return
+            self._draining[address] = [span for span, holders in self.holders.items() if address in holders]
+            for span in self._draining[address]:
+                self.holders[span].remove(address)
+            on_route = any(s.address == address for s in self.route)
         if on_route:
             threading.Thread(target=self._reroute_quietly, daemon=True).start()
 
@@ -414,9 +444,12 @@ class Gateway(Engine):
         """Make the route serve again after `failure`. Returns once the route's nodes are all live holders;
         raises `failure` itself when no node it ran through is gone (then it was no fault of the route's:
         a refused request, say), and a RouteError when some span has no live node and none can load it."""
-        if all(self.live(s) for s in failure.route):
+        def usable(stage: RouteStage) -> bool:  # a draining node that gave up a session is no fault either
+            return self.live(stage) and stage.address not in self._draining
+
+        if all(usable(s) for s in failure.route):
             self._probe([s.address for s in failure.route])
-        if all(self.live(s) for s in failure.route):
+        if all(usable(s) for s in failure.route):
             raise failure
         self._reroute()
 
