@@ -1,12 +1,15 @@
-"""A node's lending state drives what it accepts: available -> draining (owner back, requests in flight: they
-finish, no new session starts) -> unavailable -> available again, told to the gateway by the health status."""
+"""A node's sessions. Its lending state drives what it accepts: available -> draining (owner back, requests in
+flight finish, no new session starts) -> unavailable -> available again, told to the gateway by the health
+status. An ended session leaves nothing behind."""
 
 import pytest
+import torch
 from grpc_health.v1 import health_pb2
 
 from duskpool.cluster.node import NodeService, Session
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.idle import Lending, LendPolicy, MachineState
+from duskpool.models import KVCache
 
 AWAY = MachineState(idle_seconds=3600, on_ac=True)
 BACK = MachineState(idle_seconds=0.5, on_ac=True)
@@ -80,3 +83,14 @@ def test_the_owner_takes_the_machine_back_by_hand(tmp_path):
     node.end_session("x")
     node.hand_back(False)  # `kill -USR2`: lent again
     assert node.lend_state.lending is Lending.AVAILABLE
+
+
+def test_an_ended_session_leaves_nothing_in_memory(tmp_path):
+    """KV buffers are zeroed when a session ends (by its gateway, by idling out, or by a drain timeout)."""
+    node = NodeService(tmp_path)
+    cache = KVCache(range(0, 2), 2, 8, 16)
+    cache.k.normal_()
+    cache.v.normal_()
+    node.sessions["s"] = Session("peer", 16, caches={("m", 0, 2): cache})
+    assert node.end_session("s") and "s" not in node.sessions
+    assert torch.count_nonzero(cache.k) == 0 and torch.count_nonzero(cache.v) == 0
