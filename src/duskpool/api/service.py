@@ -306,6 +306,9 @@ class Service:
             if gateway is None:
                 self._poll_self()
                 continue
+            route = [(s.node_id, s.address, (s.start, s.stop)) for s in gateway.route]
+            if route != [(v.node_id, v.address, v.span) for v in self.nodes]:  # recovered or drained onto others
+                self.nodes = [NodeView(*stage) for stage in route]
             for view in self.nodes:
                 try:
                     info = gateway.node_info(view.address, timeout=NODE_POLL_S)
