@@ -18,9 +18,13 @@ def _home() -> Path:
     return Path(os.environ.get("DUSKPOOL_HOME") or Path.home() / ".duskpool").expanduser()
 
 
-def _add_security_flags(parser: argparse.ArgumentParser) -> None:
+def _add_state_dir_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", default=None, metavar="DIR",
                         help="the pool's state: CA, members, tokens (default: $DUSKPOOL_HOME/pool, ~/.duskpool/pool)")
+
+
+def _add_security_flags(parser: argparse.ArgumentParser) -> None:
+    _add_state_dir_flag(parser)
     parser.add_argument("--insecure", action="store_true",
                         help="plaintext, unauthenticated links between machines (debugging only)")
 
@@ -191,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "init", help="create this gateway's pool: its certificate authority and member list",
         description="Create the pool's certificate authority and state (SQLite) in --state-dir. Nodes join "
                     "with tokens from `duskpool token`; every link in the pool is then mutual TLS.")
-    init.add_argument("--state-dir", default=None, metavar="DIR", help="default: $DUSKPOOL_HOME/pool")
+    _add_state_dir_flag(init)
     init.set_defaults(handler=cmd_init)
 
     token = commands.add_parser(
@@ -199,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a short-lived, single-use token. On the machine to add: "
                     "duskpool node --join TOKEN@THIS_HOST:7472")
     token.add_argument("--ttl", default="10m", help="how long the token is valid, e.g. 10m, 1h (default: 10m)")
-    token.add_argument("--state-dir", default=None, metavar="DIR", help="default: $DUSKPOOL_HOME/pool")
+    _add_state_dir_flag(token)
     token.set_defaults(handler=cmd_token)
 
     nodes = commands.add_parser("nodes", help="list the pool's members, or revoke one",
@@ -207,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "its connections are refused from then on.")
     nodes.add_argument("action", nargs="?", choices=["list", "revoke"], default="list")
     nodes.add_argument("member", nargs="?", type=int, default=None, metavar="ID", help="the member to revoke")
-    nodes.add_argument("--state-dir", default=None, metavar="DIR", help="default: $DUSKPOOL_HOME/pool")
+    _add_state_dir_flag(nodes)
     nodes.set_defaults(handler=cmd_nodes)
 
     service = commands.add_parser(
