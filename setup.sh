@@ -39,8 +39,8 @@ install_chromium() {
         return 0
     fi
     echo "setup.sh: installing chromium for the dashboard's browser test" >&2
-    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 ||
-        { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } ||
+    apt-get install -y -qq chromium >/dev/null 2>&1 ||
+        { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; } ||
         echo "setup.sh: could not install chromium; the browser test will be skipped" >&2
 }
 
