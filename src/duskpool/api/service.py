@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import prometheus_client as prom
+import psutil
 
 from duskpool import __version__
 from duskpool.cluster.gateway import Gateway
@@ -294,10 +295,9 @@ class Service:
     # --- the dashboard's picture ----------------------------------------------------------------
     def _initial_nodes(self) -> list[NodeView]:
         gateway = self.gateway
-        if gateway is None:
-            n_layers = getattr(getattr(self.engine, "model", None), "config", None)
-            n = n_layers.n_layers if n_layers is not None else 0
-            return [NodeView("this machine", "in-process", (0, n), backend="cpu", health="ok")]
+        if gateway is None:  # the whole model in this process
+            n_layers = self.engine.model.config.n_layers
+            return [NodeView("this machine", "in-process", (0, n_layers), backend="cpu", health="ok")]
         return [NodeView(s.node_id, s.address, (s.start, s.stop)) for s in gateway.route]
 
     def _poll_nodes(self) -> None:
@@ -323,8 +323,6 @@ class Service:
             self._update_gauges()
 
     def _poll_self(self) -> None:
-        import psutil
-
         memory = psutil.virtual_memory()
         view = self.nodes[0]
         view.memory_total, view.memory_free, view.sessions = memory.total, memory.available, len(self.generations)
