@@ -128,9 +128,9 @@ def test_a_full_queue_answers_429_with_retry_after(local_engine, bundled_model):
 
 def test_api_keys(local_engine, bundled_model):
     with pytest.raises(ValueError, match="API key"):
-        check_bind("0.0.0.0", [])
-    check_bind("127.0.0.1", [])
-    check_bind("0.0.0.0", ["k"])
+        check_bind("0.0.0.0", keyed=False)
+    check_bind("127.0.0.1", keyed=False)
+    check_bind("0.0.0.0", keyed=True)
     service = Service(local_engine, BUNDLED_NAME, bundled_model)
     with live_server(service, check_key=key_checker(["s3cret", "other"])) as url:
         assert httpx.get(f"{url}/v1/models").status_code == 401

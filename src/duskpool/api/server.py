@@ -177,9 +177,9 @@ def create_app(service: Service, check_key: Callable[[str], bool] | None = None)
     return Gatekeeper(app, check_key)
 
 
-def check_bind(host: str, api_keys: list[str]) -> None:
+def check_bind(host: str, keyed: bool) -> None:
     """Off loopback, an API key is required: anyone on the network could otherwise use the pool."""
-    if not is_loopback(host) and not api_keys:
+    if not is_loopback(host) and not keyed:
         raise ValueError(f"serving on {host} (not loopback) needs an API key: make one with `duskpool key create` "
                          "or pass --api-key KEY (or set DUSKPOOL_API_KEY); or serve on 127.0.0.1")
 
@@ -192,11 +192,12 @@ def key_checker(api_keys: list[str]) -> Callable[[str], bool] | None:
     return lambda given: sum(hmac.compare_digest(given.encode(), k) for k in encoded) > 0
 
 
-def serve(service: Service, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_keys: list[str] = (),
+def serve(service: Service, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+          check_key: Callable[[str], bool] | None = None,
           on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until interrupted."""
-    check_bind(host, list(api_keys))
-    app = create_app(service, key_checker(list(api_keys)))
+    check_bind(host, check_key is not None)
+    app = create_app(service, check_key)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     if on_ready is not None:

@@ -18,6 +18,10 @@ def _home() -> Path:
     return Path(os.environ.get("DUSKPOOL_HOME") or Path.home() / ".duskpool").expanduser()
 
 
+def _state_dir(args: argparse.Namespace) -> Path:
+    return Path(args.state_dir).expanduser() if getattr(args, "state_dir", None) else _home() / "pool"
+
+
 def _add_state_dir_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", default=None, metavar="DIR",
                         help="the pool's state: CA, members, tokens (default: $DUSKPOOL_HOME/pool, ~/.duskpool/pool)")
@@ -112,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("prompt", nargs="?", default=None, help="the user message; '-' reads it from stdin")
     swarm.add_argument("--nodes", "-n", type=int, default=3, help="node processes to start (default: 3)")
     swarm.add_argument("--system", default=None, help="a system message to put before the prompt")
+    _add_state_dir_flag(swarm)  # where API keys from `duskpool key create` are
     swarm.add_argument("--insecure", action="store_true",
                        help="plaintext links between the local nodes (debugging only; by default the swarm makes "
                             "a throwaway pool and uses mutual TLS like any pool)")
@@ -223,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--dry-run", action="store_true", help="write the file, run nothing")
     service.set_defaults(handler=cmd_service)
 
+    key = commands.add_parser("key", help="make an API key for serving beyond this machine",
+                              description="`duskpool key create` prints a new key for the HTTP API (shown once; "
+                                          "only its hash is kept in the pool's state). Clients send it as "
+                                          "'Authorization: Bearer KEY'.")
+    key.add_argument("action", choices=["create"])
+    _add_state_dir_flag(key)
+    key.set_defaults(handler=cmd_key)
+
     models = commands.add_parser(
         "models", help="list the GGUF models already on this machine",
         description="List the GGUF models of Ollama (~/.ollama/models), LM Studio (~/.lmstudio/models, "
@@ -293,11 +306,19 @@ def _wait_for_ctrl_c(what: str) -> int:
         return 0
 
 
-def _api_keys(args: argparse.Namespace) -> list[str]:
-    keys = list(args.api_key)
-    if os.environ.get("DUSKPOOL_API_KEY"):
-        keys.append(os.environ["DUSKPOOL_API_KEY"])
-    return keys
+def _key_check(args: argparse.Namespace):
+    """What the HTTP API accepts as a key: --api-key / DUSKPOOL_API_KEY, and the keys `duskpool key create`
+    stored in the pool's state; None when there are none (then it may serve on loopback only)."""
+    from duskpool.api.server import key_checker
+    from duskpool.security import PoolState
+
+    given = key_checker(args.api_key + ([os.environ["DUSKPOOL_API_KEY"]] if os.environ.get("DUSKPOOL_API_KEY")
+                                        else []))
+    pool = PoolState(_state_dir(args))
+    stored = pool.check_api_key if pool.exists and pool.has_api_keys() else None
+    if given is None or stored is None:
+        return given or stored
+    return lambda key: given(key) | stored(key)  # both, always: no early exit to time
 
 
 def _model_name(model: str | None, path: Path) -> str:
@@ -323,7 +344,7 @@ def _serve(engine, args: argparse.Namespace) -> int:
               f"Ollama: {url}/api); Ctrl-C stops", file=sys.stderr, flush=True)
 
     try:
-        serve(service, args.host, args.port, _api_keys(args), on_ready=ready)
+        serve(service, args.host, args.port, _key_check(args), on_ready=ready)
     finally:
         service.close()
     return 0
@@ -345,7 +366,7 @@ def _pool(args: argparse.Namespace):
     """The gateway's pool state, which must exist (`duskpool init`)."""
     from duskpool.security import PoolState
 
-    pool = PoolState(Path(args.state_dir).expanduser() if args.state_dir else _home() / "pool")
+    pool = PoolState(_state_dir(args))
     if not pool.exists:
         raise ValueError(f"no pool at {pool.state_dir}: run `duskpool init` first (or pass --insecure to debug "
                          "without TLS)")
@@ -399,7 +420,7 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         _generation_params(args)
     else:
-        check_bind(args.host, _api_keys(args))  # before minutes of starting nodes, not after
+        check_bind(args.host, _key_check(args) is not None)  # before minutes of starting nodes, not after
     _set_threads(args)
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
@@ -451,7 +472,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from duskpool.engine.runner import LocalEngine
     from duskpool.weights.catalog import resolve_model
 
-    check_bind(args.host, _api_keys(args))
+    check_bind(args.host, _key_check(args) is not None)
     _set_threads(args)
     join_server = None
     if args.node:
@@ -504,6 +525,18 @@ def cmd_service(args: argparse.Namespace) -> int:
             uninstall(dry_run=args.dry_run)
     except ServiceError as e:
         raise RuntimeError(str(e)) from None
+    return 0
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    from duskpool.security import PoolState
+
+    pool = PoolState(_state_dir(args))
+    if not pool.exists:
+        pool.init()
+        print(f"duskpool: created the pool's state in {pool.state_dir}", file=sys.stderr)
+    print(pool.create_api_key())
+    print("duskpool: shown once; clients send it as 'Authorization: Bearer KEY'", file=sys.stderr)
     return 0
 
 
@@ -562,7 +595,7 @@ def _join_when_up(join, gateway: str, patience_s: float = 120.0):
 def cmd_init(args: argparse.Namespace) -> int:
     from duskpool.security import PoolState
 
-    pool = PoolState(Path(args.state_dir).expanduser() if args.state_dir else _home() / "pool")
+    pool = PoolState(_state_dir(args))
     try:
         pool.init()
     except FileExistsError:

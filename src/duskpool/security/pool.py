@@ -413,6 +413,10 @@ class PoolState:
             db.execute("INSERT INTO api_keys (hash, created_at) VALUES (?, ?)", (_sha256(key), time.time()))
         return key
 
+    def has_api_keys(self) -> bool:
+        with self._db() as db:
+            return db.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+
     def check_api_key(self, key: str) -> bool:
         """Constant-time against every stored hash (no early exit, so timing says nothing about which matched)."""
         candidate = _sha256(key)
