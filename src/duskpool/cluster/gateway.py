@@ -46,6 +46,8 @@ CHUNK_BYTES = 4 * 2**20
 REVOCATION_POLL_S = 5.0  # how soon nodes hear of a member revoked with `duskpool nodes revoke`
 STEP_TIMEOUT_S = 300.0  # a step still unanswered after this is an error (dead nodes are noticed far sooner)
 PROBE_TIMEOUT_S = 2.0  # a node that does not answer a health check this fast is counted as gone
+REJOIN_POLL_S = 3.0  # how often a node counted gone is asked whether it is back (a Wi-Fi blip, a busy CPU)
+REJOIN_GIVE_UP_S = 600.0  # after this long gone, an address is no longer asked
 
 Span = tuple[int, int]  # layers [start, stop)
 
@@ -90,7 +92,10 @@ class NodeClient:
     def __init__(self, address: str, identity: NodeIdentity | None, timeout: float = 10.0):
         self.address = address
         # its own connection: closing another gateway's channel to the same node must not touch this one
-        self.channel = open_channel(address, identity, [("grpc.use_local_subchannel_pool", 1)])
+        self.channel = open_channel(address, identity, [("grpc.use_local_subchannel_pool", 1),
+                                                        # a node back from a blip is seen within seconds
+                                                        ("grpc.initial_reconnect_backoff_ms", 500),
+                                                        ("grpc.max_reconnect_backoff_ms", 2000)])
         self.stub = pb_grpc.NodeStub(self.channel)
         started = time.perf_counter()
         try:
@@ -222,6 +227,7 @@ class Gateway(Engine):
             self._start_watch(client)
         if pool is not None and identity is not None:
             threading.Thread(target=self._push_revocations, daemon=True).start()
+        threading.Thread(target=self._rejoin_returning, daemon=True, name="rejoin").start()
 
     def _profiles(self) -> list[planner.NodeProfile]:
         """The live nodes as the planner sees them (their memory as it was when they joined)."""
@@ -510,6 +516,23 @@ class Gateway(Engine):
         if not self._route_ok() or self._broken:
             self._reroute_quietly()
         return [span for a, span in placed if a == address]
+
+    def _rejoin_returning(self) -> None:
+        """Take back a node counted gone that answers again at its address (its link came back, or it was only
+        too busy to answer pings): it rejoins as any node does, holding what its cache has."""
+        while not self._closing:
+            time.sleep(REJOIN_POLL_S)
+            now = time.monotonic()
+            gone = {d.address: d.noticed for d in self.deaths}
+            for address in [a for a in list(self._dead) if now - gone.get(a, now) < REJOIN_GIVE_UP_S]:
+                if self._closing:
+                    return
+                try:
+                    health_pb2_grpc.HealthStub(self._client_at[address].channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=1.0, wait_for_ready=True)
+                    self.add_node(address)
+                except (grpc.RpcError, RouteError):
+                    continue  # still gone
 
     def _push_revocations(self) -> None:
         """Tell every node which certificates are revoked, now and whenever that changes."""
