@@ -1,5 +1,6 @@
 """Shared fixtures: the bundled model, and tiny random Llama models written to GGUF."""
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,16 @@ Q = gguf.GGMLQuantizationType
 QUANTIZABLE = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
 # byte offset and value of the fp16 scale fields (d, dmin) in one block of each K-quant
 K_SCALES = {Q.Q4_K: [(0, 2e-4), (2, 2e-4)], Q.Q5_K: [(0, 1e-4), (2, 1e-4)], Q.Q6_K: [(208, 3e-5)]}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.fixture(scope="session")

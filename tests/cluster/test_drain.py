@@ -4,24 +4,16 @@ rejoins when lent again. The owner's return is `kill -USR1` (the same path the i
 import os
 import signal
 import threading
-import time
 
 import pytest
 
 from duskpool.cluster.gateway import Gateway
 from duskpool.cluster.swarm import LocalSwarm
 from tests.cluster.chaos import PROMPTS, answer, chat_prompt, compare, fault_free, greedy
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
-
-def wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_a_draining_node_finishes_its_three_requests_new_ones_go_elsewhere_it_rejoins(tmp_path, bundled_model):

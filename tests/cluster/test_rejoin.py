@@ -2,24 +2,16 @@
 
 import os
 import signal
-import time
 
 import pytest
 
 from duskpool.cluster.gateway import Gateway
 from duskpool.cluster.swarm import LocalSwarm
 from tests.cluster.chaos import answer, chat_prompt, compare, greedy
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
-
-def wait_for(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_a_frozen_node_is_counted_gone_then_rejoins_when_it_thaws(tmp_path, bundled_model):
