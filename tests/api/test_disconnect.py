@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from duskpool.weights.catalog import BUNDLED_NAME
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +40,7 @@ def test_disconnect_mid_stream_frees_kv_on_every_node(base_url, gateway, service
     # the connection is closed here, some 5 tokens into a 2000-token answer
     assert all(sessions == 1 and kv > 0 for sessions, kv in during), during
     assert wait_until_freed(gateway) == [(0, 0)] * 3
-    deadline = time.monotonic() + 5
-    while service.generations and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not service.generations
+    assert wait_for(lambda: not service.generations, 5)
     assert service.total_tokens < 500  # it stopped, rather than running to the end unseen
 
 

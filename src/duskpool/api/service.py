@@ -93,6 +93,10 @@ class NodeView:
     lending: str = "available"
     health: str = "unknown"
 
+    @property
+    def stage(self) -> tuple[str, str, tuple[int, int]]:
+        return self.node_id, self.address, self.span
+
 
 async def _prepend(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator[str]:
     try:
@@ -102,6 +106,11 @@ async def _prepend(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator
                 yield piece
     finally:
         await rest.aclose()
+
+
+def _route_views(gateway: Gateway) -> list[NodeView]:
+    """A fresh (not yet polled) view of each stage of the gateway's current route."""
+    return [NodeView(s.node_id, s.address, (s.start, s.stop)) for s in gateway.route]
 
 
 def _text(content) -> str:
@@ -298,7 +307,7 @@ class Service:
         if gateway is None:  # the whole model in this process
             n_layers = self.engine.model.config.n_layers
             return [NodeView("this machine", "in-process", (0, n_layers), backend="cpu", health="ok")]
-        return [NodeView(s.node_id, s.address, (s.start, s.stop)) for s in gateway.route]
+        return _route_views(gateway)
 
     def _poll_nodes(self) -> None:
         while not self._stop.wait(0 if self.nodes[0].health == "unknown" else NODE_POLL_S):
@@ -306,9 +315,9 @@ class Service:
             if gateway is None:
                 self._poll_self()
                 continue
-            route = [(s.node_id, s.address, (s.start, s.stop)) for s in gateway.route]
-            if route != [(v.node_id, v.address, v.span) for v in self.nodes]:  # recovered or drained onto others
-                self.nodes = [NodeView(*stage) for stage in route]
+            views = _route_views(gateway)
+            if [v.stage for v in views] != [v.stage for v in self.nodes]:
+                self.nodes = views  # the route changed: a node was lost or drained, others took its span
             for view in self.nodes:
                 try:
                     info = gateway.node_info(view.address, timeout=NODE_POLL_S)

@@ -4,6 +4,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -330,7 +331,7 @@ def _model_name(model: str | None, path: Path) -> str:
     return path.stem if Path(model).expanduser().exists() else model
 
 
-def _serve(engine, args: argparse.Namespace) -> int:
+def _serve(engine, args: argparse.Namespace, check_key) -> int:
     from duskpool.api.server import serve
     from duskpool.api.service import Service
     from duskpool.weights.catalog import resolve_model
@@ -344,7 +345,7 @@ def _serve(engine, args: argparse.Namespace) -> int:
               f"Ollama: {url}/api); Ctrl-C stops", file=sys.stderr, flush=True)
 
     try:
-        serve(service, args.host, args.port, _key_check(args), on_ready=ready)
+        serve(service, args.host, args.port, check_key, on_ready=ready)
     finally:
         service.close()
     return 0
@@ -382,14 +383,20 @@ def _gateway_security(args: argparse.Namespace):
     return pool.gateway_identity(), pool
 
 
-def _start_join_server(pool, port: int):
+@contextmanager
+def _join_server(pool, port: int):
+    """Where nodes join the pool with a token, while the block runs (nothing with --insecure)."""
     from duskpool.security import start_join_server
 
     if pool is None:
-        return None
+        yield
+        return
     server, bound = start_join_server(pool, "0.0.0.0", port)
     print(f"duskpool: nodes join at port {bound} (`duskpool token` prints a token)", file=sys.stderr)
-    return server
+    try:
+        yield
+    finally:
+        server.stop(grace=0)
 
 
 def _start_gateway(args: argparse.Namespace, addresses: list[str], identity, pool, even_split: bool = False):
@@ -417,10 +424,12 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     from duskpool.api.server import check_bind
     from duskpool.cluster.swarm import LocalSwarm
 
+    check_key = None
     if args.prompt is not None:
         _generation_params(args)
     else:
-        check_bind(args.host, _key_check(args) is not None)  # before minutes of starting nodes, not after
+        check_key = _key_check(args)
+        check_bind(args.host, check_key is not None)  # before minutes of starting nodes, not after
     _set_threads(args)
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
@@ -431,7 +440,7 @@ def cmd_swarm(args: argparse.Namespace) -> int:
         gateway = _start_gateway(args, swarm.addresses, swarm.gateway_identity, pool, even_split=True)
         try:
             if args.prompt is None:
-                return _serve(gateway, args)
+                return _serve(gateway, args, check_key)
             return _answer(gateway, args)
         finally:
             gateway.close()
@@ -444,27 +453,20 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         _generation_params(args)
     _set_threads(args)
     identity, pool = _gateway_security(args)
-    join_server = _start_join_server(pool, args.join_port)
-    addresses = args.node
-    if not addresses:
-        print("duskpool: looking for nodes on the local network (mDNS); waiting until one joins or announces "
-              "itself (Ctrl-C stops)", file=sys.stderr)
-        while not (addresses := browse(timeout=3.0)):
-            pass
-    try:
+    with _join_server(pool, args.join_port):
+        addresses = args.node
+        if not addresses:
+            print("duskpool: looking for nodes on the local network (mDNS); waiting until one joins or announces "
+                  "itself (Ctrl-C stops)", file=sys.stderr)
+            while not (addresses := browse(timeout=3.0)):
+                pass
         gateway = _start_gateway(args, addresses, identity, pool)
-    except BaseException:
-        if join_server is not None:
-            join_server.stop(grace=0)
-        raise
-    try:
-        if args.prompt is None:
-            return _wait_for_ctrl_c("gateway is up")
-        return _answer(gateway, args)
-    finally:
-        gateway.close()
-        if join_server is not None:
-            join_server.stop(grace=0)
+        try:
+            if args.prompt is None:
+                return _wait_for_ctrl_c("gateway is up")
+            return _answer(gateway, args)
+        finally:
+            gateway.close()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -472,24 +474,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from duskpool.engine.runner import LocalEngine
     from duskpool.weights.catalog import resolve_model
 
-    check_bind(args.host, _key_check(args) is not None)
+    check_key = _key_check(args)
+    check_bind(args.host, check_key is not None)
     _set_threads(args)
-    join_server = None
-    if args.node:
-        identity, pool = _gateway_security(args)
-        join_server = _start_join_server(pool, args.join_port)
-        engine = _start_gateway(args, args.node, identity, pool)
-    else:
+    if not args.node:
         path = resolve_model(args.model)
         print(f"duskpool: loading {path}", file=sys.stderr)
-        engine = LocalEngine.load(path, args.context, progress=True)
-    try:
-        return _serve(engine, args)
-    finally:
-        if args.node:
-            engine.close()
-        if join_server is not None:
-            join_server.stop(grace=0)
+        return _serve(LocalEngine.load(path, args.context, progress=True), args, check_key)
+    identity, pool = _gateway_security(args)
+    with _join_server(pool, args.join_port):
+        gateway = _start_gateway(args, args.node, identity, pool)
+        try:
+            return _serve(gateway, args, check_key)
+        finally:
+            gateway.close()
 
 
 def cmd_node(args: argparse.Namespace) -> int:

@@ -4,7 +4,6 @@ A request's path through a node is `Forward`: check the message, run the span, t
 to the next hop of its route (ring) or answer the sender (star).
 """
 
-
 import hashlib
 import json
 import os
@@ -399,7 +398,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.revoked = frozenset(request.fingerprints)
         return pb.RevokedReply()
 
-    def update_lending(self, machine, now: float) -> LendState:
+    def update_lending(self, machine: MachineState, now: float) -> LendState:
         """One step of the lending state machine; on a change, tell the gateway through the health status.
         Draining keeps the sessions in flight; once it times out they are ended (the gateway re-routes them)."""
         with self._lock:
