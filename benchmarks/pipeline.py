@@ -1,10 +1,14 @@
 """Pipeline speed: decode tok/s and time to first token for 1-4 stages, ring vs star, vs one process.
 
-    .venv/bin/python benchmarks/pipeline.py [--model PATH] [--tokens 64] [--max-stages 4] [--netns]
+    .venv/bin/python benchmarks/pipeline.py [--model PATH] [--tokens 64] [--max-stages 4] [--netns] [--pin]
 
 Nodes are real `duskpool node` processes on loopback (and, with --netns as root, in network
 namespaces whose links are shaped like a LAN; the figures are printed next to a latency + bandwidth
 model's prediction). Greedy decode with end tokens ignored; all figures come from this one run.
+
+With --pin (Linux, needs (max stages + 1) x threads CPUs) each process gets cores of its own, as nodes
+on separate machines would: the gateway and the single-process baseline the first `threads` cores,
+node i the next ones. Without it, all processes share whatever cores the machine has.
 """
 
 import argparse
@@ -48,7 +52,16 @@ def main() -> None:
     parser.add_argument("--max-stages", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--netns", action="store_true", help="also run 4 stages across network namespaces")
+    parser.add_argument("--pin", action="store_true", help="give each process cores of its own (taskset)")
     args = parser.parse_args()
+    prefixes = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < (args.max_stages + 1) * args.threads:
+            parser.error(f"--pin needs {(args.max_stages + 1) * args.threads} CPUs; this process may use {len(cpus)}")
+        os.sched_setaffinity(0, cpus[:args.threads])  # before torch or gRPC start threads: they inherit it
+        prefixes = [["taskset", "-c", ",".join(map(str, cpus[(i + 1) * args.threads:(i + 2) * args.threads]))]
+                    for i in range(args.max_stages)]
     model = args.model or bundled_model_path()
     set_threads(args.threads)
 
@@ -58,11 +71,11 @@ def main() -> None:
     base_ttft, base_rate = measure(local, prompt, args.tokens)
     base_ms = 1000 / base_rate
     print(f"model {model.name}, {args.threads} threads per process, prompt {len(prompt)} tokens, "
-          f"decode {args.tokens} tokens")
+          f"decode {args.tokens} tokens, {os.cpu_count()} CPUs{', each process pinned to its own' if args.pin else ''}")
     print(f"{'setup':<24}{'decode tok/s':>13}{'x single':>10}{'TTFT ms':>10}{'us/hop':>9}")
     print(f"{'single process':<24}{base_rate:>13.1f}{1.0:>10.2f}{base_ttft:>10.1f}{'':>9}")
 
-    with LocalSwarm(args.max_stages, threads=args.threads) as swarm:
+    with LocalSwarm(args.max_stages, threads=args.threads, prefixes=prefixes) as swarm:
         for stages in range(1, args.max_stages + 1):
             for routing in ("ring", "star"):
                 gateway = Gateway(model, swarm.addresses[:stages],
