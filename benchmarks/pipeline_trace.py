@@ -16,11 +16,13 @@ import functools
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 TRACE_DIR = "DUSKPOOL_BENCH_TRACE_DIR"
+FLUSH_S = 0.2  # each process writes its marks out this often
 
 
 def install(out_dir: str) -> None:
@@ -28,10 +30,19 @@ def install(out_dir: str) -> None:
     from duskpool.cluster import gateway, node, wire
     from duskpool.models.llama import Llama
 
-    log = open(Path(out_dir) / f"{os.getpid()}.txt", "a", buffering=1)
+    log, marks = open(Path(out_dir) / f"{os.getpid()}.txt", "a"), []
 
     def mark(tag: str) -> None:
-        log.write(f"{time.monotonic_ns()} {tag}\n")
+        marks.append((time.monotonic_ns(), tag))  # no I/O here: a write would give up the GIL mid-step
+
+    def flush() -> None:
+        while True:
+            time.sleep(FLUSH_S)
+            taken = len(marks)
+            log.write("".join(f"{t} {tag}\n" for t, tag in marks[:taken]))
+            log.flush()
+            del marks[:taken]
+    threading.Thread(target=flush, daemon=True).start()
 
     def wrap(owner, name: str, before: str | None, after: str | None) -> None:
         inner = getattr(owner, name)
@@ -161,6 +172,7 @@ def main() -> None:
                 for file in trace_dir.glob("*.txt"):
                     file.write_text("")  # only the measured decode below
                 _, rate = measure(gateway, prompt, args.tokens)
+                time.sleep(3 * FLUSH_S)  # every process has written its marks
             finally:
                 gateway.close()
         names, durations, steps = stretches(trace_dir, os.getpid())
