@@ -45,6 +45,25 @@ def measure(engine, prompt: list[int], tokens: int) -> tuple[float, float]:
         session.close()
 
 
+def single_process(model: Path, threads: int, tokens: int) -> tuple[LocalEngine, list[int], float, float]:
+    """The whole model in this process: the engine, the benchmark's prompt, TTFT in ms and decode tok/s."""
+    set_threads(threads)
+    local = LocalEngine.load(model)
+    prompt = local.tokenizer.encode(local.tokenizer.render_chat([{"role": "user", "content": QUESTION}]))
+    measure(local, prompt, 8)  # warm-up
+    return local, prompt, *measure(local, prompt, tokens)
+
+
+def pin(stages: int, threads: int) -> list[list[str]]:
+    """Give this process the first `threads` CPUs (before torch or gRPC start threads: they inherit them)
+    and return a command prefix per node that gives node i the next ones. Raises if too few CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < (stages + 1) * threads:
+        raise ValueError(f"--pin needs {(stages + 1) * threads} CPUs; this process may use {len(cpus)}")
+    os.sched_setaffinity(0, cpus[:threads])
+    return [["taskset", "-c", ",".join(map(str, cpus[(i + 1) * threads:(i + 2) * threads]))] for i in range(stages)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None)
@@ -54,21 +73,12 @@ def main() -> None:
     parser.add_argument("--netns", action="store_true", help="also run 4 stages across network namespaces")
     parser.add_argument("--pin", action="store_true", help="give each process cores of its own (taskset)")
     args = parser.parse_args()
-    prefixes = None
-    if args.pin:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < (args.max_stages + 1) * args.threads:
-            parser.error(f"--pin needs {(args.max_stages + 1) * args.threads} CPUs; this process may use {len(cpus)}")
-        os.sched_setaffinity(0, cpus[:args.threads])  # before torch or gRPC start threads: they inherit it
-        prefixes = [["taskset", "-c", ",".join(map(str, cpus[(i + 1) * args.threads:(i + 2) * args.threads]))]
-                    for i in range(args.max_stages)]
+    try:
+        prefixes = pin(args.max_stages, args.threads) if args.pin else None
+    except ValueError as e:
+        parser.error(str(e))
     model = args.model or bundled_model_path()
-    set_threads(args.threads)
-
-    local = LocalEngine.load(model)
-    prompt = local.tokenizer.encode(local.tokenizer.render_chat([{"role": "user", "content": QUESTION}]))
-    measure(local, prompt, 8)  # warm-up
-    base_ttft, base_rate = measure(local, prompt, args.tokens)
+    local, prompt, base_ttft, base_rate = single_process(model, args.threads, args.tokens)
     base_ms = 1000 / base_rate
     print(f"model {model.name}, {args.threads} threads per process, prompt {len(prompt)} tokens, "
           f"decode {args.tokens} tokens, {os.cpu_count()} CPUs{', each process pinned to its own' if args.pin else ''}")

@@ -132,28 +132,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pin", action="store_true", help="give each process cores of its own (taskset)")
     args = parser.parse_args()
-    prefixes = None
-    if args.pin:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < (args.stages + 1) * args.threads:
-            parser.error(f"--pin needs {(args.stages + 1) * args.threads} CPUs; this process may use {len(cpus)}")
-        os.sched_setaffinity(0, cpus[:args.threads])
-        prefixes = [["taskset", "-c", ",".join(map(str, cpus[(i + 1) * args.threads:(i + 2) * args.threads]))]
-                    for i in range(args.stages)]
+    from pipeline import measure, pin, single_process
 
-    from pipeline import QUESTION, measure
-
+    try:
+        prefixes = pin(args.stages, args.threads) if args.pin else None
+    except ValueError as e:
+        parser.error(str(e))
     from duskpool.cluster.gateway import Gateway
     from duskpool.cluster.swarm import LocalSwarm
-    from duskpool.engine.runner import LocalEngine, set_threads
     from duskpool.weights.catalog import bundled_model_path
 
     model = args.model or bundled_model_path()
-    set_threads(args.threads)
-    local = LocalEngine.load(model)
-    prompt = local.tokenizer.encode(local.tokenizer.render_chat([{"role": "user", "content": QUESTION}]))
-    measure(local, prompt, 8)
-    _, single_rate = measure(local, prompt, args.tokens)
+    _, prompt, _, single_rate = single_process(model, args.threads, args.tokens)
 
     with tempfile.TemporaryDirectory() as work:
         work_dir, trace_dir = Path(work), Path(work) / "trace"
