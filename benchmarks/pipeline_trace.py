@@ -105,11 +105,12 @@ def stretches(trace_dir: Path, gateway_pid: int) -> tuple[list[str], list[list[f
         for _, pid, _ in step:
             roles.setdefault(pid, f"node {len(roles)}")
         timelines.append([(t, f"{roles[pid]}: {tag}") for t, pid, tag in step])
-    common, count = Counter(tuple(label for _, label in tl) for tl in timelines).most_common(1)[0]
+    signatures = [tuple(label for _, label in tl) for tl in timelines]
+    common, count = Counter(signatures).most_common(1)[0]
     names = [f"{a} -> {b}" for a, b in zip(common, common[1:], strict=False)]
     durations: list[list[float]] = [[] for _ in names]
-    for tl in timelines:
-        if tuple(label for _, label in tl) == common:
+    for tl, signature in zip(timelines, signatures, strict=True):
+        if signature == common:
             for i, ((t0, _), (t1, _)) in enumerate(zip(tl, tl[1:], strict=False)):
                 durations[i].append((t1 - t0) / 1000)
     return names, durations, count
@@ -159,6 +160,7 @@ def main() -> None:
                               even_split=True, progress=False)
             try:
                 measure(gateway, prompt, 8)
+                time.sleep(3 * FLUSH_S)  # the warm-up's marks are written out before they are dropped
                 for file in trace_dir.glob("*.txt"):
                     file.write_text("")  # only the measured decode below
                 _, rate = measure(gateway, prompt, args.tokens)
