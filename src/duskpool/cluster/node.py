@@ -187,7 +187,7 @@ class NodeService(pb_grpc.NodeServicer):
     # --- Info -------------------------------------------------------------------------------------
     def Info(self, request: pb.InfoRequest, context) -> pb.NodeInfo:
         with self._lock:
-            kv = sum(c.nbytes for s in self.sessions.values() for c in s.caches.values())
+            kv = self._kv_bytes()
             spans = [pb.SpanInfo(model_hash=h, start=a, stop=b) for h, a, b in self.spans]
             n_sessions = len(self.sessions)
         return pb.NodeInfo(version=__version__, node_id=self.node_id, backend="cpu",
@@ -197,9 +197,12 @@ class NodeService(pb_grpc.NodeServicer):
                            spans=spans, sessions=n_sessions, kv_bytes=kv, lending=self.lend_state.lending.value,
                            lending_reason=self.lend_state.reason)
 
+    def _kv_bytes(self) -> int:
+        # snapshots: Info and LoadSpan ask without the lock while Forward opens and ends sessions
+        return sum(c.nbytes for s in list(self.sessions.values()) for c in list(s.caches.values()))
+
     def free_bytes(self) -> int:
-        used = sum(self.span_bytes.values()) + sum(c.nbytes for s in self.sessions.values()
-                                                   for c in s.caches.values())
+        used = sum(self.span_bytes.values()) + self._kv_bytes()
         available = psutil.virtual_memory().available
         if self.memory_limit is not None:
             available = min(available, self.memory_limit - used)
