@@ -506,11 +506,7 @@ class Gateway(Engine):
             self.clients = self.clients + [client]
         self._start_watch(client)
         if self.pool is not None and self.identity is not None:
-            try:
-                client.stub.SetRevoked(pb.RevokedList(fingerprints=sorted(self.pool.revoked_fingerprints())),
-                                       timeout=5)
-            except grpc.RpcError:
-                pass  # its watcher will notice if it is gone
+            _tell_revoked(client, self.pool.revoked_fingerprints())  # if it is gone, its watcher will notice
         with self._join_lock:
             placed = self._place(self.spans, 1 + self.replicas)
         if not self._route_ok() or self._broken:
@@ -540,12 +536,8 @@ class Gateway(Engine):
         while not self._closing:
             revoked = self.pool.revoked_fingerprints()
             if revoked != told:
-                for client in self.clients:
-                    try:
-                        client.stub.SetRevoked(pb.RevokedList(fingerprints=sorted(revoked)), timeout=5)
-                    except grpc.RpcError:
-                        revoked = None  # try this node again next round
-                told = revoked
+                # a node that did not hear it is told again next round
+                told = revoked if all([_tell_revoked(c, revoked) for c in self.clients]) else None
             time.sleep(REVOCATION_POLL_S)
 
     @property
@@ -573,6 +565,15 @@ class Gateway(Engine):
         for client in self._client_at.values():
             client.close()
         self._server.stop(grace=0.5)
+
+
+def _tell_revoked(client: NodeClient, fingerprints: set[str]) -> bool:
+    """Send a node the revoked certificates' fingerprints; whether it heard them."""
+    try:
+        client.stub.SetRevoked(pb.RevokedList(fingerprints=sorted(fingerprints)), timeout=5)
+        return True
+    except grpc.RpcError:
+        return False
 
 
 def _settle(future: Future, result=None, error: Exception | None = None) -> None:
