@@ -48,6 +48,10 @@ class CAMismatch(JoinError):
     """The server's CA is not the one the token pins: another pool, or someone in between."""
 
 
+class JoinServerUnreachable(JoinError):
+    """Nothing answered TLS at the join server's address: not up yet, or the wrong address (a retry may help)."""
+
+
 def _decode(data: bytes) -> Any:
     try:
         return json.loads(data)
@@ -131,7 +135,7 @@ def fetch_pinned_ca(address: str, ca_fingerprint: str, timeout: float = 10.0) ->
             chain = tls.get_unverified_chain() if hasattr(tls, "get_unverified_chain") \
                 else tls._sslobj.get_unverified_chain()  # type: ignore[union-attr]
     except (OSError, ssl.SSLError) as e:
-        raise JoinError(f"could not reach the join server at {address}: {e}") from None
+        raise JoinServerUnreachable(f"could not reach the join server at {address}: {e}") from None
     ders = [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain or []]
     for der in ders:
         if hashlib.sha256(der).hexdigest() == ca_fingerprint:
@@ -145,7 +149,8 @@ def join(token_text: str, gateway: str, name: str, node_address: str | None = No
          timeout: float = 10.0) -> NodeIdentity:
     """Join the pool at `gateway` (host:port of its join server) as `name`; the identity to save.
 
-    Raises ValueError (malformed token), CAMismatch, JoinRefused (the gateway's reason) or JoinError.
+    Raises ValueError (malformed token), JoinServerUnreachable, CAMismatch, JoinRefused (the gateway's reason)
+    or JoinError.
     """
     token = parse_token(token_text)
     ca_pem = fetch_pinned_ca(gateway, token.ca_fingerprint, timeout)
