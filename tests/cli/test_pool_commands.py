@@ -134,17 +134,18 @@ def test_service_install_writes_a_unit_that_runs_the_node_with_its_flags(tmp_pat
 
 
 def test_key_create_makes_a_key_the_api_accepts(capsys, tmp_path, monkeypatch):
-    from duskpool.cli.main import _key_check, build_parser
+    from duskpool.cli.parser import build_parser
+    from duskpool.cli.serving import key_check
 
     monkeypatch.delenv("DUSKPOOL_API_KEY", raising=False)
     state = str(tmp_path / "pool")
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--state-dir", state])
-    assert _key_check(args) is None  # no keys yet: serving off loopback would be refused
+    assert key_check(args) is None  # no keys yet: serving off loopback would be refused
     code, key, _ = run_cli(capsys, "key", "create", "--state-dir", state)
     key = key.strip()
     assert code == 0 and key.startswith("dpk_") and key not in (tmp_path / "pool" / "pool.db").read_bytes().decode(
         "latin-1")
-    check = _key_check(args)
+    check = key_check(args)
     assert check(key) and not check(key + "x") and not check("")
-    both = _key_check(build_parser().parse_args(["serve", "--api-key", "given", "--state-dir", state]))
+    both = key_check(build_parser().parse_args(["serve", "--api-key", "given", "--state-dir", state]))
     assert both("given") and both(key) and not both("neither")
