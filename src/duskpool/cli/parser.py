@@ -233,7 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="show how a model would be split over nodes, and why",
         description="Ask each node for its memory and speed, then print the placement the gateway would use.")
     plan.add_argument("--node", action="append", default=[], metavar="HOST:PORT", help="a node (repeatable)")
-    plan.add_argument("--explain", action="store_true", help="print the full table and the reasons (default)")
     _add_security_flags(plan)
     _add_model_flags(plan)
     _add_route_flags(plan)
