@@ -273,18 +273,14 @@ def _node_identity(args: argparse.Namespace):
 
 def _join_when_up(join, gateway: str, patience_s: float = 120.0):
     """Join, retrying while the gateway's join server is not up yet (nodes and gateway start in any order)."""
-    from duskpool.security import CAMismatch, JoinError
+    from duskpool.security.join import JoinServerUnreachable
 
     deadline = time.monotonic() + patience_s
     while True:
-        try:
+        try:  # any other JoinError: the server is there but refused, and retrying will not help
             return join()
-        except CAMismatch:
-            raise
-        except JoinError as e:
+        except JoinServerUnreachable:
             if time.monotonic() > deadline:
-                raise
-            if "could not reach" not in str(e):  # the server is there but refused: retrying will not help
                 raise
             print(f"duskpool: waiting for the gateway's join server at {gateway}...", file=sys.stderr)
             time.sleep(2)
