@@ -1,6 +1,7 @@
 """The probes on recorded outputs of ioreg, pmset, loginctl and sysfs trees, and probe() on this machine."""
 
 import math
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -9,27 +10,35 @@ from pathlib import Path
 import pytest
 
 from duskpool.idle.probes import (
+    MAC_COMMANDS,
     NO_LOCAL_USER,
+    Assertion,
     MachineState,
+    display_kept_on_by,
+    display_lit_per_powerd,
     logind_idle_seconds,
+    parse_clamshell,
     parse_display_wrangler,
     parse_hid_idle,
     parse_loginctl_sessions,
     parse_loginctl_show,
+    parse_pmset_assertions,
     parse_pmset_batt,
     parse_pmset_therm,
+    parse_screen_sharing,
+    parse_sysctl_int,
+    performance_cores,
     probe,
     read_power_supply,
     read_thermal_zones,
 )
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = Path(__file__).parent / "fixtures"  # where each file comes from: fixtures/SOURCES.md
 NOW = 1718035200.0  # the loginctl fixtures were "recorded" at this instant
-MAC_FILES = {  # the command probe() runs -> the fixture file holding what it printed
-    ("ioreg", "-c", "IOHIDSystem", "-r", "-d", "1"): "ioreg_hid.txt",
-    ("pmset", "-g", "batt"): "pmset_batt.txt",
-    ("pmset", "-g", "therm"): "pmset_therm.txt",
-    ("ioreg", "-n", "IODisplayWrangler", "-r", "-d", "1"): "ioreg_display.txt",
+MAC_FILES = {  # what probe_macos reads -> the file in a machine's folder holding what that command printed
+    "hid": "ioreg_hid.txt", "batt": "pmset_batt.txt", "therm": "pmset_therm.txt",
+    "assertions": "pmset_assertions.txt", "netstat": "netstat.txt", "clamshell": "ioreg_clamshell.txt",
+    "display": "ioreg_display.txt",
 }
 
 
@@ -37,8 +46,20 @@ def read(name: str) -> str:
     return (FIX / name).read_text()
 
 
-def mac_runner(machine: str):
-    return lambda args: read(f"{machine}/{MAC_FILES[tuple(args)]}")
+def mac(name: str) -> str:
+    """One capture from fixtures/mac (sources in fixtures/SOURCES.md)."""
+    return read(f"mac/{name}")
+
+
+def mac_runner(machine: str, **replaced: str | None):
+    """The commands probe() runs on a Mac, answered from fixtures/<machine>/; `replaced` answers some by key instead
+    (None: the command failed)."""
+    files = {tuple(args): key for key, args in MAC_COMMANDS.items()}
+
+    def run(args: list[str]) -> str | None:
+        key = files[tuple(args)]
+        return replaced[key] if key in replaced else read(f"{machine}/{MAC_FILES[key]}")
+    return run
 
 
 def linux_runner(loginctl: str | None):
@@ -72,31 +93,56 @@ def test_hid_idle_missing():
     assert parse_hid_idle('"HIDParameters" = {"HIDIdleTime"=5}') is None
 
 
+@pytest.mark.parametrize("capture, on_ac, percent", [
+    ("batt_battery.txt", False, 95.0),
+    ("batt_no_estimate_2017.txt", False, 90.0),  # before 10.12: no "(id=...)", a space before the tab
+    ("batt_ac_not_charging_2017.txt", True, 88.0),
+    ("batt_charging_2017.txt", True, 91.0),
+    ("batt_desktop.txt", True, None),  # an iMac: no battery line at all
+    ("batt_desktop_ups_on_mains.txt", True, None),  # a UPS on healthy mains is not this Mac's battery
+    ("batt_desktop_ups_power.txt", False, 87.0),  # the mains is out: the Mac runs the UPS down
+])
+def test_pmset_batt_captures(capture, on_ac, percent):
+    assert parse_pmset_batt(mac(capture)) == (on_ac, percent)
+
+
 @pytest.mark.parametrize("machine, on_ac, percent", [("macbook_battery", False, 42.0), ("macbook_ac", True, 87.0),
                                                      ("mac_mini", True, None), ("mac_hot", True, 100.0)])
-def test_pmset_batt(machine, on_ac, percent):
+def test_pmset_batt_machines(machine, on_ac, percent):
     assert parse_pmset_batt(read(f"{machine}/pmset_batt.txt")) == (on_ac, percent)
 
 
-def test_pmset_batt_variants():
-    attached = "Now drawing from 'AC Power'\n -InternalBattery-0 (id=1)\t80%; AC attached; not charging present: true\n"
-    assert parse_pmset_batt(attached) == (True, 80.0)
-    ups = "Now drawing from 'UPS Power'\n -InternalBattery-0 (id=9)\t55%; discharging; (no estimate) present: true\n"
-    assert parse_pmset_batt(ups) == (False, 55.0)
+def test_pmset_batt_nothing_read():
     assert parse_pmset_batt("") == (None, None)
 
 
-@pytest.mark.parametrize("machine, speed, warning", [("macbook_battery", None, 0), ("mac_mini", 100, 0),
-                                                     ("mac_hot", 60, 0)])
-def test_pmset_therm(machine, speed, warning):
-    assert parse_pmset_therm(read(f"{machine}/pmset_therm.txt")) == (speed, warning)
+@pytest.mark.parametrize("capture, expected", [
+    ("therm_apple_silicon_quiet.txt", (None, 0, 0)),  # M1 Pro: three notes, no number anywhere
+    ("therm_apple_silicon_hot.txt", (None, 5, 100)),  # the only heat signal Apple silicon prints
+    ("therm_unknown_level.txt", (None, None, 0)),  # 255 = kIOPMThermalLevelUnknown: not a warning
+    ("therm_intel_throttled.txt", (28, None, None)),  # the notify block alone, as thermlog printed it
+    ("therm_intel_cool.txt", (100, None, None)),
+])
+def test_pmset_therm_captures(capture, expected):
+    assert parse_pmset_therm(mac(capture)) == expected
 
 
-def test_pmset_therm_warning_levels():
-    text = "Thermal warning level set to 2.\nPerformance warning level set to 1.\n"
-    assert parse_pmset_therm(text) == (None, 2)
-    assert parse_pmset_therm("Thermal warning level set to 0.\n") == (None, 0)
-    assert parse_pmset_therm("") == (None, None)
+def test_pmset_therm_machines():
+    assert parse_pmset_therm(read("mac_hot/pmset_therm.txt")) == (60, 0, 0)
+    assert parse_pmset_therm(read("macbook_battery/pmset_therm.txt")) == (None, 0, 0)
+    assert parse_pmset_therm("") == (None, None, None)
+
+
+def test_pmset_therm_error_lines_are_unknown():
+    """pmset.m prints these when IOKit fails; neither is a level."""
+    text = ("Error:Failed to get thermal warning level with error code 0xe00002c2\n"
+            "Error: Failed to get performance warning level with error code 0xe00002c2\n")
+    assert parse_pmset_therm(text) == (None, None, None)
+
+
+def test_pmset_therm_old_wording_is_not_a_level():
+    """What this parser used to look for ("set to") is not what pmset prints; a line like it must not count."""
+    assert parse_pmset_therm("Thermal warning level set to 2.\n") == (None, None, None)
 
 
 @pytest.mark.parametrize("machine, asleep", [("macbook_battery", True), ("macbook_ac", False), ("mac_mini", True),
@@ -109,11 +155,77 @@ def test_display_dimmed_counts_as_asleep():
     assert parse_display_wrangler('"IOPowerManagement" = {"MaxPowerState"=4,"CurrentPowerState"=3}') is True
 
 
+def test_assertions_parse_every_field():
+    got = parse_pmset_assertions(mac("assertions_iina_playing.txt"))
+    assert [(a.pid, a.process, a.kind) for a in got] == [
+        (73465, "IINA", "NoDisplaySleepAssertion"), (375, "useractivityd", "PreventUserIdleSystemSleep"),
+        (117, "hidd", "UserIsActive"), (211, "coreaudiod", "PreventUserIdleSystemSleep")]
+    assert got[0] == Assertion(73465, "IINA", "NoDisplaySleepAssertion", "IINA is playing video")
+    # the trailing spaces pmset prints after the closing quote ("%s %s" of two empty flags) are not in the name
+    chrome = parse_pmset_assertions(mac("assertions_chrome_audio.txt"))[1]
+    assert (chrome.process, chrome.name) == ("Google Chrome", "Playing audio")
+
+
+def test_assertion_flags():
+    line = '   pid 9(x): [0x0000000000000001] 00:00:01 PreventUserIdleDisplaySleep named: "a "quoted" b" (timed out) \n'
+    assert parse_pmset_assertions(line) == [Assertion(9, "x", "PreventUserIdleDisplaySleep", 'a "quoted" b', True)]
+    line = '   pid 9(Foo (Bar)): [0x0000000000000001] PreventUserIdleDisplaySleep named: "n"  (Suspended)\n'
+    assert parse_pmset_assertions(line) == [Assertion(9, "Foo (Bar)", "PreventUserIdleDisplaySleep", "n", True)]
+
+
+@pytest.mark.parametrize("capture, held_by", [
+    ("assertions_iina_playing.txt", ("IINA",)),  # a video player: the owner is watching
+    ("assertions_coreaudiod_display.txt", ("coreaudiod",)),  # held on behalf of an app playing to a display
+    ("assertions_controlplane_legacy.txt", ("ControlPlane",)),  # the type's pre-10.9 name
+    ("assertions_chrome_audio.txt", ()),  # audio alone keeps the system, not the display, awake
+    ("assertions_caffeinate_display_lit.txt", ()),
+    ("assertions_time_machine.txt", ()),
+])
+def test_display_kept_on_by(capture, held_by):
+    assert display_kept_on_by(parse_pmset_assertions(mac(capture))) == held_by
+
+
+def test_display_kept_on_leaves_out_this_process_and_timed_out_ones():
+    assertions = parse_pmset_assertions(mac("assertions_iina_playing.txt"))
+    assert display_kept_on_by(assertions, own_pid=73465) == ()
+    timed_out = [Assertion(5, "Keynote", "PreventUserIdleDisplaySleep", "Playing", timed_out=True)]
+    assert display_kept_on_by(timed_out) == ()
+
+
+def test_powerd_says_when_a_display_is_lit():
+    assert display_lit_per_powerd(parse_pmset_assertions(mac("assertions_caffeinate_display_lit.txt"))) is True
+    assert display_lit_per_powerd(parse_pmset_assertions(mac("assertions_time_machine.txt"))) is False
+
+
+@pytest.mark.parametrize("capture, sharing", [("netstat_screen_sharing.txt", True),
+                                              ("netstat_screen_sharing_v6.txt", True),
+                                              ("netstat_quiet.txt", False)])  # listening, closing, or going out
+def test_screen_sharing(capture, sharing):
+    assert parse_screen_sharing(mac(capture)) is sharing
+
+
+def test_screen_sharing_nothing_read():
+    assert parse_screen_sharing("") is False
+
+
+def test_clamshell():
+    closed = mac("clamshell_closed.txt")
+    assert parse_clamshell(closed) is True
+    assert parse_clamshell(closed.replace('"AppleClamshellState" = Yes', '"AppleClamshellState" = No')) is False
+    assert parse_clamshell("") is None  # a desktop: ioreg finds no such key and prints nothing
+
+
+def test_sysctl_int():
+    assert parse_sysctl_int("8\n") == 8
+    assert parse_sysctl_int("") is None  # sysctl -n of an unknown name prints nothing (and fails)
+
+
 @pytest.mark.parametrize("machine, expected", [
-    ("macbook_battery", MachineState(420.318, False, 42.0, None, None, 0, True)),
-    ("macbook_ac", MachineState(2.505, True, 87.0, None, None, 0, False)),
-    ("mac_mini", MachineState(3600.913, True, None, None, 100, 0, True)),
-    ("mac_hot", MachineState(600.045, True, 100.0, None, 60, 0, None)),
+    ("macbook_battery", MachineState(420.318, False, 42.0, None, None, 0, True, 0, (), False, False)),
+    ("macbook_ac", MachineState(2.505, True, 87.0, None, None, 0, False, 0, ("IINA",), False, False)),
+    ("mac_mini", MachineState(3600.913, True, None, None, 100, 0, True, 0, (), True, None)),
+    ("mac_hot", MachineState(600.045, True, 100.0, None, 60, 0, None, 0, (), False, False)),
+    ("air_hot", MachineState(600.045, False, 95.0, None, None, 5, None, 100, (), False, True)),
 ])
 def test_probe_macos_end_to_end(machine, expected):
     got = probe(NOW, system="Darwin", run=mac_runner(machine))
@@ -121,8 +233,35 @@ def test_probe_macos_end_to_end(machine, expected):
     assert got == replace(expected, idle_seconds=got.idle_seconds)
 
 
+def test_probe_macos_apple_silicon_display_lit_per_powerd():
+    """No wrangler (Apple silicon): powerd's "while display is on" assertion says the display is lit."""
+    run = mac_runner("air_hot", assertions=mac("assertions_caffeinate_display_lit.txt"))
+    assert probe(NOW, system="Darwin", run=run).display_asleep is False
+    assert probe(NOW, system="Darwin", run=mac_runner("air_hot")).display_asleep is None
+
+
 def test_probe_macos_without_tools_is_all_unknown():
     assert probe(NOW, system="Darwin", run=lambda args: None) == MachineState()
+
+
+def test_probe_macos_leaves_its_own_assertions_out():
+    """A display assertion held by this very process (it holds none, but if it did) is not its owner watching."""
+    line = f'   pid {os.getpid()}(python3): [0x0000000000000001] 00:00:01 PreventUserIdleDisplaySleep named: "x"\n'
+    assert probe(NOW, system="Darwin", run=mac_runner("mac_hot", assertions=line)).display_kept_on_by == ()
+
+
+def test_performance_cores_on_a_mac():
+    answers = {"hw.perflevel0.physicalcpu": "4\n", "hw.physicalcpu": "10\n"}
+    assert performance_cores(system="Darwin", run=lambda args: answers.get(args[-1])) == 4  # M1 Pro 8P+2E -> P only
+    intel = {"hw.physicalcpu": "6\n"}  # Intel Macs have no perflevels: the physical cores, not the hyperthreads
+    assert performance_cores(system="Darwin", run=lambda args: intel.get(args[-1])) == 6
+
+
+def test_performance_cores_elsewhere_and_on_failure():
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert performance_cores(system="Linux") == allowed
+    assert performance_cores(system="Darwin", run=lambda args: None) == allowed
+    assert performance_cores() >= 1
 
 
 # ---------------------------------------------------------------- Linux parsers

@@ -1,11 +1,16 @@
-"""What the machine is doing now: how long its owner has been away, its power source, battery and heat.
+"""What the machine is doing now: how long its owner has been away, whether they are there anyway (a film, a
+presentation, a Screen Sharing session), its power source, battery, lid and heat.
 
 Each source is read by a pure parser over the text a real tool prints (or a sysfs tree under a root we
 are given), so the tests run on recorded outputs; `probe()` is the one place that runs commands.
 
 macOS: `ioreg -c IOHIDSystem -r -d 1` (HIDIdleTime, ns since the last keyboard/mouse/trackpad input),
-       `pmset -g batt` (power source, battery %), `pmset -g therm` (CPU_Speed_Limit, warning levels),
-       `ioreg -n IODisplayWrangler -r -d 1` (display power state: below its maximum = dimmed or asleep).
+       `pmset -g batt` (power source, battery %), `pmset -g therm` (CPU_Speed_Limit on Intel; thermal and
+       performance warning levels, the only heat signal Apple silicon prints),
+       `pmset -g assertions` (apps keeping the display on: a video player, a call, a presentation),
+       `netstat -anW -p tcp` (a Screen Sharing / VNC session: a connection to local port 5900),
+       `ioreg -r -k AppleClamshellState -d 1` (the lid of a laptop),
+       `ioreg -n IODisplayWrangler -r -d 1` (display power state, Intel Macs only: Apple silicon has no wrangler).
 Linux: logind sessions through `loginctl` (IdleHint / IdleSinceHint of local seat sessions),
        /sys/class/power_supply (Mains/USB online, Battery capacity), /sys/class/thermal (millidegrees C).
 
@@ -13,6 +18,7 @@ Unknown stays None; nothing here raises on a missing tool, a timeout or an odd o
 """
 
 import math
+import os
 import platform
 import re
 import subprocess
@@ -27,12 +33,16 @@ NO_LOCAL_USER = math.inf  # idle_seconds of a machine nobody sits at (headless s
 @dataclass(frozen=True)
 class MachineState:
     idle_seconds: float | None = None  # since the last local input; inf = no local user; None = unknown
-    on_ac: bool | None = None  # a machine without any battery counts as on AC
-    battery_percent: float | None = None  # None = no battery
+    on_ac: bool | None = None  # a machine without any battery counts as on AC; a Mac on a UPS's battery does not
+    battery_percent: float | None = None  # the battery powering it: None = none (a desktop on mains)
     temp_c: float | None = None  # hottest thermal zone (Linux); macOS exposes none without root
-    cpu_speed_limit: int | None = None  # macOS `pmset -g therm` CPU_Speed_Limit, % (100 = not throttled)
-    thermal_warning: int | None = None  # macOS thermal/performance warning level (0 = none recorded)
-    display_asleep: bool | None = None  # macOS only; None where the display wrangler is absent
+    cpu_speed_limit: int | None = None  # macOS `pmset -g therm` CPU_Speed_Limit, % (100 = not throttled; Intel)
+    thermal_warning: int | None = None  # macOS thermal warning level (0 = none; 5 danger, 10 critical, 100+ platform)
+    display_asleep: bool | None = None  # macOS only; None where it cannot be told
+    performance_warning: int | None = None  # macOS performance warning level (0 = none, 100 = warning)
+    display_kept_on_by: tuple[str, ...] | None = None  # macOS apps holding the display on (IINA, zoom.us); () none
+    remote_session: bool | None = None  # macOS: someone is on this Mac by Screen Sharing / VNC
+    lid_closed: bool | None = None  # macOS laptops; None on desktops
 
 
 # ---------------------------------------------------------------- macOS
@@ -47,33 +57,52 @@ def parse_hid_idle(text: str) -> float | None:
     return int(m.group(1)) / 1e9 if m else None
 
 
+# one power source of `pmset -g batt`, as pmset.m prints it: " -NAME (id=N)\tP%; state..." (id absent before 10.12)
+POWER_SOURCE = re.compile(r"^ -(.*?) ?(?:\(id=\d+\))?\t(\d+)%;", re.M)
+
+
 def parse_pmset_batt(text: str) -> tuple[bool | None, float | None]:
     """(on AC, battery %) from `pmset -g batt`. Desktops print no battery line: (True, None).
 
-    'AC Power' is AC; 'Battery Power' and 'UPS Power' (the mains is out) are not.
+    'AC Power' is AC; 'Battery Power' and 'UPS Power' (the mains is out) are not. The percentage is the internal
+    battery's; a desktop running on a UPS's battery reports the UPS's, since that is what it is running down. A UPS
+    on a healthy mains (its line says 100%; charging) is not a battery of this Mac.
     """
     source = re.search(r"Now drawing from '([^']+)'", text)
     on_ac = None if source is None else source.group(1) == "AC Power"
-    percent = re.search(r"-InternalBattery-\d+.*?\t(\d+)%", text)
-    return on_ac, float(percent.group(1)) if percent else None
+    sources = {name.strip(): float(p) for name, p in POWER_SOURCE.findall(text)}
+    internal = [p for name, p in sources.items() if name.startswith("InternalBattery")]
+    if internal:
+        return on_ac, internal[0]
+    if source is not None and source.group(1) == "UPS Power" and sources:
+        return on_ac, next(iter(sources.values()))
+    return on_ac, None
 
 
-def parse_pmset_therm(text: str) -> tuple[int | None, int | None]:
-    """(CPU_Speed_Limit %, warning level) from `pmset -g therm`.
+UNKNOWN_LEVEL = 255  # kIOPMThermalLevelUnknown: IOPM.h; powerd treats it as "no warning"
 
-    Apple silicon prints only notes ("No thermal warning level has been recorded"): (None, 0). Intel Macs add a
-    "CPU Power notify" block with CPU_Speed_Limit (below 100 = throttled for heat). When macOS records a warning
-    it prints "Thermal warning level set to N." (or "Performance warning level set to N."); we keep the highest.
+
+def _warning_level(text: str, what: str) -> int | None:
+    """The level pmset.m's show_{thermal,performance}_warning_level printed, 0 for its "Note: No ... recorded"."""
+    levels = [int(n) for n in re.findall(rf"^(?:.* )?{what} Warning Level = (\d+)\s*$", text, re.M)]
+    levels = [n for n in levels if n != UNKNOWN_LEVEL]
+    if levels:
+        return max(levels)
+    return 0 if re.search(rf"^Note: No {what.lower()} warning level has been recorded", text, re.M) else None
+
+
+def parse_pmset_therm(text: str) -> tuple[int | None, int | None, int | None]:
+    """(CPU_Speed_Limit %, thermal warning level, performance warning level) from `pmset -g therm`.
+
+    pmset prints three blocks (PowerManagement pmset/pmset.m, show_thermal_warning_level and its two neighbours):
+    "Thermal Warning Level = N" and "Performance Warning Level = N", each after the date they were read at
+    ("2024-07-02 15:41:27 +0200 "), or "Note: No thermal/performance warning level has been recorded"; then a
+    "CPU Power notify" block with CPU_Speed_Limit (below 100 = throttled for heat), which Apple silicon never
+    prints. There the warning levels are the only signal of heat. Level 255 means unknown and counts as none read.
     """
     speed = re.search(r"CPU_Speed_Limit\s*=\s*(\d+)", text)
-    levels = [int(n) for n in re.findall(r"(?:thermal|performance) warning level set to (\d+)", text, re.I)]
-    if levels:
-        warning = max(levels)
-    elif re.search(r"No thermal warning level has been recorded", text):
-        warning = 0
-    else:
-        warning = None
-    return int(speed.group(1)) if speed else None, warning
+    return (int(speed.group(1)) if speed else None, _warning_level(text, "Thermal"),
+            _warning_level(text, "Performance"))
 
 
 def parse_display_wrangler(text: str) -> bool | None:
@@ -81,13 +110,87 @@ def parse_display_wrangler(text: str) -> bool | None:
 
     Its IOPowerManagement CurrentPowerState is MaxPowerState (4) while the display is on, lower when dimmed (3)
     or asleep (1). Chosen over `pmset -g powerstate` because ioreg's format is the same one parse_hid_idle reads.
-    Absent (no output) on Macs without the wrangler: None.
+    Absent (no output) on Macs without the wrangler (all of Apple silicon): None.
     """
     current = re.search(r'"CurrentPowerState"=(\d+)', text)
     if current is None:
         return None
     top = re.search(r'"MaxPowerState"=(\d+)', text)
     return int(current.group(1)) < (int(top.group(1)) if top else 4)
+
+
+@dataclass(frozen=True)
+class Assertion:
+    """One line of `pmset -g assertions` under "Listed by owning process"."""
+    pid: int
+    process: str
+    kind: str  # PreventUserIdleDisplaySleep, PreventUserIdleSystemSleep, UserIsActive...
+    name: str
+    timed_out: bool = False
+
+
+# pmset.m show_assertions_individually: "   pid %d(%s): [0x%016llx] %s%s named: \"%s\" %s %s\n"
+#   (pid, process, unique id, "HH:MM:SS " age or nothing, type, name, "(timed out)" or "", "(Suspended)" or "")
+ASSERTION = re.compile(r'^\s*pid (\d+)\((.*)\): \[0x[0-9a-fA-F]+\] (?:\d+:\d\d:\d\d )?(\w+) named: "(.*)$', re.M)
+# the display stays on for these: what a video player, a video call or a slideshow holds while the owner watches
+# (NoDisplaySleepAssertion is the name macOS before 10.9 printed, e.g. ControlPlane's in dustinrue/ControlPlane#348)
+DISPLAY_ON = frozenset({"PreventUserIdleDisplaySleep", "NoDisplaySleepAssertion"})
+POWERD_DISPLAY_ON = "Powerd - Prevent sleep while display is on"  # held by powerd exactly while a display is lit
+
+
+def parse_pmset_assertions(text: str) -> list[Assertion]:
+    """Every assertion a process holds, from `pmset -g assertions`; the system-wide totals above are skipped."""
+    out = []
+    for pid, process, kind, rest in ASSERTION.findall(text):
+        rest = rest.rstrip()
+        suspended, rest = rest.endswith("(Suspended)"), rest.removesuffix("(Suspended)").rstrip()
+        timed_out, rest = rest.endswith("(timed out)"), rest.removesuffix("(timed out)").rstrip()
+        out.append(Assertion(int(pid), process, kind, rest.removesuffix('"'), timed_out or suspended))
+    return out
+
+
+def display_kept_on_by(assertions: list[Assertion], own_pid: int | None = None) -> tuple[str, ...]:
+    """The processes keeping the display on: someone is watching, presenting or in a call, input or not."""
+    return tuple(sorted({a.process for a in assertions
+                         if a.kind in DISPLAY_ON and not a.timed_out and a.pid != own_pid}))
+
+
+def display_lit_per_powerd(assertions: list[Assertion]) -> bool:
+    """Whether powerd holds its "while display is on" assertion: on a Mac without a display wrangler (Apple
+    silicon), the one sign in pmset that a display is lit. Its absence proves nothing on older macOS."""
+    return any(a.process == "powerd" and a.name == POWERD_DISPLAY_ON and not a.timed_out for a in assertions)
+
+
+SCREEN_SHARING_PORT = 5900  # Screen Sharing, Remote Management and any VNC server listen here
+
+
+def parse_screen_sharing(text: str) -> bool:
+    """Whether `netstat -anW -p tcp` shows a connection into this Mac's port 5900: someone is looking at the screen
+    and maybe typing from another machine, which HIDIdleTime does not count as input.
+
+    netstat.tproj/inet.c prints "Proto Recv-Q Send-Q Local-Address Foreign-Address (state)" with the port after the
+    last dot of an address ("192.168.1.20.5900", "fe80::1%en0.5900"); -W keeps IPv6 addresses whole, -n numeric.
+    Only the local side counts: this Mac watching another one's screen is its owner at work anyway.
+    """
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 6 and words[0].startswith("tcp") and words[5] == "ESTABLISHED":
+            if words[3].rpartition(".")[2] == str(SCREEN_SHARING_PORT):
+                return True
+    return False
+
+
+def parse_clamshell(text: str) -> bool | None:
+    """Whether a laptop's lid is closed, from `ioreg -r -k AppleClamshellState -d 1` (IOPMrootDomain's property).
+    Desktops have no clamshell: the command prints nothing, None."""
+    m = re.search(r'"AppleClamshellState" = (Yes|No)', text)
+    return None if m is None else m.group(1) == "Yes"
+
+
+def parse_sysctl_int(text: str) -> int | None:
+    """The number `sysctl -n NAME` prints, or None (the name does not exist on this Mac: it prints nothing)."""
+    text = text.strip()
+    return int(text) if text.isdigit() else None
 
 
 # ---------------------------------------------------------------- Linux
@@ -204,14 +307,34 @@ def run_command(args: list[str], timeout: float = 2.0) -> str | None:
 Runner = Callable[[list[str]], str | None]
 
 
-def probe_macos(run: Runner = run_command) -> MachineState:
-    on_ac, percent = parse_pmset_batt(run(["pmset", "-g", "batt"]) or "")
-    speed, warning = parse_pmset_therm(run(["pmset", "-g", "therm"]) or "")
+MAC_COMMANDS = {  # what probe_macos runs, by what it reads
+    # -r -d 1: print only the IOHIDSystem node, not the whole registry tree that plain `ioreg -c` prints
+    "hid": ["ioreg", "-c", "IOHIDSystem", "-r", "-d", "1"],
+    "batt": ["pmset", "-g", "batt"],
+    "therm": ["pmset", "-g", "therm"],
+    "assertions": ["pmset", "-g", "assertions"],
+    "netstat": ["netstat", "-anW", "-p", "tcp"],
+    "clamshell": ["ioreg", "-r", "-k", "AppleClamshellState", "-d", "1"],
+    "display": ["ioreg", "-n", "IODisplayWrangler", "-r", "-d", "1"],
+}
+
+
+def probe_macos(run: Runner = run_command, own_pid: int | None = None) -> MachineState:
+    """The Mac's state; `own_pid` (this process) is left out of the display assertions."""
+    out = {key: run(args) for key, args in MAC_COMMANDS.items()}
+    on_ac, percent = parse_pmset_batt(out["batt"] or "")
+    speed, thermal, performance = parse_pmset_therm(out["therm"] or "")
+    assertions = None if out["assertions"] is None else parse_pmset_assertions(out["assertions"])
+    display_asleep = parse_display_wrangler(out["display"] or "")
+    if display_asleep is None and assertions and display_lit_per_powerd(assertions):
+        display_asleep = False
     return MachineState(
-        # -r -d 1: print only the IOHIDSystem node, not the whole registry tree that plain `ioreg -c` prints
-        idle_seconds=parse_hid_idle(run(["ioreg", "-c", "IOHIDSystem", "-r", "-d", "1"]) or ""),
-        on_ac=on_ac, battery_percent=percent, cpu_speed_limit=speed, thermal_warning=warning,
-        display_asleep=parse_display_wrangler(run(["ioreg", "-n", "IODisplayWrangler", "-r", "-d", "1"]) or ""))
+        idle_seconds=parse_hid_idle(out["hid"] or ""), on_ac=on_ac, battery_percent=percent,
+        cpu_speed_limit=speed, thermal_warning=thermal, performance_warning=performance,
+        display_asleep=display_asleep,
+        display_kept_on_by=None if assertions is None else display_kept_on_by(assertions, own_pid),
+        remote_session=None if out["netstat"] is None else parse_screen_sharing(out["netstat"]),
+        lid_closed=parse_clamshell(out["clamshell"] or ""))
 
 
 SESSION_PROPS = ["Id", "Remote", "Seat", "Type", "Class", "IdleHint", "IdleSinceHint"]
@@ -242,9 +365,24 @@ def probe(now: float | None = None, *, system: str | None = None, run: Runner = 
     system = system or platform.system()
     try:
         if system == "Darwin":
-            return probe_macos(run)
+            return probe_macos(run, os.getpid())
         if system == "Linux":
             return probe_linux(now, run, root)
     except Exception:  # a probe must never take the node down; an odd output means "unknown"
         pass
     return MachineState()
+
+
+def performance_cores(*, system: str | None = None, run: Runner = run_command) -> int:
+    """How many threads compute should use: the performance cores of an Apple silicon Mac
+    (`sysctl hw.perflevel0.physicalcpu`; the efficiency cores would only slow the slowest thread of a matmul down),
+    the physical cores of an Intel Mac (hw.physicalcpu: two hyperthreads share one core's vector units), and
+    elsewhere the CPUs this process may run on (its affinity, which a container or taskset narrows), at least 1."""
+    if (system or platform.system()) == "Darwin":
+        for name in ("hw.perflevel0.physicalcpu", "hw.physicalcpu"):
+            n = parse_sysctl_int(run(["sysctl", "-n", name]) or "")
+            if n:
+                return n
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
