@@ -181,6 +181,75 @@ def test_every_reason_is_listed():
         "user active 3 s ago", "on battery", "battery 10% < 20%", "CPU at 99 C", "CPU throttled to 50% for heat"]
 
 
+def test_apple_silicon_heat_is_seen():
+    """A fanless Air prints no CPU_Speed_Limit: its warning levels are the signal (fixture: air_hot, lid open)."""
+    machine = replace(probe(T0, system="Darwin", run=mac_runner("air_hot")), lid_closed=False)
+    s = step(lent(), machine, T0, 2, IDLE)
+    assert (s.lending, s.reason) == (D, "thermal warning level 5; performance warning level 100 (throttled for heat); "
+                                        "finishing 2 in flight")
+
+
+def test_cool_apple_silicon_lends():
+    machine = replace(probe(T0, system="Darwin", run=mac_runner("air_hot")), lid_closed=False, thermal_warning=0,
+                      performance_warning=0)
+    assert blockers(machine, IDLE, T0, lending=False) == []
+
+
+# ---------------------------------------------------------------- the lid
+
+
+def test_lid_closed_on_battery_is_never_lent():
+    machine = probe(T0, system="Darwin", run=mac_runner("air_hot"))
+    assert "lid closed on battery" in blockers(machine, LendPolicy(lend="idle", max_temp_c=None), T0, lending=False)
+    assert step(lent(), away(900, lid_closed=True, on_ac=False), T0, 1, IDLE).lending is D
+
+
+def test_lid_closed_on_ac_lends():
+    """Clamshell mode (lid shut, external display, on power) keeps a Mac awake: it may be lent."""
+    assert blockers(away(900, lid_closed=True, on_ac=True), IDLE, T0, lending=False) == []
+
+
+# ---------------------------------------------------------------- the owner is there without touching anything
+
+
+def film(seconds_idle: float, *players: str) -> MachineState:
+    return away(seconds_idle, display_kept_on_by=players)
+
+
+def test_a_film_holds_the_machine_and_its_end_counts_as_input():
+    """The owner starts a film at T0 and touches nothing for 40 min; it ends at T0 + 30 min. HIDIdleTime passed
+    idle_after long before: the display assertion is what says they are there. Lent 5 min + 30 s after the last
+    probe that saw it (T0 + 1790)."""
+    events = [(T0 + t, film(t, "IINA") if t < 1800 else away(t), 0) for t in range(0, 2400, 10)]
+    states = run(IDLE, events)
+    assert states[60].reason == "display kept on by IINA"  # 10 min in: HID idle alone would have lent it
+    assert transitions(states) == [U, A]
+    assert first(states, A).since == T0 + 1790 + 300 + 30
+    assert states[181].reason == "user active 20 s ago"  # T0 + 1810
+
+
+def test_a_film_starting_while_lent_drains():
+    s = step(lent(), film(900, "QuickTime Player"), T0, 1, IDLE)
+    assert (s.lending, s.reason) == (D, "display kept on by QuickTime Player; finishing 1 in flight")
+
+
+def test_screen_sharing_counts_as_the_owner_at_the_machine():
+    s = step(lent(), away(3600, remote_session=True), T0, 0, IDLE)
+    assert (s.lending, s.reason) == (U, "someone on this Mac by Screen Sharing")
+    later = step(s, away(3660, remote_session=False), T0 + 60, 0, IDLE)  # they hung up a minute later
+    assert (later.lending, later.reason) == (U, "user active 60 s ago")
+
+
+def test_macbook_fixture_watching_a_film():
+    machine = replace(probe(T0, system="Darwin", run=mac_runner("macbook_ac")), idle_seconds=3600)
+    assert blockers(machine, IDLE, T0, lending=True) == ["display kept on by IINA"]
+
+
+def test_mac_mini_fixture_driven_by_screen_sharing():
+    machine = probe(T0, system="Darwin", run=mac_runner("mac_mini"))  # HID idle an hour
+    assert blockers(machine, IDLE, T0, lending=True) == ["someone on this Mac by Screen Sharing"]
+
+
 # ---------------------------------------------------------------- drain timeout, always, never
 
 

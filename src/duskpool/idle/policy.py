@@ -1,6 +1,7 @@
 """When this machine is lent to the pool: a policy (from flags) and a pure state machine over probe readings.
 
-    available --(owner back / unplugged / low battery / hot / outside schedule)--> draining   (requests in flight)
+    available --(owner back / unplugged / low battery / hot / lid shut on battery / outside schedule)--> draining
+                                                                                         (requests in flight)
     available --(same, nothing in flight)--------------------------------------> unavailable
     draining  --(in_flight == 0, or drain_timeout_s passed: hand sessions off)--> unavailable
     draining, unavailable --(conditions held for settle_s)----------------------> available
@@ -9,6 +10,10 @@ Leaving is immediate: any input resets the idle time, so the next step hands the
 slow on purpose: the owner must be away idle_after_s, the battery must be battery_hysteresis above the minimum,
 the CPU temp_hysteresis_c below the limit, and all of it must hold settle_s, so a value sitting on a threshold
 does not flap the node in and out of the pool. No clocks inside: the caller passes `now` (seconds since epoch).
+
+The owner can be there without touching anything: watching a film or presenting (an app keeps the display on),
+or at another machine driving this one by Screen Sharing (its input does not reach HIDIdleTime). Those count as
+input while they last, so the owner must then be away idle_after_s after the film ends, as after a keystroke.
 """
 
 import math
@@ -151,20 +156,37 @@ class LendState:
     reason: str  # for Info and the dashboard: "idle 7 min", "user active 3 s ago", "battery 42% < 50%"
     ok_since: float | None = None  # while not available: since when every condition has held
     drain_timed_out: bool = False  # set on the step draining ended by timeout: hand the in-flight sessions off
+    present_at: float | None = None  # the last step that saw the owner present without input (film, Screen Sharing)
 
     @classmethod
     def initial(cls, now: float) -> "LendState":
         return cls(Lending.UNAVAILABLE, now, "starting")
 
 
-def blockers(machine: MachineState, policy: LendPolicy, now: float, lending: bool) -> list[str]:
+def presence(machine: MachineState) -> str | None:
+    """Why the owner is there though no input arrives, or None: a Screen Sharing session, an app keeping the display
+    on (a video player, a call, a slideshow)."""
+    if machine.remote_session:
+        return "someone on this Mac by Screen Sharing"
+    if machine.display_kept_on_by:
+        return "display kept on by " + ", ".join(machine.display_kept_on_by)
+    return None
+
+
+def blockers(machine: MachineState, policy: LendPolicy, now: float, lending: bool,
+             present_at: float | None = None) -> list[str]:
     """Why the machine must not be lent now, as reasons ([] = lend). `lending` picks the thresholds:
-    a lent machine is kept down to min_battery and up to max_temp_c; one not lent waits for the hysteresis."""
+    a lent machine is kept down to min_battery and up to max_temp_c; one not lent waits for the hysteresis.
+    `present_at` is the last time the owner was seen present without input: it counts as their last input."""
     out = []
     if policy.windows and not any(w.contains(datetime.fromtimestamp(now)) for w in policy.windows):
         out.append("outside schedule " + "; ".join(map(str, policy.windows)))
     idle = machine.idle_seconds
-    if idle is None:
+    if present_at is not None and idle is not None:
+        idle = min(idle, max(0.0, now - present_at))
+    if (here := presence(machine)) is not None:
+        out.append(here)
+    elif idle is None:
         out.append("idle time unknown")
     elif idle < policy.idle_after_s:
         out.append("user active now" if idle < 1 else f"user active {format_duration(idle)} ago")
@@ -172,6 +194,8 @@ def blockers(machine: MachineState, policy: LendPolicy, now: float, lending: boo
         out.append("display awake")
     if policy.require_ac and machine.on_ac is False:
         out.append("on battery")
+    if machine.lid_closed and machine.on_ac is False:  # macOS sleeps it whatever we hold: never lend it
+        out.append("lid closed on battery")
     if policy.min_battery is not None and machine.on_ac is False and machine.battery_percent is not None:
         need = policy.min_battery + (0 if lending else policy.battery_hysteresis)
         if machine.battery_percent < need:
@@ -185,6 +209,8 @@ def blockers(machine: MachineState, policy: LendPolicy, now: float, lending: boo
             out.append(f"CPU throttled to {machine.cpu_speed_limit}% for heat")
     if machine.thermal_warning:
         out.append(f"thermal warning level {machine.thermal_warning}")
+    if machine.performance_warning:
+        out.append(f"performance warning level {machine.performance_warning} (throttled for heat)")
     return out
 
 
@@ -195,10 +221,16 @@ def _lend_reason(machine: MachineState) -> str:
 
 def step(state: LendState, machine: MachineState, now: float, in_flight: int, policy: LendPolicy) -> LendState:
     """The next lending state, from the last one, a fresh probe and the number of requests in flight."""
+    present_at = now if presence(machine) is not None else state.present_at
+    return replace(_step(state, machine, now, in_flight, policy, present_at), present_at=present_at)
+
+
+def _step(state: LendState, machine: MachineState, now: float, in_flight: int, policy: LendPolicy,
+          present_at: float | None) -> LendState:
     if policy.lend == "always":
         return LendState(Lending.AVAILABLE, state.since if state.lending is Lending.AVAILABLE else now, "lend always")
     lent = state.lending is Lending.AVAILABLE
-    reasons = ["lending off"] if policy.lend == "never" else blockers(machine, policy, now, lending=lent)
+    reasons = ["lending off"] if policy.lend == "never" else blockers(machine, policy, now, lent, present_at)
     why = "; ".join(reasons)
 
     if lent:
