@@ -24,6 +24,9 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # Control tokens that end a turn in common chat formats, whatever the metadata names as EOS.
 END_OF_TURN = {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"}
 
+# Architectures whose sentencepiece vocabulary is read the way transformers reads Gemma's (see _build_sentencepiece).
+GEMMA = {"gemma", "gemma2", "gemma3"}
+
 # Used when the file has no chat template: plain ChatML.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -119,11 +122,13 @@ class Tokenizer:
             raise ValueError(f"unsupported tokenizer model {model!r} (supported: 'gpt2', 'llama')")
 
         # Control and user-defined tokens are matched whole in the text, as llama.cpp does; only control
-        # tokens count as special (skipped when decoding).
+        # tokens count as special (skipped when decoding). A user-defined token the vocabulary spells another
+        # way (Gemma's runs of spaces, spelled '▁▁') is left to the merges, as transformers does.
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                     for t, k in zip(tokens, types, strict=True) if k == CONTROL])
         backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                            for t, k in zip(tokens, types, strict=True) if k == USER_DEFINED])
+                            for i, (t, k) in enumerate(zip(tokens, types, strict=True))
+                            if k == USER_DEFINED and backend.token_to_id(t) == i])
 
         n = len(tokens)
         bos, eos = _metadata_id(meta, "bos_token_id", n), _metadata_id(meta, "eos_token_id", n)
@@ -200,11 +205,20 @@ def _build_byte_level(meta: dict, tokens: list[str], types: list[int]) -> tuple[
 
 def _build_sentencepiece(meta: dict, tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
     """Sentencepiece-style BPE: spaces spelled '▁', unknown bytes as '<0xNN>' tokens."""
+    gemma = meta.get("general.architecture") in GEMMA
+    if gemma:
+        # Gemma files store its runs of spaces ('▁▁' ... in the model's own tokenizer) as real spaces. The text
+        # they meet has '▁' for every space by then, so they are spelled back to be found by the merges.
+        tokens = [t.replace(" ", "▁") if t and not t.strip(" ") else t for t in tokens]
     vocab = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
     if meta.get("tokenizer.ggml.merges"):
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    elif gemma:
+        # Gemma's merge order is the order of its vocabulary, over every token: its runs of spaces (scored
+        # -1000) merge before any word does. transformers' GGUF reader ranks them so (`gemma_tokenizer`).
+        merges = _merges_from_scores({t: -float(i) for t, i in vocab.items()})
     else:
         # no scores: earlier tokens rank higher, as in a BPE vocabulary
         scores = meta.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
