@@ -27,7 +27,7 @@ END_OF_TURN = {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"}
 # Architectures whose sentencepiece vocabulary is read the way transformers reads Gemma's (see _build_sentencepiece).
 GEMMA = {"gemma", "gemma2", "gemma3"}
 
-# Used when the file has no chat template: plain ChatML.
+# Used when the file has no chat template but its vocabulary has ChatML's tokens: plain ChatML.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -105,7 +105,7 @@ class Tokenizer:
     stop_ids: set[int]
     add_bos: bool = False
     add_eos: bool = False
-    chat_template: str = CHATML_TEMPLATE
+    chat_template: str | None = CHATML_TEMPLATE  # None: a base model, completed as raw text only
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> "Tokenizer":
@@ -138,7 +138,7 @@ class Tokenizer:
         return cls(backend, tokens, bos, eos, stop,
                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos)) and bos is not None,
                    add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None,
-                   chat_template=meta.get("tokenizer.chat_template") or CHATML_TEMPLATE)
+                   chat_template=meta.get("tokenizer.chat_template") or _default_template(tokens, types))
 
     @property
     def vocab_size(self) -> int:
@@ -159,6 +159,11 @@ class Tokenizer:
         return StreamDecoder(self, skip_special)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model's chat template writes it; NoChatTemplateError when it has none."""
+        if self.chat_template is None:
+            raise NoChatTemplateError("the model has no chat template (a base model): it can only complete raw "
+                                      "text, not chat")
+
         def token(i: int | None) -> str:
             return self.tokens[i] if i is not None else ""
 
@@ -174,6 +179,16 @@ class Tokenizer:
         env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
             x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
         return env.from_string(self.chat_template)
+
+
+class NoChatTemplateError(ValueError):
+    """The model file has no chat template, so it cannot be chatted with (only raw text completed)."""
+
+
+def _default_template(tokens: list[str], types: list[int]) -> str | None:
+    """ChatML for a file without a template whose vocabulary has ChatML's control tokens; else none."""
+    control = {t for t, k in zip(tokens, types, strict=True) if k == CONTROL}
+    return CHATML_TEMPLATE if {"<|im_start|>", "<|im_end|>"} <= control else None
 
 
 def _raise_exception(message: str) -> None:
