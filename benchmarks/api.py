@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.api.co
 from tests.api.conftest import live_server  # noqa: E402
 
 from duskpool.api.service import Service  # noqa: E402
+from duskpool.backends import backend  # noqa: E402
 from duskpool.cluster.gateway import Gateway  # noqa: E402
 from duskpool.cluster.swarm import LocalSwarm  # noqa: E402
 from duskpool.engine.generate import GenerationParams, GenerationStats  # noqa: E402
-from duskpool.engine.runner import Engine, LocalEngine, set_threads  # noqa: E402
+from duskpool.engine.runner import Engine, LocalEngine  # noqa: E402
 from duskpool.weights.catalog import BUNDLED_NAME, bundled_model_path  # noqa: E402
 
 PROMPTS = [
@@ -142,7 +143,7 @@ def main() -> None:
     parser.add_argument("--node-threads", type=int, default=1, help="compute threads of each swarm node")
     args = parser.parse_args()
     model = args.model or bundled_model_path()
-    set_threads(args.threads)
+    backend().set_threads(args.threads)
     began, load_before = time.perf_counter(), os.getloadavg()[0]
 
     results = {"in-process engine": compare(LocalEngine.load(model), model, args.tokens, args.reps)}

@@ -32,16 +32,16 @@ def prompt_tokens(tokenize, n: int) -> list[int]:
 def run_duskpool(model: Path, threads: int, tokens: int, prefill: int) -> dict:
     import torch
 
-    from duskpool.engine.runner import LocalEngine, set_threads
+    from duskpool.backends import backend
+    from duskpool.engine.runner import LocalEngine
 
-    set_threads(threads)
+    backend().set_threads(threads)
     engine = LocalEngine.load(model)
     m = engine.model
     prompt = prompt_tokens(lambda text: engine.tokenizer.encode(text, add_special=False), prefill)
 
     def forward(ids: list[int], start: int, cache) -> torch.Tensor:
-        positions = torch.arange(start, start + len(ids))
-        return m.head(m.forward_span(m.embed(torch.tensor(ids)), cache, positions)[-1:])[0]
+        return m.head(m.forward_span(m.embed(ids), cache, start)[-1:])[0]
 
     cache = m.new_cache(prefill + 8)
     forward(prompt[:16], 0, cache)  # warm up kernels and allocator

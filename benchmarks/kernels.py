@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from duskpool.weights import kernels  # noqa: E402
+from duskpool.backends.cpu import native as kernels  # noqa: E402
+from duskpool.backends.cpu.quant import Linear, QuantTensor  # noqa: E402
 from duskpool.weights.catalog import bundled_model_path  # noqa: E402
 from duskpool.weights.gguf import GGUFFile  # noqa: E402
-from duskpool.weights.quant import Linear, QuantTensor  # noqa: E402
 
 
 def load(path: Path) -> tuple[list[dict[str, QuantTensor]], QuantTensor]:
@@ -30,12 +30,12 @@ def load(path: Path) -> tuple[list[dict[str, QuantTensor]], QuantTensor]:
     layers = []
     for i in range(n_layers):
         def r(name: str, i: int = i) -> QuantTensor:
-            return file.read(f"blk.{i}.{name}.weight")
+            return QuantTensor.from_packed(file.read(f"blk.{i}.{name}.weight"))
         qkv = Linear([r("attn_q"), r("attn_k"), r("attn_v")]).parts[0]
         gate_up = Linear([r("ffn_gate"), r("ffn_up")]).parts[0]
         layers.append({"qkv": qkv, "o": r("attn_output"), "gate_up": gate_up, "down": r("ffn_down")})
     head_name = "output.weight" if "output.weight" in file.tensors else "token_embd.weight"
-    return layers, file.read(head_name)
+    return layers, QuantTensor.from_packed(file.read(head_name))
 
 
 def label(w: QuantTensor) -> str:

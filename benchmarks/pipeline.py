@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.cluster.netns
 
+from duskpool.backends import backend  # noqa: E402
 from duskpool.cluster.gateway import Gateway  # noqa: E402
 from duskpool.cluster.swarm import LocalSwarm  # noqa: E402
-from duskpool.engine.runner import LocalEngine, set_threads  # noqa: E402
+from duskpool.engine.runner import LocalEngine  # noqa: E402
 from duskpool.weights.catalog import bundled_model_path  # noqa: E402
 
 QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -47,7 +48,7 @@ def measure(engine, prompt: list[int], tokens: int) -> tuple[float, float]:
 
 def single_process(model: Path, threads: int, tokens: int) -> tuple[LocalEngine, list[int], float, float]:
     """The whole model in this process: the engine, the benchmark's prompt, TTFT in ms and decode tok/s."""
-    set_threads(threads)
+    backend().set_threads(threads)
     local = LocalEngine.load(model)
     prompt = local.tokenizer.encode(local.tokenizer.render_chat([{"role": "user", "content": QUESTION}]))
     measure(local, prompt, 8)  # warm-up

@@ -6,10 +6,10 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 
+from duskpool.backends.cpu.cache import KVCache
 from duskpool.cluster.node import NodeService, Session
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.idle import Lending, LendPolicy, MachineState
-from duskpool.models import KVCache
 
 AWAY = MachineState(idle_seconds=3600, on_ac=True)
 BACK = MachineState(idle_seconds=0.5, on_ac=True)

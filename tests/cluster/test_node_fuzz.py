@@ -148,7 +148,7 @@ def test_ten_thousand_hostile_messages(node, pool, bundled_model):
         step = counts["sent"]
         if well_formed == 0:  # a quarter are valid, so that the compute path runs under fire too
             session_id, context, model_hash, start, stop = "s1", 256, gateway.model_hash, hop.start, hop.stop
-            position, hidden = 0, wire.to_wire(torch.randn(tokens, DIM), "float16")
+            position, hidden = 0, wire.to_wire(gateway.prefix_model, torch.randn(tokens, DIM), "float16")
         route = [pb.Hop(address=address, start=start, stop=stop)]
         if extra_hops == 1:
             route.append(pb.Hop(address=sink_address))  # the node pushes its answer (or error) to us
@@ -164,7 +164,7 @@ def test_ten_thousand_hostile_messages(node, pool, bundled_model):
             assert f"node {gateway.clients[0].info.node_id}" in answer.error
         else:
             counts["result"] += 1
-            out = wire.from_wire(answer.hidden, DIM, context)  # a valid result is a finite [T, dim] state
+            out = wire.from_wire(gateway.suffix_model, answer.hidden, context)  # a finite [T, dim] state
             assert out.shape[0] == hidden.shape[0]
         if step % 100 == 99 and len(got) < len(expected):  # the well-formed session goes on meanwhile
             got.append(int(torch.argmax(good.forward(got[-1:], len(prompt) + len(got) - 1))))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from duskpool.backends import load_span
 from duskpool.engine.generate import GenerationParams
 from duskpool.engine.runner import LocalEngine
-from duskpool.models import load_model
 from duskpool.weights.gguf import GGUFFile
 from duskpool.weights.progress import Progress
 from tests.conftest import Q
@@ -13,15 +13,15 @@ from tests.conftest import Q
 
 def logits(model, tokens: list[int]) -> torch.Tensor:
     cache = model.new_cache(len(tokens))
-    return model.head(model.forward_span(model.embed(torch.tensor(tokens)), cache, torch.arange(len(tokens))))
+    return model.head(model.forward_span(model.embed(tokens), cache, 0))
 
 
 @pytest.mark.slow
 def test_load_with_progress_gives_the_same_model(bundled_model, capsys):
     file = GGUFFile(bundled_model)
     tokens = [1, 504, 3458, 314, 253, 1345, 30, 2]
-    plain = logits(load_model(file), tokens)
-    reported = logits(load_model(file, progress=True), tokens)
+    plain = logits(load_span(file), tokens)
+    reported = logits(load_span(file, progress=True), tokens)
     assert torch.equal(plain, reported), "loading with progress changed the model's logits"
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"duskpool: loading {bundled_model.name}: 96.6 MB to go"
@@ -50,7 +50,7 @@ def test_every_byte_read_is_counted_once_per_tensor(tiny_llama, monkeypatch, cap
     read = []
     original = GGUFFile.read
     monkeypatch.setattr(GGUFFile, "read", lambda f, name: (read.append(name), original(f, name))[1])
-    load_model(file, layers, embed=embed, head=head, progress=True)
+    load_span(file, layers, embed=embed, head=head, progress=True)
     assert len(steps) == len(read), "one progress step per tensor read"
     assert sum(steps) == sum(file.tensors[n].nbytes for n in read)
     err = capsys.readouterr().err.splitlines()

@@ -305,8 +305,8 @@ class Service:
     def _initial_nodes(self) -> list[NodeView]:
         gateway = self.gateway
         if gateway is None:  # the whole model in this process
-            n_layers = self.engine.model.config.n_layers
-            return [NodeView("this machine", "in-process", (0, n_layers), backend="cpu", health="ok")]
+            return [NodeView("this machine", "in-process", (0, self.engine.spec.n_layers), backend=self.engine.backend,
+                             health="ok")]
         return _route_views(gateway)
 
     def _poll_nodes(self) -> None:

@@ -29,15 +29,15 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from duskpool import backends
 from duskpool.cluster import planner, wire
 from duskpool.cluster.node import Pushers, open_channel, start_server
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.engine.generate import PREFILL_CHUNK
 from duskpool.engine.runner import DEFAULT_CONTEXT, Engine, load_tokenizer
-from duskpool.models import LlamaConfig, load_model
+from duskpool.models import ModelSpec, tensors_for
 from duskpool.security import NodeIdentity, PoolState
-from duskpool.weights import names
 from duskpool.weights.gguf import GGUFFile
 from duskpool.weights.progress import Progress
 from duskpool.weights.store import config_metadata, model_hash, tensor_hashes
@@ -120,12 +120,10 @@ class GatewaySink(pb_grpc.NodeServicer):
         yield from ()  # nothing to answer: results arrive here, they do not start here
 
 
-def model_profile(file: GGUFFile, config: LlamaConfig) -> planner.ModelProfile:
-    layer_bytes = sum(file.tensors[n].nbytes for n in names.llama_block(0).values())
-    edges = [names.TOKEN_EMBEDDING, names.OUTPUT, names.OUTPUT_NORM]
-    edge_bytes = sum(file.tensors[n].nbytes for n in edges if n in file.tensors)
-    return planner.ModelProfile.from_sizes(file.path.name, config.n_layers, layer_bytes, edge_bytes, config.dim,
-                                           config.n_kv_heads, config.head_dim, kv_dtype_bytes=4)
+def model_profile(spec: ModelSpec) -> planner.ModelProfile:
+    # hidden states travel as float32
+    return planner.ModelProfile(spec.name, spec.n_layers, spec.layer_bytes, spec.kv_bytes_per_token,
+                                wire.DTYPE_BYTES["float32"] * spec.dim, spec.edge_bytes)
 
 
 def node_profile(client: NodeClient, layer_bytes: int, even: bool = False) -> planner.NodeProfile:
@@ -171,9 +169,10 @@ class Gateway(Engine):
             raise ValueError("a gateway needs at least one node (--node HOST:PORT)")
         self.routing, self.progress, self.replicas = routing, progress, replicas
         self.file = GGUFFile(model_path)
-        self.config = LlamaConfig.from_gguf(self.file.metadata)
+        self.spec = backends.describe_model(self.file)
+        self.backend = backends.DEFAULT  # what computes the gateway's own layers
         self.tokenizer = load_tokenizer(self.file)
-        self.context_length = min(context_length or DEFAULT_CONTEXT, self.config.context_length)
+        self.context_length = min(context_length or DEFAULT_CONTEXT, self.spec.context_length)
         self.weight_bytes_sent = 0
         self.hidden_bytes_sent = 0  # activations the gateway sent (prefix outputs; in star, every hop's input)
         self._pending: dict[tuple[str, int], tuple[Future, tuple[RouteStage, ...]]] = {}
@@ -193,7 +192,7 @@ class Gateway(Engine):
         self.identity, self.pool = identity, pool
         self.clients = [NodeClient(a, identity) for a in node_addresses]  # the live nodes
         self._client_at = {c.address: c for c in self.clients}  # every node ever known, by address
-        self.model = model_profile(self.file, self.config)
+        self.model = model_profile(self.spec)
         self.plan_config = planner.PlanConfig(sessions=sessions, context=self.context_length,
                                               privacy_prefix=prefix, privacy_suffix=suffix)
         self._even = even_split  # a local swarm: its nodes share one CPU, so the speed model has nothing to choose
@@ -210,8 +209,8 @@ class Gateway(Engine):
             self.holders[(s.start, s.stop)].append(address_of[s.node_id])
         self.route = [RouteStage(s.node_id, address_of[s.node_id], s.start, s.stop) for s in self.plan.stages]
 
-        self.prefix_model = load_model(self.file, self.plan.prefix, embed=True, head=False)
-        self.suffix_model = load_model(self.file, self.plan.suffix, embed=False, head=True)
+        self.prefix_model = backends.load_span(self.file, self.plan.prefix, embed=True, head=False)
+        self.suffix_model = backends.load_span(self.file, self.plan.suffix, embed=False, head=True)
 
         listen = "127.0.0.1" if all(a.startswith(("127.", "localhost")) for a in node_addresses) else "0.0.0.0"
         is_revoked = pool.is_revoked if pool is not None else (lambda fingerprint: False)
@@ -245,9 +244,7 @@ class Gateway(Engine):
         metadata = json.dumps(config_metadata(self.file), default=str)
         self._manifest: dict[Span, pb.SpanManifest] = {}
         for start, stop in self.spans:
-            wanted = [n for i in range(start, stop) for n in names.llama_block(i).values()]
-            if names.ROPE_FREQS in self.file.tensors:
-                wanted.append(names.ROPE_FREQS)
+            wanted = tensors_for(self.file, range(start, stop), embed=False, head=False)
             entries = [pb.TensorEntry(name=n, sha256=hashes[n], qtype=int(self.file.tensors[n].qtype),
                                       shape=list(self.file.tensors[n].shape), nbytes=self.file.tensors[n].nbytes)
                        for n in wanted]
@@ -331,7 +328,8 @@ class Gateway(Engine):
                 raise RouteError(f"node {gone[0].node_id} at {gone[0].address} is gone "
                                  f"({self._dead.get(gone[0].address, 'restarted')})", route)
             request = pb.ForwardRequest(session_id=session_id, step=step, position=position, context=context,
-                                        hidden=wire.to_wire(hidden), model_hash=self.model_hash, route=hops)
+                                        hidden=wire.to_wire(self.prefix_model, hidden), model_hash=self.model_hash,
+                                        route=hops)
             self._pushers.get(hops[0].address).send(request)
             self.hidden_bytes_sent += len(request.hidden.data)
             return future.result(timeout=STEP_TIMEOUT_S)
@@ -350,7 +348,7 @@ class Gateway(Engine):
             _settle(future, error=RouteError(error, route))
             return
         try:
-            _settle(future, result=wire.from_wire(hidden, self.config.dim, self.context_length))
+            _settle(future, result=wire.from_wire(self.suffix_model, hidden, self.context_length))
         except ValueError as e:
             _settle(future, error=RouteError(f"bad hidden state from the route: {e}", route))
 
@@ -609,11 +607,11 @@ class RemoteSession:
         return logits
 
     def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
-        g, positions = self.gateway, torch.arange(start, start + len(tokens))
-        hidden = g.prefix_model.forward_span(g.prefix_model.embed(torch.tensor(tokens)), self.prefix_cache, positions)
+        g = self.gateway
+        hidden = g.prefix_model.forward_span(g.prefix_model.embed(tokens), self.prefix_cache, start)
         self.step += 1
         hidden = g.run_route(self.id, self.step, start, self.capacity, hidden, self.route)
-        hidden = g.suffix_model.forward_span(hidden, self.suffix_cache, positions)
+        hidden = g.suffix_model.forward_span(hidden, self.suffix_cache, start)
         return g.suffix_model.head(hidden[-1:])[0]
 
     def _recover(self, history: list[int], failure: RouteError) -> torch.Tensor:

@@ -22,15 +22,14 @@ from pathlib import Path
 
 import grpc
 import psutil
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from duskpool import __version__
+from duskpool import __version__, backends
 from duskpool.cluster import wire
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.idle import Lending, LendPolicy, LendState, MachineState, probe, step
-from duskpool.models import KVCache, Llama, load_model
+from duskpool.models import KVCache, SpanModel
 from duskpool.security import (
     NODE_CHANNEL_OPTIONS,
     NodeIdentity,
@@ -41,7 +40,6 @@ from duskpool.security import (
     server_credentials,
 )
 from duskpool.weights.progress import Progress
-from duskpool.weights.quant import QuantTensor
 from duskpool.weights.store import StoredModel, TensorStore
 
 MAX_MESSAGE_BYTES = 64 * 2**20  # a chunk of weights or a long prompt's hidden states
@@ -146,24 +144,11 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
 
 
-def measure_matmul_throughput() -> float:
-    """Bytes of Q4_0 weights this machine multiplies per ms at batch 1 (the planner's speed estimate)."""
-    rows, cols = 2048, 2048
-    weight = QuantTensor(torch.randint(0, 255, (rows, cols // 32 * 18), dtype=torch.uint8), 2, (rows, cols))
-    weight.data.view(rows, -1, 18)[:, :, :2] = torch.tensor([0, 0x20], dtype=torch.uint8)  # d = 2^-7
-    x, out = torch.randn(1, cols), torch.empty(1, rows)
-    weight.matmul_into(x, out)
-    timings = []
-    for _ in range(5):
-        started = time.perf_counter()
-        weight.matmul_into(x, out)
-        timings.append(time.perf_counter() - started)
-    return weight.nbytes / (sorted(timings)[2] * 1000)
-
-
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, cache_dir: Path, memory_limit: int | None = None, node_id: str | None = None,
-                 identity: NodeIdentity | None = None, policy: LendPolicy | None = None):
+                 identity: NodeIdentity | None = None, policy: LendPolicy | None = None,
+                 backend_name: str = backends.DEFAULT):
+        self.backend = backends.backend(backend_name)
         self.store = TensorStore(cache_dir)
         self.configured_policy = self.policy = policy or LendPolicy(lend="always")
         # lent from the start; the first probe takes it back at once if the owner is there
@@ -172,12 +157,12 @@ class NodeService(pb_grpc.NodeServicer):
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.memory_limit = memory_limit
         self.node_id = node_id or f"{platform.node()}-{uuid.uuid4().hex[:6]}"
-        self.spans: dict[tuple[str, int, int], Llama] = {}
+        self.spans: dict[tuple[str, int, int], SpanModel] = {}
         self.span_bytes: dict[tuple[str, int, int], int] = {}
         self.sessions: dict[str, Session] = {}
         self.ms_per_layer = 0.0
         self.weight_bytes_received = 0  # total over the node's life: a warm cache keeps it at 0
-        self.matmul_bytes_per_ms = measure_matmul_throughput()
+        self.matmul_bytes_per_ms = self.backend.matmul_bytes_per_ms()
         self._lock = threading.Lock()  # spans and sessions
         self._compute = threading.Lock()  # one forward at a time: the kernels use every core already
         self.identity = identity
@@ -190,8 +175,8 @@ class NodeService(pb_grpc.NodeServicer):
             kv = self._kv_bytes()
             spans = [pb.SpanInfo(model_hash=h, start=a, stop=b) for h, a, b in self.spans]
             n_sessions = len(self.sessions)
-        return pb.NodeInfo(version=__version__, node_id=self.node_id, backend="cpu",
-                           device=platform.processor() or platform.machine(),
+        return pb.NodeInfo(version=__version__, node_id=self.node_id, backend=self.backend.NAME,
+                           device=self.backend.device(),
                            memory_total=psutil.virtual_memory().total, memory_free=self.free_bytes(),
                            matmul_bytes_per_ms=self.matmul_bytes_per_ms, ms_per_layer=self.ms_per_layer,
                            spans=spans, sessions=n_sessions, kv_bytes=kv, lending=self.lend_state.lending.value,
@@ -229,11 +214,13 @@ class NodeService(pb_grpc.NodeServicer):
                              {t.name: StoredModel.info(t.name, t.qtype, list(t.shape), t.nbytes)
                               for t in manifest.tensors},
                              {t.name: t.sha256 for t in manifest.tensors})
-        model = load_model(stored, layers=range(manifest.start, manifest.stop), embed=False, head=False)
+        model = backends.load_span(stored, range(manifest.start, manifest.stop), embed=False, head=False,
+                                   backend_name=self.backend.NAME)
         with self._lock:
             self.spans[key] = model
             self.span_bytes[key] = span_bytes
-        self.ms_per_layer = self._measure(model)
+        with self._compute:
+            self.ms_per_layer = model.ms_per_layer()
         print(f"duskpool node: serving layers [{manifest.start}, {manifest.stop}) of model "
               f"{manifest.model_hash[:12]} ({received / 1e6:.1f} MB received, {self.ms_per_layer:.2f} ms/layer)",
               file=sys.stderr, flush=True)
@@ -274,17 +261,6 @@ class NodeService(pb_grpc.NodeServicer):
             context.abort(grpc.StatusCode.DATA_LOSS, f"{len(missing)} tensors never arrived")
         return received
 
-    def _measure(self, model: Llama) -> float:
-        cache = model.new_cache(8)
-        hidden = torch.randn(1, model.config.dim) * 0.1
-        timings = []
-        with self._compute:
-            for position in range(6):
-                started = time.perf_counter()
-                model.forward_span(hidden, cache, torch.tensor([position]))
-                timings.append(time.perf_counter() - started)
-        return sorted(timings[1:])[2] * 1000 / max(1, len(model.layers))
-
     # --- Forward ----------------------------------------------------------------------------------
     def Forward(self, request_iterator: Iterator[pb.ForwardRequest], context) -> Iterator[pb.ForwardReply]:
         """Every message is checked against its session before any compute; a bad one gets an error reply
@@ -293,7 +269,7 @@ class NodeService(pb_grpc.NodeServicer):
         for request in request_iterator:
             try:
                 _check_route(request.route)
-                hidden = self._run(request, peer)
+                hidden = self._run(request, peer)  # a Hidden message, ready for the next hop
             except Exception as e:  # the sender (or the gateway) hears about it; the node keeps serving
                 error = f"node {self.node_id}: {e}"
                 if len(request.route) > 1 and valid_route(request.route):
@@ -304,14 +280,12 @@ class NodeService(pb_grpc.NodeServicer):
             if len(request.route) > 1:  # ring: straight on to the next hop
                 nxt = pb.ForwardRequest(session_id=request.session_id, step=request.step,
                                         position=request.position, context=request.context,
-                                        hidden=wire.to_wire(hidden, request.hidden.dtype),
-                                        model_hash=request.model_hash, route=request.route[1:])
+                                        hidden=hidden, model_hash=request.model_hash, route=request.route[1:])
                 self._pushers.get(request.route[1].address).send(nxt)
             else:  # star: back to the sender
-                yield pb.ForwardReply(session_id=request.session_id, step=request.step,
-                                      hidden=wire.to_wire(hidden, request.hidden.dtype))
+                yield pb.ForwardReply(session_id=request.session_id, step=request.step, hidden=hidden)
 
-    def _run(self, request: pb.ForwardRequest, peer: str) -> torch.Tensor:
+    def _run(self, request: pb.ForwardRequest, peer: str) -> pb.Hidden:
         if not 0 < len(request.session_id) <= 64:
             raise ValueError("the session id must be 1..64 characters")
         hop = request.route[0]
@@ -319,9 +293,9 @@ class NodeService(pb_grpc.NodeServicer):
         model = self.spans.get(key)
         if model is None:
             raise ValueError(f"layers [{hop.start}, {hop.stop}) of model {request.model_hash[:12]} are not loaded here")
-        if not 0 < request.context <= min(MAX_CONTEXT, model.config.context_length):
-            raise ValueError(f"context {request.context} is out of range 1..{model.config.context_length}")
-        hidden = wire.from_wire(request.hidden, model.config.dim, request.context)
+        if not 0 < request.context <= min(MAX_CONTEXT, model.spec.context_length):
+            raise ValueError(f"context {request.context} is out of range 1..{model.spec.context_length}")
+        hidden = wire.from_wire(model, request.hidden, request.context)
         end = request.position + hidden.shape[0]
         if end > request.context:
             raise ValueError(f"positions {request.position}..{end} are past the session's context of {request.context}")
@@ -338,15 +312,13 @@ class NodeService(pb_grpc.NodeServicer):
                                  f"holds {filled} positions of layers [{hop.start}, {hop.stop})")
             cache = session.caches.get(key)
             if cache is None:
-                self._check_memory(KVCache.bytes_for(len(model.layers), model.config.n_kv_heads,
-                                                     model.config.head_dim, request.context))
+                self._check_memory(model.cache_bytes(request.context))
                 cache = session.caches[key] = model.new_cache(request.context)
             session.last_used = time.monotonic()
-        positions = torch.arange(request.position, end)
         with self._compute:
-            hidden = model.forward_span(hidden, cache, positions)
+            hidden = model.forward_span(hidden, cache, request.position)
         session.filled[key] = max(filled, end)
-        return hidden
+        return wire.to_wire(model, hidden, request.hidden.dtype)
 
     def _open_session(self, request: pb.ForwardRequest, peer: str) -> Session:
         """Under self._lock: a new session, if the message may open one and there is room."""

@@ -1,32 +1,25 @@
-"""Hidden states <-> protobuf bytes: the one place tensors meet the wire."""
-
-import torch
+"""Hidden states <-> protobuf: the one place they meet the wire. The bytes are the backend's own
+(`SpanModel.hidden_to_bytes`), the same for every backend, so one route can mix them."""
 
 from duskpool.cluster.proto import duskpool_pb2 as pb
+from duskpool.models import SpanModel
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def to_wire(hidden: torch.Tensor, dtype: str = "float32") -> pb.Hidden:
+def to_wire(model: SpanModel, hidden, dtype: str = "float32") -> pb.Hidden:
     # hidden: [tokens, dim]; bytes are little-endian (every platform duskpool runs on is)
-    data = hidden.to(DTYPES[dtype]).contiguous().view(torch.uint8).numpy().tobytes()
-    return pb.Hidden(shape=list(hidden.shape), dtype=dtype, data=data)
+    return pb.Hidden(shape=[hidden.shape[0], model.spec.dim], dtype=dtype, data=model.hidden_to_bytes(hidden, dtype))
 
 
-def from_wire(message: pb.Hidden, dim: int, max_tokens: int) -> torch.Tensor:
-    """The float32 [tokens, dim] tensor in `message`, after checking it is what it claims to be."""
-    if message.dtype not in DTYPES:
-        raise ValueError(f"hidden state dtype {message.dtype!r} is not one of {', '.join(DTYPES)}")
+def from_wire(model: SpanModel, message: pb.Hidden, max_tokens: int):
+    """The hidden state [tokens, dim] in `message`, after checking it is what it claims to be."""
+    dim = model.spec.dim
+    if message.dtype not in DTYPE_BYTES:
+        raise ValueError(f"hidden state dtype {message.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
     if len(message.shape) != 2 or message.shape[1] != dim or not 0 < message.shape[0] <= max_tokens:
         raise ValueError(f"hidden state shape {list(message.shape)} is not [1..{max_tokens}, {dim}]")
-    dtype = DTYPES[message.dtype]
-    expected = message.shape[0] * dim * dtype.itemsize
-    data = message.data
-    if len(data) != expected:
-        raise ValueError(f"hidden state has {len(data)} bytes; its shape and dtype need {expected}")
-    hidden = torch.frombuffer(bytearray(data), dtype=dtype).view(message.shape[0], dim)
-    if dtype != torch.float32:
-        hidden = hidden.float()
-    if not hidden.isfinite().all():
-        raise ValueError("hidden state contains NaN or Inf")
-    return hidden
+    expected = message.shape[0] * dim * DTYPE_BYTES[message.dtype]
+    if len(message.data) != expected:
+        raise ValueError(f"hidden state has {len(message.data)} bytes; its shape and dtype need {expected}")
+    return model.hidden_from_bytes(message.data, message.shape[0], message.dtype)

@@ -7,21 +7,13 @@ from typing import Protocol
 
 import torch
 
+from duskpool import backends
 from duskpool.engine.generate import GenerationParams, GenerationStats, check_prompt, generate
 from duskpool.engine.tokenizer import Tokenizer
-from duskpool.models import Llama, load_model
-from duskpool.weights import kernels
+from duskpool.models import ModelSpec, SpanModel
 from duskpool.weights.gguf import GGUFFile, ModelFileError
 
 DEFAULT_CONTEXT = 4096  # a session's KV cache is sized for this unless the model's own context is shorter
-
-
-def set_threads(threads: int) -> None:
-    """Compute threads for both torch and duskpool's own kernels."""
-    torch.set_num_threads(threads)
-    lib = kernels.library()
-    if lib is not None:
-        lib.dp_set_threads(threads)
 
 
 def load_tokenizer(file: GGUFFile) -> Tokenizer:
@@ -42,6 +34,8 @@ class Session(Protocol):
 class Engine:
     tokenizer: Tokenizer
     context_length: int
+    spec: ModelSpec  # the model, as the API describes it
+    backend: str  # what computes the layers held in this process
 
     def open_session(self, capacity: int) -> Session:
         raise NotImplementedError
@@ -64,12 +58,11 @@ class Engine:
 
 
 class LocalSession:
-    def __init__(self, model: Llama, capacity: int):
+    def __init__(self, model: SpanModel, capacity: int):
         self.model, self.cache = model, model.new_cache(capacity)
 
     def forward(self, tokens: list[int], start: int) -> torch.Tensor:
-        positions = torch.arange(start, start + len(tokens))
-        hidden = self.model.forward_span(self.model.embed(torch.tensor(tokens)), self.cache, positions)
+        hidden = self.model.forward_span(self.model.embed(tokens), self.cache, start)
         return self.model.head(hidden[-1:])[0]
 
     def close(self) -> None:
@@ -77,19 +70,20 @@ class LocalSession:
 
 
 class LocalEngine(Engine):
-    def __init__(self, model: Llama, tokenizer: Tokenizer, context_length: int):
+    def __init__(self, model: SpanModel, tokenizer: Tokenizer, context_length: int):
         self.model, self.tokenizer, self.context_length = model, tokenizer, context_length
+        self.spec, self.backend = model.spec, backends.DEFAULT
 
     @classmethod
     def load(cls, path: str | Path, context_length: int | None = None, progress: bool = False) -> "LocalEngine":
         """`progress`: report the bytes read on stderr (a bar on a terminal, plain lines otherwise)."""
         file = GGUFFile(path)
-        model = load_model(file, progress=progress)
-        context = min(context_length or DEFAULT_CONTEXT, model.config.context_length)
+        model = backends.load_span(file, progress=progress)
+        context = min(context_length or DEFAULT_CONTEXT, model.spec.context_length)
         return cls(model, load_tokenizer(file), context)
 
     def open_session(self, capacity: int) -> LocalSession:
         return LocalSession(self.model, capacity)
 
 
-__all__ = ["DEFAULT_CONTEXT", "Engine", "LocalEngine", "LocalSession", "Session", "set_threads"]
+__all__ = ["DEFAULT_CONTEXT", "Engine", "LocalEngine", "LocalSession", "Session"]

@@ -1,50 +1,98 @@
-"""Model families; each reads like its paper. `load_model` picks the family from the GGUF metadata."""
+"""Model families, one file each, found by the GGUF's `general.architecture`.
+
+A family is a `Span` subclass (models/base.py) with a config class that has at least `n_layers`, `dim`,
+`vocab_size`, `context_length`, `n_kv_heads` and `head_dim`, and that names its tensors (`tensors_for`).
+Adding one is a file and one `register` line. Nothing above this package sees a family: it gets a
+`SpanModel` and a `ModelSpec`.
+"""
 
 from pathlib import Path
+from typing import Any, Protocol
 
-from duskpool.models.cache import ContextOverflowError, KVCache
-from duskpool.models.llama import Llama, LlamaConfig
-from duskpool.weights import names
-from duskpool.weights.gguf import GGUFFile
+from duskpool.models.base import ContextOverflowError, KVCache, ModelSpec, Ops, Span, SpanModel
+from duskpool.models.llama import Llama
+from duskpool.weights.gguf import ModelFileError, PackedTensor
 from duskpool.weights.progress import Progress
 
-
-def load_model(file: GGUFFile, layers: range | None = None, embed: bool = True, head: bool = True,
-               progress: bool = False) -> Llama:
-    """The given span of layers (all by default), plus the embedding and head when asked for.
-
-    `progress`: report the bytes read on stderr (weights.progress: a bar on a terminal, lines otherwise)."""
-    if not progress:
-        return Llama.from_gguf(file, layers, embed=embed, head=head)
-    n_layers = LlamaConfig.from_gguf(file.metadata).n_layers
-    layers = range(n_layers) if layers is None else layers
-    span = "" if len(layers) == n_layers else f" layers [{layers.start}, {layers.stop})"
-    total = sum(file.tensors[n].nbytes for n in _tensors_read(file, layers, embed, head) if n in file.tensors)
-    with Progress(f"loading {Path(str(file.path)).name}{span}", total) as bar:
-        return Llama.from_gguf(_Counted(file, bar), layers, embed=embed, head=head)
+FAMILIES: dict[str, type[Span]] = {}
 
 
-def _tensors_read(file: GGUFFile, layers: range, embed: bool, head: bool) -> set[str]:
-    """What Llama.from_gguf reads for this span (tests check the two agree)."""
-    wanted = {n for i in layers for n in names.llama_block(i).values()}
-    if embed or (head and names.OUTPUT not in file.tensors):
-        wanted.add(names.TOKEN_EMBEDDING)
-    if head:
-        wanted |= {names.OUTPUT_NORM} | ({names.OUTPUT} & file.tensors.keys())
-    return wanted | ({names.ROPE_FREQS} & file.tensors.keys())
+def register(architecture: str, family: type[Span]) -> None:
+    """Files whose `general.architecture` is `architecture` load as `family`."""
+    FAMILIES[architecture] = family
 
 
-class _Counted:
-    """`file`, whose reads advance `bar` by each tensor's size: one step per tensor, nothing per byte."""
-
-    def __init__(self, file: GGUFFile, bar: Progress):
-        self.path, self.metadata, self.tensors = file.path, file.metadata, file.tensors
-        self._file, self._bar = file, bar
-
-    def read(self, name: str):
-        tensor = self._file.read(name)
-        self._bar.advance(self.tensors[name].nbytes)
-        return tensor
+register("llama", Llama)
+register("mistral", Llama)
 
 
-__all__ = ["ContextOverflowError", "KVCache", "Llama", "LlamaConfig", "load_model"]
+class ModelFile(Protocol):
+    """A GGUF file, or a model's tensors as a node caches them (weights.store.StoredModel)."""
+
+    path: Any
+    metadata: dict[str, Any]
+    tensors: dict[str, Any]  # name -> weights.gguf.TensorInfo
+
+    def read(self, name: str) -> PackedTensor: ...
+
+
+def family_of(metadata: dict[str, Any]) -> type[Span]:
+    arch = metadata.get("general.architecture")
+    if arch not in FAMILIES:
+        raise ModelFileError(f"model architecture '{arch}' is not supported (supported: {', '.join(FAMILIES)})")
+    return FAMILIES[arch]
+
+
+def tensors_for(file: ModelFile, layers: range, embed: bool, head: bool) -> list[str]:
+    """The tensors a span of `layers` (and the embedding and/or head) reads: what a node is sent."""
+    family = family_of(file.metadata)
+    return family.tensors_for(family.config_from_gguf(file.metadata), layers, embed, head, file.tensors)
+
+
+def describe(file: ModelFile, ops: Ops) -> ModelSpec:
+    """The model as the layers above see it, without reading a weight."""
+    family = family_of(file.metadata)
+    config = family.config_from_gguf(file.metadata)
+
+    def nbytes(names: list[str]) -> int:
+        return sum(file.tensors[n].nbytes for n in names if n in file.tensors)
+
+    layer_bytes = max((nbytes(family.tensors_for(config, range(i, i + 1), False, False, ()))
+                       for i in range(config.n_layers)), default=0)
+    return ModelSpec(name=Path(str(file.path)).name, architecture=file.metadata["general.architecture"],
+                     n_layers=config.n_layers, dim=config.dim, vocab_size=config.vocab_size,
+                     context_length=config.context_length,
+                     kv_bytes_per_token=2 * config.n_kv_heads * config.head_dim * ops.KV_VALUE_BYTES,
+                     layer_bytes=layer_bytes,
+                     edge_bytes=nbytes(family.tensors_for(config, range(0), True, True, file.tensors)))
+
+
+def load_model(file: ModelFile, ops: Ops, layers: range | None = None, embed: bool = True, head: bool = True,
+               progress: bool = False) -> SpanModel:
+    """The given span of layers (all by default), plus the embedding and head when asked for, computed by
+    `ops` (a backend). `progress`: report the bytes read on stderr (a bar on a terminal, lines otherwise)."""
+    family = family_of(file.metadata)
+    config = family.config_from_gguf(file.metadata)
+    layers = range(config.n_layers) if layers is None else layers
+    if not (0 <= layers.start <= layers.stop <= config.n_layers and layers.step == 1):
+        raise ValueError(f"layers {layers} are not a span of this model's {config.n_layers} layers")
+    names = family.tensors_for(config, layers, embed, head, file.tensors)
+    for name in names:  # every problem with the file before a byte of it is read
+        if name not in file.tensors:
+            raise ModelFileError(f"{file.path} lacks tensor {name}")
+        qtype = file.tensors[name].qtype
+        if qtype not in ops.SUPPORTED_TYPES:
+            raise ModelFileError(f"{file.path}: tensor {name} has quant type {qtype.name}, which duskpool does "
+                                 f"not support (supported: {', '.join(t.name for t in ops.SUPPORTED_TYPES)})")
+    span = "" if len(layers) == config.n_layers else f" layers [{layers.start}, {layers.stop})"
+    total = sum(file.tensors[n].nbytes for n in names)
+    with Progress(f"loading {Path(str(file.path)).name}{span}", total, enabled=progress) as bar:
+        weights = {}
+        for name in names:  # one step per tensor, nothing per byte
+            weights[name] = file.read(name)
+            bar.advance(file.tensors[name].nbytes)
+    return family(describe(file, ops), config, layers, weights, ops, embed, head)
+
+
+__all__ = ["FAMILIES", "ContextOverflowError", "KVCache", "ModelFile", "ModelSpec", "Ops", "SpanModel", "describe",
+           "family_of", "load_model", "register", "tensors_for"]

@@ -1,20 +1,25 @@
 """Llama as in the papers: RMSNorm, rotary positions, grouped-query attention, SwiGLU.
 
 Also serves Mistral and the many models converted to Llama's GGUF layout (SmolLM, TinyLlama...).
-Activations are float32 [tokens, dim]; weights stay in their GGUF quant blocks (weights.quant).
+Written against a backend's `ops` (models/base.py); weights stay in their GGUF quant blocks.
 """
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
-from duskpool.models.cache import KVCache
-from duskpool.models.ops import apply_rope_, attention, rms_norm, rotations, silu_mul
-from duskpool.weights import names
-from duskpool.weights.gguf import GGUFFile, ModelFileError
-from duskpool.weights.quant import Linear, QuantTensor
+from duskpool.models.base import Array, KVCache, ModelSpec, Ops, Span
+from duskpool.weights.gguf import ModelFileError, PackedTensor
+
+TOKEN_EMBEDDING = "token_embd.weight"
+OUTPUT_NORM = "output_norm.weight"
+OUTPUT = "output.weight"  # absent when the head is tied to the token embedding
+ROPE_FREQS = "rope_freqs.weight"  # llama3-style per-frequency scaling factors, when present
+BLOCK = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
+         "ffn_norm": "ffn_norm", "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down"}
 
 
 @dataclass
@@ -32,13 +37,19 @@ class LlamaConfig:
     rope_linear_factor: float = 1.0  # positions are divided by it ("linear" RoPE scaling)
     # llama3-style scaling: (factor, low_freq_factor, high_freq_factor, original_context_length)
     rope_llama3: tuple[float, float, float, int] | None = None
+    # the choices a family close to Llama makes differently (each an op's parameter)
+    rope_pairing: str = "adjacent"  # llama.cpp stores Llama's q/k rows so that rotated pairs are adjacent
+    activation: str = "silu"
+    sliding_window: int | None = None
+    qkv_bias: bool = False
+
+    @property
+    def attention_scale(self) -> float:
+        return 1 / math.sqrt(self.head_dim)
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any]) -> "LlamaConfig":
         arch = meta.get("general.architecture")
-        if arch not in names.LLAMA_ARCHITECTURES:
-            raise ModelFileError(f"model architecture '{arch}' is not supported "
-                                 f"(supported: {', '.join(names.LLAMA_ARCHITECTURES)})")
 
         def get(key: str, default: Any = None) -> Any:
             value = meta.get(f"{arch}.{key}", default)
@@ -68,111 +79,108 @@ class LlamaConfig:
         )
 
 
-def rope_frequencies(config: LlamaConfig, factors: torch.Tensor | None = None) -> torch.Tensor:
+def rope_frequencies(config: LlamaConfig, factors: np.ndarray | None = None) -> np.ndarray:
     """Angular frequency of each rotated pair [head_dim / 2]; `factors` divide them (rope_freqs tensor)."""
     d = config.head_dim
-    freqs = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    freqs = 1.0 / config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
     if config.rope_llama3 is not None:
         factor, low, high, original = config.rope_llama3
         wavelen = 2 * math.pi / freqs
-        smooth = ((original / wavelen - low) / (high - low)).clamp(0, 1)
+        smooth = np.clip((original / wavelen - low) / (high - low), 0, 1)
         # long wavelengths slow down by `factor`, short ones stay, a smooth blend in between
         freqs = (1 - smooth) * freqs / factor + smooth * freqs
     if factors is not None:
-        freqs = freqs / factors.double()
+        freqs = freqs / factors.astype(np.float64)
     return freqs / config.rope_linear_factor
 
 
 class Attention:
-    def __init__(self, config: LlamaConfig, wqkv: Linear, wo: Linear):
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wqkv, self.wo = wqkv, wo
+    def __init__(self, config: LlamaConfig, ops: Ops, w: dict[str, PackedTensor]):
+        self.config, self.ops = config, ops
+        bias = [w["bq"], w["bk"], w["bv"]] if config.qkv_bias else None
+        self.wqkv, self.wo = ops.linear([w["wq"], w["wk"], w["wv"]], bias), ops.linear([w["wo"]])
 
-    def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int,
-                 start: int) -> torch.Tensor:
-        T, H, Hk, d = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
-        heads = self.wqkv(x).view(T, H + 2 * Hk, d)  # q | k | v heads of each token
-        apply_rope_(heads[:, :H + Hk], *rope)  # q and k heads rotate alike
-        q, k, v = heads.split([H, Hk, Hk], dim=1)
-        keys, values = cache.update(layer, start, k.transpose(0, 1), v.transpose(0, 1))
-        return self.wo(attention(q, keys, values, start).reshape(T, H * d))
+    def __call__(self, x: Array, rope: Any, cache: KVCache, layer: int, start: int) -> Array:
+        c, T = self.config, x.shape[0]
+        H, Hk = c.n_heads, c.n_kv_heads
+        heads = self.wqkv(x).reshape(T, H + 2 * Hk, c.head_dim)  # q | k | v heads of each token
+        qk = self.ops.rope(heads[:, :H + Hk], rope, c.rope_pairing)  # q and k heads rotate alike
+        keys, values = cache.update(layer, start, qk[:, H:], heads[:, H + Hk:])
+        out = self.ops.attention(qk[:, :H], keys, values, start, c.attention_scale, c.sliding_window)
+        return self.wo(out.reshape(T, H * c.head_dim))
 
 
 class MLP:
-    def __init__(self, w_gate_up: Linear, w_down: Linear):
-        self.w_gate_up, self.w_down = w_gate_up, w_down
+    def __init__(self, config: LlamaConfig, ops: Ops, w: dict[str, PackedTensor]):
+        self.ops, self.activation = ops, config.activation
+        self.w_gate_up, self.w_down = ops.linear([w["w_gate"], w["w_up"]]), ops.linear([w["w_down"]])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(silu_mul(self.w_gate_up(x)))
+    def __call__(self, x: Array) -> Array:
+        return self.w_down(self.ops.gated(self.w_gate_up(x), self.activation))
 
 
 class Block:
-    def __init__(self, config: LlamaConfig, w: dict[str, QuantTensor | torch.Tensor]):
-        self.eps = config.norm_eps
-        self.attn_norm, self.ffn_norm = w["attn_norm"], w["ffn_norm"]
-        self.attention = Attention(config, Linear([w["wq"], w["wk"], w["wv"]]), Linear([w["wo"]]))
-        self.mlp = MLP(Linear([w["w_gate"], w["w_up"]]), Linear([w["w_down"]]))
+    def __init__(self, config: LlamaConfig, ops: Ops, w: dict[str, PackedTensor]):
+        self.ops, self.eps = ops, config.norm_eps
+        self.attn_norm, self.ffn_norm = ops.vector(w["attn_norm"]), ops.vector(w["ffn_norm"])
+        self.attention, self.mlp = Attention(config, ops, w), MLP(config, ops, w)
 
-    def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int,
-                 start: int) -> torch.Tensor:
-        h = x + self.attention(rms_norm(x, self.attn_norm, self.eps), rope, cache, layer, start)
-        return h + self.mlp(rms_norm(h, self.ffn_norm, self.eps))
+    def __call__(self, x: Array, rope: Any, cache: KVCache, layer: int, start: int) -> Array:
+        h = x + self.attention(self.ops.rms_norm(x, self.attn_norm, self.eps), rope, cache, layer, start)
+        return h + self.mlp(self.ops.rms_norm(h, self.ffn_norm, self.eps))
 
 
-class Llama:
+class Llama(Span):
     """The layers `layers` of a Llama model, plus the embedding and/or head when asked for.
 
     embed -> forward_span -> head are separate so each process of a pipeline holds only its part.
     """
 
-    def __init__(self, config: LlamaConfig, layers: range, blocks: list[Block],
-                 embedding: QuantTensor | None, norm: torch.Tensor | None, output: QuantTensor | None,
-                 rope_factors: torch.Tensor | None = None):
-        self.config, self.layers, self.blocks = config, layers, blocks
-        self.embedding, self.norm = embedding, norm
-        self.output = Linear([output]) if output is not None else None
-        self.rope_freqs = rope_frequencies(config, rope_factors)
+    config_class = LlamaConfig
+
+    def __init__(self, spec: ModelSpec, config: LlamaConfig, layers: range, w: dict[str, PackedTensor], ops: Ops,
+                 embed: bool, head: bool):
+        super().__init__(spec, layers, ops, config.n_kv_heads, config.head_dim)
+        self.config = config
+        self.blocks = [Block(config, ops, self.block_weights(w, i)) for i in layers]
+        self.embedding = ops.embedding(w[TOKEN_EMBEDDING]) if embed else None
+        self.norm = ops.vector(w[OUTPUT_NORM]) if head else None
+        self.output = ops.linear([w[OUTPUT] if OUTPUT in w else w[TOKEN_EMBEDDING]]) if head else None
+        factors = w[ROPE_FREQS].data.view(np.float32) if ROPE_FREQS in w else None
+        self.rope_freqs = rope_frequencies(config, factors)
+
+    @staticmethod
+    def block_weights(w: dict[str, PackedTensor], layer: int) -> dict[str, PackedTensor]:
+        """Our name for each weight of block `layer` (biases, where the file has them, as b*)."""
+        ours = {name: w[f"blk.{layer}.{theirs}.weight"] for name, theirs in BLOCK.items()}
+        for name in ("q", "k", "v"):
+            if f"blk.{layer}.attn_{name}.bias" in w:
+                ours[f"b{name}"] = w[f"blk.{layer}.attn_{name}.bias"]
+        return ours
 
     @classmethod
-    def from_gguf(cls, file: GGUFFile, layers: range | None = None, embed: bool = True,
-                  head: bool = True) -> "Llama":
-        config = LlamaConfig.from_gguf(file.metadata)
-        layers = range(config.n_layers) if layers is None else layers
-        if not (0 <= layers.start <= layers.stop <= config.n_layers and layers.step == 1):
-            raise ValueError(f"layers {layers} are not a span of this model's {config.n_layers} layers")
+    def tensors_for(cls, config: LlamaConfig, layers: range, embed: bool, head: bool,
+                    present: Iterable[str]) -> list[str]:
+        present = set(present)
+        wanted = [f"blk.{i}.{theirs}.weight" for i in layers for theirs in BLOCK.values()]
+        if config.qkv_bias:
+            wanted += [f"blk.{i}.attn_{x}.bias" for i in layers for x in "qkv"]
+        if embed or (head and OUTPUT not in present):
+            wanted.append(TOKEN_EMBEDDING)
+        if head:
+            wanted += [OUTPUT_NORM] + ([OUTPUT] if OUTPUT in present else [])
+        return wanted + ([ROPE_FREQS] if ROPE_FREQS in present else [])
 
-        def read(name: str) -> QuantTensor | torch.Tensor:
-            if name not in file.tensors:
-                raise ModelFileError(f"{file.path} lacks tensor {name}")
-            return file.read(name)
+    def embed(self, tokens: Sequence[int]) -> Array:
+        return self.embedding.rows(tokens)  # [T] -> [T, dim]
 
-        blocks = [Block(config, {ours: read(theirs) for ours, theirs in names.llama_block(i).items()})
-                  for i in layers]
-        embedding = read(names.TOKEN_EMBEDDING) if embed or (head and names.OUTPUT not in file.tensors) \
-            else None
-        output = (read(names.OUTPUT) if names.OUTPUT in file.tensors else embedding) if head else None
-        norm = read(names.OUTPUT_NORM) if head else None
-        factors = read(names.ROPE_FREQS) if names.ROPE_FREQS in file.tensors else None
-        return cls(config, layers, blocks, embedding if embed else None, norm, output, factors)
-
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.layers, self.config.n_kv_heads, self.config.head_dim, capacity)
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        # tokens: [T] -> hidden [T, dim]
-        return self.embedding.rows(tokens)
-
-    def forward_span(self, hidden: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-                     layers: range | None = None) -> torch.Tensor:
-        # hidden: [T, dim] for the consecutive positions `positions` [T]; layers default to all held
-        layers = self.layers if layers is None else layers
-        if layers.start < self.layers.start or layers.stop > self.layers.stop:
-            raise ValueError(f"layers {layers} are not all held here (this holds {self.layers})")
-        rope, start = rotations(positions, self.rope_freqs), int(positions[0])
-        for i in layers:
-            hidden = self.blocks[i - self.layers.start](hidden, rope, cache, i, start)
+    def forward_span(self, hidden: Array, cache: KVCache, start: int) -> Array:
+        # hidden: [T, dim] at positions start..start+T
+        rope = self.ops.rotations(start, hidden.shape[0], self.rope_freqs)
+        for layer, block in zip(self.layers, self.blocks, strict=True):
+            hidden = block(hidden, rope, cache, layer, start)
         return hidden
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: Array) -> Array:
         # hidden: [T, dim] -> logits [T, vocab]
-        return self.output(rms_norm(hidden, self.norm, self.config.norm_eps))
+        return self.ops.logits(self.output(self.ops.rms_norm(hidden, self.norm, self.config.norm_eps)))

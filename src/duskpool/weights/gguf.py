@@ -14,10 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-from duskpool.weights.quant import SUPPORTED_TYPES, QuantTensor
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -38,6 +35,15 @@ class TensorInfo:
     shape: tuple[int, ...]  # torch order: (rows, cols) for matrices
     offset: int  # absolute byte offset in the file
     nbytes: int
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    """A tensor's bytes exactly as stored (quant blocks, or plain floats): what a backend packs for itself."""
+
+    data: np.ndarray  # uint8 [nbytes]
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # torch order: (rows, cols) for matrices
 
 
 class _Header:
@@ -127,16 +133,14 @@ class GGUFFile:
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", "<missing>"))
 
-    def read(self, name: str) -> QuantTensor | torch.Tensor:
-        """A matrix as a QuantTensor (still quantized); a vector as a float32 tensor."""
+    def read(self, name: str) -> PackedTensor:
         info = self.tensors[name]
-        check_supported(info, self.path)
-        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        data = np.empty(info.nbytes, dtype=np.uint8)
         with open(self.path, "rb") as f:
             f.seek(info.offset)
-            if f.readinto(data.numpy()) != info.nbytes:
+            if f.readinto(data) != info.nbytes:
                 raise ModelFileError(f"{self.path} is truncated inside tensor {name}")
-        return tensor_from_bytes(info, data)
+        return PackedTensor(data, info.qtype, info.shape)
 
     def read_bytes(self, name: str) -> bytes:
         """A tensor's bytes exactly as stored (what nodes receive and cache)."""
@@ -144,20 +148,3 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             f.seek(info.offset)
             return f.read(info.nbytes)
-
-
-def check_supported(info: TensorInfo, where: object) -> None:
-    if info.qtype not in SUPPORTED_TYPES:
-        raise ModelFileError(f"{where}: tensor {info.name} has quant type {info.qtype.name}, which duskpool "
-                             f"does not support (supported: {', '.join(t.name for t in SUPPORTED_TYPES)})")
-
-
-def tensor_from_bytes(info: TensorInfo, data: torch.Tensor) -> QuantTensor | torch.Tensor:
-    """uint8 bytes of a stored tensor -> a QuantTensor (matrices) or float32 tensor (vectors)."""
-    if len(info.shape) == 1:
-        if info.qtype != GGMLQuantizationType.F32:
-            return QuantTensor(data.view(1, -1), info.qtype, (1, info.shape[0])).dequantize()[0]
-        return data.view(torch.float32)
-    rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
-    block_size, block_bytes = GGML_QUANT_SIZES[info.qtype]
-    return QuantTensor(data.view(rows, cols // block_size * block_bytes), info.qtype, (rows, cols))

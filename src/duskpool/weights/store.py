@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from gguf import GGMLQuantizationType
 
-from duskpool.weights.gguf import GGUFFile, ModelFileError, TensorInfo, check_supported, tensor_from_bytes
+from duskpool.weights.gguf import GGUFFile, ModelFileError, PackedTensor, TensorInfo
 
 HASH_CACHE_VERSION = 1
 
@@ -95,15 +95,14 @@ class StoredModel:
     def path(self) -> str:
         return f"cached model ({self.store.root})"
 
-    def read(self, name: str) -> Any:
+    def read(self, name: str) -> PackedTensor:
         info = self.tensors[name]
-        check_supported(info, self.path)
         path = self.store.path(self.hashes[name])
-        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        data = np.empty(info.nbytes, dtype=np.uint8)
         with open(path, "rb") as f:
-            if f.readinto(data.numpy()) != info.nbytes:
+            if f.readinto(data) != info.nbytes:
                 raise ModelFileError(f"cached tensor {path} is damaged")
-        return tensor_from_bytes(info, data)
+        return PackedTensor(data, info.qtype, info.shape)
 
     @staticmethod
     def info(name: str, qtype: int, shape: list[int], nbytes: int) -> TensorInfo:

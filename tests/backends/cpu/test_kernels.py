@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from duskpool.weights import kernels
-from duskpool.weights.quant import GEMM_MIN_ROWS, SUPPORTED_TYPES, QuantTensor
+from duskpool.backends.cpu import native as kernels
+from duskpool.backends.cpu.quant import GEMM_MIN_ROWS, SUPPORTED_TYPES, QuantTensor
 from tests.conftest import random_quantized
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: only the numpy path exists")

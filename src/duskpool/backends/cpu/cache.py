@@ -2,11 +2,8 @@
 
 import torch
 
-from duskpool.weights import kernels
-
-
-class ContextOverflowError(ValueError):
-    """A session asked for more positions than its cache was sized for."""
+from duskpool.backends.cpu import native
+from duskpool.models.base import ContextOverflowError
 
 
 class KVCache:
@@ -19,20 +16,20 @@ class KVCache:
         self.v = torch.zeros(len(layers), n_kv_heads, capacity, head_dim)
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [kv_heads, T, head_dim] at positions start..start+T; return all keys, values so far."""
-        end = start + k.shape[1]
+        """Store k, v [T, kv_heads, head_dim] at positions start..start+T; all keys, values [kv_heads, end, d]."""
+        end = start + k.shape[0]
         if end > self.capacity:
             raise ContextOverflowError(f"context overflow: position {end} is past this session's "
                                        f"context of {self.capacity} tokens")
         i = layer - self.layers.start
-        lib = kernels.library()
-        if lib is not None and k.stride(0) == v.stride(0) == k.shape[2] and k.stride(2) == v.stride(2) == 1 \
-                and k.stride(1) == v.stride(1):  # one C call instead of two strided torch copies
-            lib.dp_store_kv(k.data_ptr(), v.data_ptr(), k.stride(1), k.shape[1], k.shape[0], k.shape[2],
+        lib = native.library()
+        if lib is not None and k.stride(1) == v.stride(1) == k.shape[2] and k.stride(2) == v.stride(2) == 1 \
+                and k.stride(0) == v.stride(0):  # one C call instead of two strided torch copies
+            lib.dp_store_kv(k.data_ptr(), v.data_ptr(), k.stride(0), k.shape[0], k.shape[1], k.shape[2],
                             self.k[i].data_ptr(), self.v[i].data_ptr(), self.capacity, start)
         else:
-            self.k[i, :, start:end] = k
-            self.v[i, :, start:end] = v
+            self.k[i, :, start:end] = k.transpose(0, 1)
+            self.v[i, :, start:end] = v.transpose(0, 1)
         return self.k[i, :, :end], self.v[i, :, :end]
 
     def clear(self) -> None:
@@ -43,8 +40,3 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
-
-    @staticmethod
-    def bytes_for(n_layers: int, n_kv_heads: int, head_dim: int, capacity: int) -> int:
-        """What a cache of this size will hold, before allocating it (float32 keys and values)."""
-        return 2 * n_layers * n_kv_heads * capacity * head_dim * 4

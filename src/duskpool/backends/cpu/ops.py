@@ -1,14 +1,17 @@
-"""The per-token operations of a transformer layer: RMSNorm, RoPE, attention, SwiGLU's gate.
+"""The per-token operations of a transformer layer: RMSNorm, RoPE, attention, the MLP's gate.
 
-Each has a fused C path (weights/ops.c) and the plain torch version it must agree with. On CPU a
+Each has a fused C path (native/ops.c) and the plain torch version it must agree with. On CPU a
 decode step is dozens of tiny ops whose dispatch costs more than their arithmetic, so the C path
 matters for speed; the torch path is the reference, and the fallback when no C compiler exists.
 """
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from duskpool.weights import kernels
+from duskpool.backends.cpu import native
 
 C_ATTENTION_MAX_QUERIES = 4  # longer prefills go to torch's SDPA, which batches them through BLAS
 
@@ -19,7 +22,7 @@ def _ptr(t: torch.Tensor) -> int:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, use_c: bool = True) -> torch.Tensor:
     # x: [T, dim]
-    lib = kernels.library() if use_c else None
+    lib = native.library() if use_c else None
     if lib is None:
         return F.rms_norm(x, weight.shape, weight, eps)
     x = x.contiguous()
@@ -28,15 +31,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, use_c: bool = Tr
     return out
 
 
-def rotations(positions: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [T, head_dim/2] of each position's angle for each rotated pair."""
-    angles = (positions.double()[:, None] * freqs).float()
+def rotations(start: int, tokens: int, freqs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, rotated/2] of the angle of each position start..start+T for each rotated pair."""
+    angles = (torch.arange(start, start + tokens, dtype=torch.float64)[:, None] * torch.from_numpy(freqs)).float()
     return angles.cos(), angles.sin()
+
+
+def rope(heads: torch.Tensor, rotations: tuple[torch.Tensor, torch.Tensor], pairing: str) -> torch.Tensor:
+    """heads [T, n, head_dim] rotated in place; pairs are adjacent elements (llama.cpp's layout for Llama)
+    or the two halves of the rotated dimensions (GPT-NeoX's, Qwen's and Gemma's)."""
+    cos, sin = rotations
+    if pairing == "adjacent":
+        return apply_rope_(heads, cos, sin)
+    if pairing != "halves":
+        raise ValueError(f"RoPE pairing {pairing!r} is not 'adjacent' or 'halves'")
+    half = cos.shape[1]
+    x, y = heads[..., :half].clone(), heads[..., half:2 * half].clone()
+    c, s = cos[:, None], sin[:, None]
+    heads[..., :half], heads[..., half:2 * half] = x * c - y * s, x * s + y * c
+    return heads
 
 
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_c: bool = True) -> torch.Tensor:
     """Rotate x [T, heads, head_dim] in place; pairs are adjacent elements (llama.cpp's layout)."""
-    lib = kernels.library() if use_c else None
+    lib = native.library() if use_c else None
     if lib is None or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
         even, odd = x[..., 0::2].clone(), x[..., 1::2].clone()
         c, s = cos[:, None], sin[:, None]
@@ -46,18 +64,25 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_c: bo
     return x
 
 
-def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
-              use_c: bool = True) -> torch.Tensor:
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float | None = None,
+              window: int | None = None, use_c: bool = True) -> torch.Tensor:
     """Causal attention of queries q [T, H, d] at positions start.. over keys, values [Hk, start+T, d].
 
-    Query head h reads kv head h // (H / Hk) (grouped-query attention). Returns [T, H, d].
+    Query head h reads kv head h // (H / Hk) (grouped-query attention); scores are scaled by `scale`
+    (1/sqrt(d) by default); with a `window`, a query sees only its last `window` positions. Returns [T, H, d].
     """
     T, H, d = q.shape
-    lib = kernels.library() if use_c else None
-    if lib is None or T > C_ATTENTION_MAX_QUERIES or keys.stride(2) != 1 or q.stride(2) != 1 \
-            or q.stride(1) != d:
-        causal = torch.arange(start, start + T)[:, None] >= torch.arange(start + T)[None, :]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=causal, enable_gqa=True)
+    if scale is not None and scale != 1 / math.sqrt(d):
+        q = q * (scale * math.sqrt(d))  # the kernels scale by 1/sqrt(d)
+    if window is not None and T == 1 and start + 1 > window:  # one query: its window is a slice of the cache
+        keys, values, start = keys[:, start + 1 - window:], values[:, start + 1 - window:], window - 1
+        window = None
+    lib = native.library() if use_c else None
+    if lib is None or window is not None or T > C_ATTENTION_MAX_QUERIES or keys.stride(2) != 1 \
+            or q.stride(2) != 1 or q.stride(1) != d:
+        query, key = torch.arange(start, start + T)[:, None], torch.arange(start + T)[None, :]
+        visible = (query >= key) & ((query - key < window) if window is not None else True)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=visible, enable_gqa=True)
         return out.transpose(0, 1)
     out = torch.empty(T, H, d)
     scores = torch.empty(start + T)
@@ -68,7 +93,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: 
 
 def silu_mul(gate_up: torch.Tensor, use_c: bool = True) -> torch.Tensor:
     """silu(gate) * up for gate_up [T, 2F] = [gate | up] (SwiGLU's gate)."""
-    lib = kernels.library() if use_c else None
+    lib = native.library() if use_c else None
     if lib is None:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
@@ -76,3 +101,13 @@ def silu_mul(gate_up: torch.Tensor, use_c: bool = True) -> torch.Tensor:
     out = torch.empty(T, F2 // 2)
     lib.dp_silu_mul(_ptr(gate_up), _ptr(out), T, F2 // 2)
     return out
+
+
+def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up for gate_up [T, 2F] = [gate | up]: SwiGLU ("silu") or GeGLU ("gelu_tanh")."""
+    if activation == "silu":
+        return silu_mul(gate_up)
+    if activation != "gelu_tanh":
+        raise ValueError(f"activation {activation!r} is not 'silu' or 'gelu_tanh'")
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

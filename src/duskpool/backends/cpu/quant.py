@@ -1,4 +1,4 @@
-"""Quantized weights kept as their GGUF blocks, with matmul and row lookup on them."""
+"""Quantized weights kept as their GGUF blocks, with matmul and row lookup on them (the C kernels in native/)."""
 
 from dataclasses import dataclass
 
@@ -7,7 +7,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from duskpool.weights import kernels
+from duskpool.backends.cpu import native
+from duskpool.weights.gguf import PackedTensor
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -34,10 +35,17 @@ class QuantTensor:
     def nbytes(self) -> int:
         return self.data.numel()
 
+    @classmethod
+    def from_packed(cls, tensor: PackedTensor) -> "QuantTensor":
+        """A weight as its file stored it; a vector is one row."""
+        shape = tensor.shape
+        rows, cols = (1, shape[0]) if len(shape) == 1 else (shape[0], int(np.prod(shape[1:])))
+        return cls(torch.from_numpy(tensor.data).view(rows, -1), tensor.qtype, (rows, cols))
+
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Dequantized rows W[index]: float32 [len(index), cols] (an embedding lookup)."""
         index = index.reshape(-1).to(torch.int64).contiguous()
-        lib = kernels.library()
+        lib = native.library()
         if lib is None:
             return self._dequantize_numpy(self.data[index])
         out = torch.empty(index.numel(), self.shape[1], dtype=torch.float32)
@@ -51,7 +59,7 @@ class QuantTensor:
 
     def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """out[m, :] = x[m, :] @ W.T for float32 x [M, cols]; out may be a column slice of a wider buffer."""
-        lib = kernels.library()
+        lib = native.library()
         if lib is None or x.shape[0] >= GEMM_MIN_ROWS:
             out.copy_(x @ self.dequantize().t())
             return
@@ -66,13 +74,14 @@ class QuantTensor:
 
 
 class Linear:
-    """y = x @ W.T over one or more weights whose outputs are concatenated (fused q|k|v, gate|up).
+    """y = x @ W.T (+ b) over one or more weights whose outputs are concatenated (fused q|k|v, gate|up).
 
     Parts of the same quant type are joined into one weight at load, so a fused projection costs one
     kernel call; a mixed-type checkpoint (e.g. Q4_K_M's Q6_K value weights) keeps one call per type.
     """
 
-    def __init__(self, parts: list[QuantTensor]):
+    def __init__(self, parts: list[QuantTensor], bias: torch.Tensor | None = None):
+        self.bias = bias  # float32 [out_features], or None
         self.parts: list[QuantTensor] = []
         for part in parts:
             last = self.parts[-1] if self.parts else None
@@ -93,4 +102,6 @@ class Linear:
         for part in self.parts:
             part.matmul_into(x, out[:, start:start + part.shape[0]])
             start += part.shape[0]
+        if self.bias is not None:
+            out += self.bias
         return out.view(*lead, self.out_features)

@@ -1,8 +1,8 @@
-"""The C kernels in kernels.c, compiled on first use and loaded with ctypes.
+"""The CPU backend's C code (this folder's .c files), compiled on first use and loaded with ctypes.
 
 A plain C file with no Python or torch headers compiles in well under a second, so it is built
 into the user's cache the first time it is needed. Without a C compiler duskpool still works:
-`available()` is False and the slower numpy path in `quant.py` is used instead.
+`available()` is False and the slower numpy and torch paths in `quant.py` and `ops.py` are used instead.
 """
 
 import ctypes
@@ -16,8 +16,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-# kernels.c: matmul on quant blocks; ops.c: the small per-token ops of a layer (models/ops.py)
-SOURCES = [Path(__file__).with_name("kernels.c"), Path(__file__).with_name("ops.c")]
+SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # compiled together into one library
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math", "-fno-math-errno",
          "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11", "-pthread"]
 

@@ -1,0 +1,81 @@
+// What the CPU backend's C files share. native/__init__.py compiles every .c here into one library:
+//   threads.c     the thread pool (parallel_for), dp_set_threads, dp_get_threads, dp_init
+//   dequant.c     GGUF blocks in plain C: a row of any type into floats, dp_dequantize_rows, and the
+//                 scalar matmul (dequantize a weight row into L1, then dot it with each row of x)
+//   matmul.c      dp_matmul: per-block sums of x, rows split over the pool, each range of rows given
+//                 to this CPU's SIMD kernel for the type or else to the scalar matmul
+//   matmul_x86.c  the AVX2/FMA kernels, built where the compiler targets AVX2 and FMA
+//   ops.c         the per-token ops of a layer (dp_rms_norm, dp_rope, dp_attention, ...)
+// Matmul and row lookup work straight from GGUF blocks, so quantized weights stay packed in memory;
+// block layouts follow ggml-common.h. All arithmetic is fp32.
+//
+// A SIMD file defines tiled_kernel() and row_kernel_for() below for its instruction set and sets
+// DP_SIMD here. ARM NEON plugs in the same way: a matmul_neon.c whose body is guarded by
+// DP_NEON, set here by `#elif defined(__ARM_NEON)`. Where no SIMD file applies, matmul.c's
+// fallbacks return NULL and every type takes the scalar matmul.
+#ifndef DUSKPOOL_NATIVE_H
+#define DUSKPOOL_NATIVE_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define DP_AVX2 1  // matmul_x86.c
+#define DP_SIMD 1
+#endif
+
+// Functions shared between the files stay out of the library's exported symbols (only dp_* are).
+#define DP_HIDDEN __attribute__((visibility("hidden")))
+#define DP_INLINE static inline __attribute__((always_inline))
+
+// GGML type ids of the weights we read
+enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
+       Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+
+// ---------------------------------------------------------------------------------------------
+// Block formats (dequant.c)
+
+DP_HIDDEN extern float f16_table[65536];  // half -> float for every bit pattern, as ggml does
+DP_HIDDEN void init_f16_table(void);      // by dp_init
+
+static inline float f16(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return f16_table[h]; }
+
+// Q4_K and Q5_K: sub-block j's 6-bit scale and min from the 12 packed bytes at q
+static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
+    if (j < 4) { *d = q[j] & 63; *m = q[j + 4] & 63; }
+    else { *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
+// y[m, n] = sum_k x[m, k] * W[n, k] for n in [n0, n1), in plain C: each row of W dequantized, then
+// dotted with every row of x. W is rows of row_bytes; y has row stride ldy.
+DP_HIDDEN void scalar_matmul_range(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K,
+                                   const float *x, int64_t M, float *y, int64_t ldy);
+
+// ---------------------------------------------------------------------------------------------
+// Thread pool (threads.c)
+
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
+
+// fn(ctx, a, b) over [begin, end) in chunks of `chunk` rows, on all threads; returns when all are
+// done. nap: let the workers sleep right after (the caller runs torch's own threads next).
+DP_HIDDEN void parallel_for(range_fn fn, void *ctx, int64_t begin, int64_t end, int64_t chunk, int nap);
+DP_HIDDEN int64_t chunk_rows(int64_t n);  // rows per chunk for n rows: a few chunks per thread
+
+// ---------------------------------------------------------------------------------------------
+// SIMD kernels (matmul_x86.c; matmul.c returns NULL where none is built)
+// Row kernels: one weight row against MB <= MAX_MB rows of x (row stride K), out[m] = dot.
+// Tile kernels: R weight rows (rb bytes apart) against MB rows of x, R * MB <= 4, out[r * MAX_MB + m].
+// sx[m * (K / 32) + b] = sum of x[m, 32b .. 32b + 31], for the types with a per-block offset.
+
+typedef void (*row_kernel)(const uint8_t *w, int64_t K, const float *x, const float *sx, int MB, float *out);
+typedef void (*tile_kernel)(const uint8_t *w, int64_t rb, int64_t K, const float *x, const float *sx, int R, int MB, float *out);
+#define MAX_MB 4
+
+#ifndef PF_TILES
+#define PF_TILES 2  // tile kernels prefetch this many tiles ahead; matmul.c fetches a range's first ones
+#endif
+
+DP_HIDDEN tile_kernel tiled_kernel(int type);   // NULL if this type has no tile kernel
+DP_HIDDEN row_kernel row_kernel_for(int type);  // NULL if it has no row kernel either
+
+#endif
