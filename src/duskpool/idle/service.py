@@ -99,7 +99,6 @@ def service_path(system: str, home: Path, label: str = LABEL) -> Path:
 
 MISSING = {
     "launchctl": "launchctl not found: launchd agents need macOS",
-    "codesign": "codesign not found: launchd agents need macOS",
     "systemctl": "systemctl not found: this system does not run systemd; start the node another way "
                  "(a login item, cron @reboot)",
 }
