@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from duskpool.backends.cpu import native
 
 C_ATTENTION_MAX_QUERIES = 4  # longer prefills go to torch's SDPA, which batches them through BLAS
+SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)  # Intel Macs stop at torch 2.2
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -23,8 +24,8 @@ def _ptr(t: torch.Tensor) -> int:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, use_c: bool = True) -> torch.Tensor:
     # x: [T, dim]
     lib = native.library() if use_c else None
-    if lib is None:
-        return F.rms_norm(x, weight.shape, weight, eps)
+    if lib is None:  # (written out: F.rms_norm is torch >= 2.4, and Intel Macs stop at 2.2)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
     x = x.contiguous()
     out = torch.empty_like(x)
     lib.dp_rms_norm(_ptr(x), _ptr(weight), eps, _ptr(out), x.shape[0], x.shape[1])
@@ -82,7 +83,12 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: 
             or q.stride(2) != 1 or q.stride(1) != d:
         query, key = torch.arange(start, start + T)[:, None], torch.arange(start + T)[None, :]
         visible = (query >= key) & ((query - key < window) if window is not None else True)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=visible, enable_gqa=True)
+        if SDPA_GQA:
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=visible, enable_gqa=True)
+        else:  # each kv head serves H / Hk query heads
+            group = H // keys.shape[0]
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.repeat_interleave(group, dim=0),
+                                                 values.repeat_interleave(group, dim=0), attn_mask=visible)
         return out.transpose(0, 1)
     out = torch.empty(T, H, d)
     scores = torch.empty(start + T)
