@@ -8,9 +8,11 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -44,8 +46,8 @@ def tensor_hashes(file: GGUFFile, cache_dir: Path | None = None) -> dict[str, st
         for name, info in file.tensors.items():
             f.seek(info.offset)
             hashes[name] = hashlib.sha256(f.read(info.nbytes)).hexdigest()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(memo, json.dumps({"version": HASH_CACHE_VERSION, "tensors": hashes}).encode())
+    with atomic_file(memo) as f:
+        f.write(json.dumps({"version": HASH_CACHE_VERSION, "tensors": hashes}).encode())
     return hashes
 
 
@@ -57,8 +59,12 @@ def model_hash(file: GGUFFile, hashes: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
+class DamagedTensor(ValueError):
+    """Bytes that arrived for a tensor are not the tensor its hash names."""
+
+
 class TensorStore:
-    """A directory of tensors named by their sha256; writes are atomic, reads are verified on arrival."""
+    """A directory of tensors named by their sha256; a tensor is added whole and checked, or not at all."""
 
     def __init__(self, root: Path):
         self.root = root / "tensors"
@@ -72,14 +78,19 @@ class TensorStore:
     def has(self, sha256: str) -> bool:
         return self.path(sha256).exists()
 
-    def put(self, sha256: str, data: bytes) -> None:
-        """Store `data` if its hash is `sha256`; raise ValueError if it is not."""
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != sha256:
-            raise ValueError(f"tensor bytes hash to {actual[:12]}…, expected {sha256[:12]}…")
-        target = self.path(sha256)
-        target.parent.mkdir(exist_ok=True)
-        _atomic_write(target, data)
+    def add(self, sha256: str, pieces: Iterable[bytes], nbytes: int) -> None:
+        """Store the tensor whose bytes arrive as `pieces`; raise DamagedTensor (keeping nothing) unless they are
+        `nbytes` long and hash to `sha256`."""
+        digest, size = hashlib.sha256(), 0
+        with atomic_file(self.path(sha256)) as f:
+            for piece in pieces:
+                size += len(piece)
+                if size > nbytes:
+                    raise DamagedTensor(f"tensor {sha256[:12]} arrived longer than its {nbytes} bytes")
+                digest.update(piece)
+                f.write(piece)
+            if size != nbytes or digest.hexdigest() != sha256:
+                raise DamagedTensor(f"tensor {sha256[:12]} arrived damaged")
 
 
 @dataclass
@@ -109,7 +120,15 @@ class StoredModel:
         return TensorInfo(name, GGMLQuantizationType(qtype), tuple(shape), 0, nbytes)
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, target)
+@contextmanager
+def atomic_file(target: Path) -> Iterator[IO[bytes]]:
+    """A file to write that appears at `target` whole when the block ends, or not at all if it raises."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile(dir=target.parent, delete=False)
+    try:
+        with tmp:
+            yield tmp
+        os.replace(tmp.name, target)
+    except BaseException:
+        os.unlink(tmp.name)
+        raise
