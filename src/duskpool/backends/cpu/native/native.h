@@ -9,10 +9,11 @@
 // Matmul and row lookup work straight from GGUF blocks, so quantized weights stay packed in memory;
 // block layouts follow ggml-common.h. All arithmetic is fp32.
 //
-// A SIMD file defines tiled_kernel() and row_kernel_for() below for its instruction set and sets
-// DP_SIMD here. ARM NEON plugs in the same way: a matmul_neon.c whose body is guarded by
-// DP_NEON, set here by `#elif defined(__ARM_NEON)`. Where no SIMD file applies, matmul.c's
-// fallbacks return NULL and every type takes the scalar matmul.
+// SIMD kernels plug in per instruction set: a file whose body is guarded by its macro below defines
+// tiled_kernel() and row_kernel_for() (declared at the end), returning NULL for the types it leaves
+// to the scalar matmul. ARM NEON would be matmul_neon.c, its body under DP_NEON, which the
+// `#elif defined(__ARM_NEON)` marked below would set along with DP_SIMD. Where no SIMD file applies
+// (no AVX2, or a build without -march=native), matmul.c's fallbacks return NULL for every type.
 #ifndef DUSKPOOL_NATIVE_H
 #define DUSKPOOL_NATIVE_H
 
@@ -22,9 +23,10 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #define DP_AVX2 1  // matmul_x86.c
 #define DP_SIMD 1
+// #elif defined(__ARM_NEON): DP_NEON and DP_SIMD, for matmul_neon.c
 #endif
 
-// Functions shared between the files stay out of the library's exported symbols (only dp_* are).
+// Names shared between the files stay out of the library's exported symbols (only dp_* are).
 #define DP_HIDDEN __attribute__((visibility("hidden")))
 #define DP_INLINE static inline __attribute__((always_inline))
 

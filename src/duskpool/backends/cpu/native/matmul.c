@@ -1,0 +1,98 @@
+// dp_matmul: y = x W^T straight from GGUF blocks, for the few rows of x of a decode step (M small).
+// It takes the per-block sums of x the kernels need, splits the weight rows over the thread pool
+// (dp_set_threads) and gives each range to the SIMD kernel for the type (matmul_x86.c) or, for a
+// type or CPU without one, to the scalar matmul (dequant.c: dequantize a row into L1, then dot).
+// Results match a dequantize-then-matmul reference up to summation order (and, for Q4_0/Q4_1, one
+// rounding of a rearranged x: see q4_tile in matmul_x86.c).
+#include <stdlib.h>
+
+#include "native.h"
+
+#ifndef DP_SIMD
+tile_kernel tiled_kernel(int type) { (void)type; return NULL; }
+row_kernel row_kernel_for(int type) { (void)type; return NULL; }
+#endif
+
+static int needs_block_sums(int type) {
+    return type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q4_K || type == Q5_K;
+}
+
+typedef struct {
+    int type, tile_rows;  // weight rows per tile call
+    tile_kernel tile;
+    row_kernel row;
+    const uint8_t *w;
+    int64_t row_bytes, K, M, ldy;
+    const float *x, *sx;
+    float *y;
+} matmul_job;
+
+static void matmul_range(void *ctx, int64_t n0, int64_t n1) {
+    const matmul_job *j = ctx;
+    const int64_t K = j->K, M = j->M, nb = K / 32, rb = j->row_bytes;
+    if (j->tile || j->row) {
+        float out[4 * MAX_MB];
+        const int mchunk = MAX_MB / j->tile_rows;
+        if (j->tile) {  // the tiles prefetch_ahead (matmul_x86.c) does not cover: the first ones of this range
+            const uint8_t *p = j->w + n0 * rb, *end = j->w + (n1 < n0 + PF_TILES * j->tile_rows ? n1 : n0 + PF_TILES * j->tile_rows) * rb;
+            for (; p < end; p += 64) __builtin_prefetch(p, 0, 3);
+        }
+        for (int64_t n = n0; n < n1;) {
+            const int R = n1 - n >= j->tile_rows ? j->tile_rows : 1;
+            const uint8_t *w = j->w + n * rb;
+            for (int64_t m0 = 0; m0 < M; m0 += mchunk) {
+                const int mb = M - m0 < mchunk ? (int)(M - m0) : mchunk;
+                const float *x = j->x + m0 * K, *sx = j->sx ? j->sx + m0 * nb : NULL;
+                if (j->tile) j->tile(w, rb, K, x, sx, R, mb, out);
+                else {
+                    if (m0 == 0)  // one row at a time: fetch the row two ahead
+                        for (int64_t i = 0; i < rb; i += 64) __builtin_prefetch(w + 2 * rb + i, 0, 3);
+                    j->row(w, K, x, sx, mb, out);
+                }
+                for (int r = 0; r < R; r++)
+                    for (int m = 0; m < mb; m++) j->y[(m0 + m) * j->ldy + n + r] = out[r * MAX_MB + m];
+            }
+            n += R;
+        }
+        return;
+    }
+    scalar_matmul_range(j->type, j->w, rb, n0, n1, K, j->x, M, j->y, j->ldy);
+}
+
+// Below this many weight bytes a call runs on the calling thread alone.
+#define PARALLEL_MIN_BYTES 32768
+
+// y[m, n] = sum_k x[m, k] * W[n, k] for n in [n0, n1); W is N rows of row_bytes each.
+// y has row stride ldy, so several weights can write into one fused output.
+void dp_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K,
+               const float *x, int64_t M, float *y, int64_t ldy) {
+    if (n1 <= n0 || M <= 0) return;
+    matmul_job job = { .type = type, .tile = tiled_kernel(type), .w = w, .row_bytes = row_bytes, .K = K, .M = M,
+                       .ldy = ldy, .x = x, .y = y };
+    job.row = job.tile ? NULL : row_kernel_for(type);
+    job.tile_rows = job.tile ? (M == 1 ? 4 : M == 2 ? 2 : 1) : 1;
+    const int64_t nb = K / 32;
+    float *scratch = NULL;
+    if ((job.tile || job.row) && needs_block_sums(type)) {
+        const int rearrange = type == Q4_0 || type == Q4_1;  // see q4_tile
+        scratch = malloc((M * nb + (rearrange ? M * K : 0)) * sizeof(float));
+        float *sx = scratch, *xt = scratch + M * nb;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t b = 0; b < nb; b++) {
+                const float *p = x + m * K + b * 32;
+                float s = 0.0f;
+                for (int i = 0; i < 32; i++) s += p[i];
+                sx[m * nb + b] = s;
+                if (rearrange) {
+                    float *t = xt + m * K + b * 32;
+                    for (int i = 0; i < 16; i++) { t[i] = p[i] - p[i + 16] * 0.0625f; t[i + 16] = p[i + 16] * 0.0625f; }
+                }
+            }
+        job.sx = sx;
+        if (rearrange) job.x = xt;
+    }
+    const int64_t N = n1 - n0;
+    if (N * row_bytes < PARALLEL_MIN_BYTES) matmul_range(&job, n0, n1);
+    else parallel_for(matmul_range, &job, n0, n1, (chunk_rows(N) + 3) / 4 * 4, 0);
+    free(scratch);
+}
