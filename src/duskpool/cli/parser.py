@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="when the owner returns, finish requests in flight for at most this long, then hand "
                            "them to other nodes (default: 2m)")
     _add_threads_flag(node)
+    node.add_argument("--exit-with", type=int, default=None, metavar="PID",
+                      help=argparse.SUPPRESS)  # the swarm's pid: its nodes end with it (cluster.swarm.exit_with)
     node.set_defaults(handler=serving.cmd_node)
 
     init = commands.add_parser(

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -118,6 +119,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 @contextmanager
+def _sigterm_unwinds():
+    """SIGTERM (a service manager's stop, `kill PID`) unwinds the block as Ctrl-C does, its `finally`s and `with`s
+    run, then exits 143 (128 + SIGTERM), as the shell reports a process it ended."""
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one does not cut the unwinding short
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def _join_server(pool, port: int):
     """Where nodes join the pool with a token, while the block runs (nothing with --insecure)."""
     from duskpool.security import start_join_server
@@ -168,7 +185,8 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     print(f"duskpool: starting {args.nodes} local node(s)", file=sys.stderr)
-    with LocalSwarm(args.nodes, threads=args.threads, insecure=args.insecure) as swarm:
+    # stopped by SIGTERM, the gateway closes and the nodes are stopped (killed, the nodes see it: exit_with)
+    with _sigterm_unwinds(), LocalSwarm(args.nodes, threads=args.threads, insecure=args.insecure) as swarm:
         # local nodes share this machine's CPU, so the swarm splits evenly to show a real pipeline
         pool = swarm.pool.pool if swarm.pool is not None else None
         gateway = _start_gateway(args, swarm.addresses, swarm.gateway_identity, pool, even_split=True)
@@ -228,6 +246,10 @@ def cmd_node(args: argparse.Namespace) -> int:
     from duskpool.cluster.node import serve
     from duskpool.weights.store import default_cache_dir
 
+    if args.exit_with is not None:
+        from duskpool.cluster.swarm import exit_with
+
+        exit_with(args.exit_with)
     _set_threads(args)
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir() / "node"
     limit = _parse_size(args.memory_limit) if args.memory_limit else None

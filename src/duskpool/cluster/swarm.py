@@ -1,17 +1,24 @@
 """A local swarm: N node processes on loopback, for trying duskpool on one machine and for tests."""
 
+import ctypes
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from duskpool.security import NodeIdentity, local_pool
 from duskpool.weights.store import default_cache_dir
 
 READY = re.compile(r"listening on (\S+:\d+)")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_DIED = signal.SIGRTMIN + 1 if sys.platform == "linux" else None  # what the kernel sends a node; see exit_with
+PARENT_POLL_S = 0.5
 
 
 class LocalSwarm:
@@ -21,6 +28,8 @@ class LocalSwarm:
     `ip netns exec NS`) run node i elsewhere, as the multi-host tests do. The swarm makes a throwaway
     pool (a CA, certificates for the nodes and for `gateway_identity`), so its links are mutual TLS like
     any pool's; `insecure=True` runs them in plaintext instead (debugging only).
+
+    The nodes end with this process however it ends, SIGKILL included (`duskpool node --exit-with`).
     """
 
     def __init__(self, n: int, cache_root: Path | None = None, threads: int | None = None,
@@ -47,7 +56,8 @@ class LocalSwarm:
     def _start(self, i: int, threads: int | None) -> subprocess.Popen:
         args = [*self.prefixes[i], sys.executable, "-m", "duskpool.cli.main", "node", "--host", self.hosts[i],
                 "--port", "0", "--cache-dir", str(self.cache_root / f"node-{i}"), "--no-announce",
-                "--lend", "always"]  # the user started these nodes on their own machine, for now
+                "--lend", "always",  # the user started these nodes on their own machine, for now
+                "--exit-with", str(os.getpid())]
         args += ["--identity", str(self.pool.node_dirs[i])] if self.pool is not None else ["--insecure"]
         if threads:
             args += ["--threads", str(threads)]
@@ -96,3 +106,38 @@ class LocalSwarm:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def exit_with(pid: int) -> None:
+    """End this process (a swarm's node) with SIGTERM once process `pid` (its swarm) is gone, however it ended.
+
+    A thread looks twice a second, on every OS. On Linux the kernel also tells at once (PR_SET_PDEATHSIG); it
+    tells when the *thread* that started this process ends too, so the signal's handler looks before it ends.
+    """
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        parent = None
+
+    def gone() -> bool:
+        try:
+            return parent is None or not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    def end() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(PARENT_POLL_S)
+        end()
+
+    def parent_died(*_) -> None:
+        if gone():
+            end()
+
+    if PARENT_DIED is not None and os.getppid() == pid:
+        signal.signal(PARENT_DIED, parent_died)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(PARENT_DIED))
+    threading.Thread(target=watch, name="exit-with", daemon=True).start()  # also sees a swarm gone before prctl
