@@ -17,6 +17,7 @@ from functools import cache
 from pathlib import Path
 
 SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # compiled together into one library
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math", "-fno-math-errno",
          "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11", "-pthread"]
 
@@ -44,7 +45,7 @@ def _compile(sources: list[Path], target: Path) -> bool:
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None when no C compiler is available."""
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)  # a header change is a new library
     key = hashlib.sha256(sources + " ".join(FLAGS).encode() + platform.machine().encode())
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
     target = cache_dir() / f"kernels-{key.hexdigest()[:16]}{suffix}"
