@@ -149,7 +149,8 @@ def main() -> None:
     results = {"in-process engine": compare(LocalEngine.load(model), model, args.tokens, args.reps)}
     with tempfile.TemporaryDirectory() as cache, \
             LocalSwarm(3, cache_root=Path(cache), threads=args.node_threads) as swarm:
-        gateway = Gateway(model, swarm.addresses, identity=swarm.gateway_identity, even_split=True, progress=False)
+        gateway = Gateway.start(model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
+                                progress=False)
         try:
             results["3-node swarm + gateway"] = compare(gateway, model, args.tokens, args.reps)
         finally:

@@ -41,8 +41,8 @@ def main() -> None:
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as cache, LocalSwarm(args.nodes, cache_root=Path(cache)) as swarm:
-        gateway = Gateway(model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
-                          replicas=args.replicas, progress=False)
+        gateway = Gateway.start(model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
+                                replicas=args.replicas, progress=False)
         try:
             spans = ", ".join(f"[{a}, {b}) x{len(h)}" for (a, b), h in gateway.holders.items())
             print(f"model {model.name}; {args.nodes} nodes, spans {spans}; {args.streams} streams of "

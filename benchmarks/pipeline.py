@@ -89,8 +89,8 @@ def main() -> None:
     with LocalSwarm(args.max_stages, threads=args.threads, prefixes=prefixes) as swarm:
         for stages in range(1, args.max_stages + 1):
             for routing in ("ring", "star"):
-                gateway = Gateway(model, swarm.addresses[:stages],
-                                  identity=swarm.gateway_identity, routing=routing, even_split=True, progress=False)
+                gateway = Gateway.start(model, swarm.addresses[:stages], identity=swarm.gateway_identity,
+                                        routing=routing, even_split=True, progress=False)
                 try:
                     measure(gateway, prompt, 8)
                     ttft, rate = measure(gateway, prompt, args.tokens)
@@ -114,7 +114,8 @@ def main() -> None:
         with Hosts(args.max_stages) as hosts, LocalSwarm(
                 args.max_stages, threads=args.threads, hosts=[hosts.address(i) for i in range(args.max_stages)],
                 prefixes=[hosts.exec_prefix(i) for i in range(args.max_stages)]) as swarm:
-            gateway = Gateway(model, swarm.addresses, identity=swarm.gateway_identity, even_split=True, progress=False)
+            gateway = Gateway.start(model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
+                                    progress=False)
             try:
                 measure(gateway, prompt, 8)
                 ttft, rate = measure(gateway, prompt, args.tokens)
@@ -122,7 +123,7 @@ def main() -> None:
                 gateway.close()
             hops = args.max_stages + 1
             delay = hosts.delay_ms if hosts.link.startswith("netem") else 0.0
-            wire_ms = local.model.config.dim * 4 * 8 / 1e9 * 1000  # fp32 hidden state over 1 Gbit/s
+            wire_ms = local.model.spec.dim * 4 * 8 / 1e9 * 1000  # fp32 hidden state over 1 Gbit/s
             predicted = base_ms + hops * (delay + wire_ms)
             print(f"netns, {args.max_stages} stages, ring ({hosts.link}): {rate:.1f} tok/s, TTFT {ttft:.1f} ms; "
                   f"model predicts {1000 / predicted:.1f} tok/s (single-process {base_ms:.2f} ms + {hops} hops x "

@@ -27,7 +27,7 @@ FLUSH_S = 0.2  # each process writes its marks out this often
 
 def install(out_dir: str) -> None:
     """Wrap the data path's functions in this process so that each call leaves a timestamped line."""
-    from duskpool.cluster import gateway, node, wire
+    from duskpool.cluster import gateway, node, transport, wire
     from duskpool.models.llama import Llama
 
     log, marks = open(Path(out_dir) / f"{os.getpid()}.txt", "a"), []
@@ -57,23 +57,23 @@ def install(out_dir: str) -> None:
             return result
         setattr(owner, name, wrapper)
 
-    def arrivals(owner) -> None:
-        forward = owner.Forward
+    def arrivals(owner, name: str) -> None:
+        receive = getattr(owner, name)
 
-        @functools.wraps(forward)
+        @functools.wraps(receive)
         def wrapper(self, request_iterator, context):
             def stamped():
                 for request in request_iterator:
                     mark("arrived")
                     yield request
-            return forward(self, stamped(), context)
-        owner.Forward = wrapper
+            return receive(self, stamped(), context)
+        setattr(owner, name, wrapper)
 
-    arrivals(node.NodeService)
-    arrivals(gateway.GatewaySink)
+    arrivals(node.NodeService, "Forward")
+    arrivals(gateway.Sink, "Deliver")
     wrap(wire, "from_wire", None, "decoded")
     wrap(wire, "to_wire", "encode", None)
-    wrap(node.Pusher, "send", "send", None)
+    wrap(transport.Pusher, "send", "send", None)
     wrap(Llama, "embed", "embed", None)
     wrap(Llama, "forward_span", "layers", "layers done")
     wrap(Llama, "head", "head", "head done")
@@ -156,8 +156,8 @@ def main() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [work, os.environ.get("PYTHONPATH")]))
         with LocalSwarm(args.stages, threads=args.threads, prefixes=prefixes) as swarm:
             install(str(trace_dir))
-            gateway = Gateway(model, swarm.addresses, identity=swarm.gateway_identity, routing="ring",
-                              even_split=True, progress=False)
+            gateway = Gateway.start(model, swarm.addresses, identity=swarm.gateway_identity, routing="ring",
+                                    even_split=True, progress=False)
             try:
                 measure(gateway, prompt, 8)
                 time.sleep(3 * FLUSH_S)  # the warm-up's marks are written out before they are dropped

@@ -42,7 +42,8 @@ def swarm(tmp_path_factory):
 
 @pytest.fixture(scope="package")
 def gateway(swarm, bundled_model):
-    gateway = Gateway(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True, progress=False)
+    gateway = Gateway.start(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
+                            progress=False)
     yield gateway
     gateway.close()
 

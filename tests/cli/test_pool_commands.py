@@ -8,9 +8,9 @@ import sys
 import grpc
 import pytest
 
-from duskpool.cluster.node import open_channel
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
+from duskpool.cluster.transport import open_channel
 from duskpool.security import PoolState, load_identity, start_join_server
 from tests.cli.test_main import run_cli
 

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 
 def test_a_draining_node_finishes_its_three_requests_new_ones_go_elsewhere_it_rejoins(tmp_path, bundled_model):
     with LocalSwarm(3, cache_root=tmp_path) as swarm:
-        gateway = Gateway(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
-                          replicas=1, progress=False)
+        gateway = Gateway.start(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
+                                replicas=1, progress=False)
         try:
             params = greedy(40)
             prompts = [chat_prompt(gateway, p) for p in PROMPTS[:3]]
@@ -41,7 +41,7 @@ def test_a_draining_node_finishes_its_three_requests_new_ones_go_elsewhere_it_re
                 t.start()
             started.wait()
             os.kill(pid, signal.SIGUSR1)
-            assert wait_for(lambda: victim.address in gateway._draining), "the gateway did not hear of the drain"
+            assert wait_for(lambda: victim.address in gateway.members.draining), "the gateway did not hear of the drain"
             assert gateway.node_info(victim.address).lending == "draining"
             for t in threads:
                 t.join(120)
@@ -58,7 +58,7 @@ def test_a_draining_node_finishes_its_three_requests_new_ones_go_elsewhere_it_re
             assert wait_for(lambda: gateway.node_info(victim.address).lending == "unavailable")
 
             os.kill(pid, signal.SIGUSR2)  # lent again
-            assert wait_for(lambda: victim.address not in gateway._draining)
+            assert wait_for(lambda: victim.address not in gateway.members.draining)
             assert any(victim.address in holders for holders in gateway.holders.values())
             assert gateway.node_info(victim.address).lending == "available"
         finally:

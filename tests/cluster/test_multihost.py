@@ -21,8 +21,8 @@ def test_four_hosts_give_the_single_process_tokens(tmp_path, bundled_model):
         print(f"links: {hosts.link}")
         with LocalSwarm(4, cache_root=tmp_path, hosts=[hosts.address(i) for i in range(4)],
                         prefixes=[hosts.exec_prefix(i) for i in range(4)]) as swarm:
-            gateway = Gateway(bundled_model, swarm.addresses,
-                              identity=swarm.gateway_identity, even_split=True, progress=False)
+            gateway = Gateway.start(bundled_model, swarm.addresses,
+                                    identity=swarm.gateway_identity, even_split=True, progress=False)
             try:
                 assert gateway.sink_address.startswith(hosts.subnet), "nodes must reach the gateway over the bridge"
                 assert len(gateway.route) == 4

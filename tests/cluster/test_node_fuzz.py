@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 
 from duskpool.cluster import wire
 from duskpool.cluster.gateway import Gateway
-from duskpool.cluster.node import open_channel, start_server, valid_route
+from duskpool.cluster.node import valid_route
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
+from duskpool.cluster.transport import open_channel, start_server
 from duskpool.engine.runner import LocalEngine
 from duskpool.security import local_pool
 
@@ -33,16 +34,16 @@ def rss_bytes(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) * 1024
 
 
-class Sink(pb_grpc.NodeServicer):
-    """Where ring messages end: the node pushes results and error reports here."""
+class Sink(pb_grpc.SinkServicer):
+    """The gateway's end, stood in for: the node delivers each message's Result (output or error) here."""
 
     def __init__(self):
         self.delivered: SimpleQueue = SimpleQueue()
 
-    def Forward(self, request_iterator, context):
-        for request in request_iterator:
-            self.delivered.put(request)
-        yield from ()
+    def Deliver(self, request_iterator, context):
+        for result in request_iterator:
+            self.delivered.put(result)
+        return pb.Delivered()
 
 
 def hidden_messages(span_dims: int) -> st.SearchStrategy[pb.Hidden]:
@@ -92,8 +93,8 @@ def node(pool, tmp_path_factory):
 
 def test_ten_thousand_hostile_messages(node, pool, bundled_model):
     process, address = node
-    gateway = Gateway(bundled_model, [address], identity=pool.gateway, context_length=256, sessions=1,
-                      even_split=True, progress=False)
+    gateway = Gateway.start(bundled_model, [address], identity=pool.gateway, context_length=256, sessions=1,
+                            even_split=True, progress=False)
     hop = gateway.route[0]
     sink = Sink()
     sink_server, sink_port = start_server(sink, "127.0.0.1", 0, pool.nodes[1], lambda fp: False)
@@ -116,16 +117,17 @@ def test_ten_thousand_hostile_messages(node, pool, bundled_model):
     counts = {"sent": 0, "error": 0, "result": 0}
     text = st.characters(blacklist_categories=("Cs",))  # protobuf strings are UTF-8: no lone surrogates
     session_ids = st.one_of(st.sampled_from(["s1", "s2", "s3"]), st.text(text, max_size=80))
+    no_colon = st.text(st.characters(blacklist_characters=":", blacklist_categories=("Cs",)), max_size=30)
 
-    def reply_for(step: int, ring: bool, request=None) -> pb.ForwardReply | pb.ForwardRequest:
-        if not ring:
+    def reply_for(step: int, to_sink: bool, request=None) -> pb.Result:
+        if not to_sink:
             reply = next(replies)
             assert reply.step == step
             return reply
         try:
             delivered = sink.delivered.get(timeout=30)
         except Empty:
-            raise AssertionError(f"no answer for ring message {step}: {request}"[:2000]) from None
+            raise AssertionError(f"no answer at the sink for message {step}: {request}"[:2000]) from None
         assert delivered.step == step
         return delivered
 
@@ -137,31 +139,31 @@ def test_ten_thousand_hostile_messages(node, pool, bundled_model):
            model_hash=st.one_of(st.just(gateway.model_hash), st.text(text, max_size=70)),
            start=st.one_of(st.just(hop.start), st.integers(0, 2**32 - 1)),
            stop=st.one_of(st.just(hop.stop), st.integers(0, 2**32 - 1)),
-           extra_hops=st.sampled_from([0, 0, 1, 2]), well_formed=st.integers(0, 3),
-           tokens=st.integers(1, 8),
-           # a next hop that is garbage, or a port nobody listens on (no name lookups: CI has no DNS)
-           bad_address=st.one_of(st.text(st.characters(blacklist_characters=":", blacklist_categories=("Cs",)),
-                                         max_size=30),
-                                 st.sampled_from(["127.0.0.1:1", "[::1]:1", "127.0.0.1:0", "127.0.0.1:99999"])))
-    def fuzz(session_id, position, context, hidden, model_hash, start, stop, extra_hops, bad_address, well_formed,
-             tokens):
+           next_node=st.sampled_from([False, False, True]), sink=st.sampled_from(["ours", "ours", "ours", "bad"]),
+           well_formed=st.integers(0, 3), tokens=st.integers(1, 8),
+           # a next node that is garbage, or a port nobody listens on (no name lookups: CI has no DNS)
+           bad_address=st.one_of(no_colon,
+                                 st.sampled_from(["127.0.0.1:1", "[::1]:1", "127.0.0.1:0", "127.0.0.1:99999"])),
+           # a sink that is not HOST:PORT (one that is, but where nobody listens, would take the answer away)
+           bad_sink=st.one_of(no_colon, st.sampled_from(["127.0.0.1:0", "127.0.0.1:99999", ":1", "127.0.0.1:"])))
+    def fuzz(session_id, position, context, hidden, model_hash, start, stop, next_node, sink, bad_address, bad_sink,
+             well_formed, tokens):
         step = counts["sent"]
         if well_formed == 0:  # a quarter are valid, so that the compute path runs under fire too
             session_id, context, model_hash, start, stop = "s1", 256, gateway.model_hash, hop.start, hop.stop
             position, hidden = 0, wire.to_wire(gateway.prefix_model, torch.randn(tokens, DIM), "float16")
-        route = [pb.Hop(address=address, start=start, stop=stop)]
-        if extra_hops == 1:
-            route.append(pb.Hop(address=sink_address))  # the node pushes its answer (or error) to us
-        elif extra_hops == 2:
-            route += [pb.Hop(address=bad_address), pb.Hop(address=sink_address)]
+        route = [pb.Stage(address=address, start=start, stop=stop)]
+        if next_node:
+            route.append(pb.Stage(address=bad_address))
         request = pb.ForwardRequest(session_id=session_id, step=step, position=position, context=context,
-                                    hidden=hidden, model_hash=model_hash, route=route)
+                                    hidden=hidden, model_hash=model_hash, route=route,
+                                    sink=sink_address if sink == "ours" else bad_sink)
         outbox.put(request)
         counts["sent"] += 1
-        answer = reply_for(step, extra_hops > 0 and valid_route(route), request)
+        answer = reply_for(step, valid_route(request), request)  # a route it cannot trust is answered to us here
         if answer.error:
             counts["error"] += 1
-            assert f"node {gateway.clients[0].info.node_id}" in answer.error
+            assert f"node {gateway.members.clients[0].info.node_id}" in answer.error
         else:
             counts["result"] += 1
             out = wire.from_wire(gateway.suffix_model, answer.hidden, context)  # a finite [T, dim] state

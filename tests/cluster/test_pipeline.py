@@ -47,8 +47,8 @@ def chat_prompt(engine, text: str) -> list[int]:
 
 @pytest.mark.parametrize("routing", ["ring", "star"])
 def test_three_nodes_give_the_single_process_tokens(swarm, local, bundled_model, routing):
-    gateway = Gateway(bundled_model, swarm.addresses,
-                      identity=swarm.gateway_identity, routing=routing, even_split=True, progress=False)
+    gateway = Gateway.start(bundled_model, swarm.addresses,
+                            identity=swarm.gateway_identity, routing=routing, even_split=True, progress=False)
     try:
         assert [(s.start, s.stop) for s in gateway.route] == [(1, 10), (10, 19), (19, 29)]
         for text in PROMPTS:
@@ -60,7 +60,7 @@ def test_three_nodes_give_the_single_process_tokens(swarm, local, bundled_model,
 
 def test_a_restarted_node_loads_its_span_from_cache(tmp_path, bundled_model):
     with LocalSwarm(1, cache_root=tmp_path) as swarm:
-        gateway = Gateway(bundled_model, swarm.addresses, identity=swarm.gateway_identity, progress=False)
+        gateway = Gateway.start(bundled_model, swarm.addresses, identity=swarm.gateway_identity, progress=False)
         first = gateway.weight_bytes_sent
         prompt = chat_prompt(gateway, "Hi")
         before = greedy_tokens(gateway, prompt, 8)
@@ -70,7 +70,7 @@ def test_a_restarted_node_loads_its_span_from_cache(tmp_path, bundled_model):
         swarm.processes[0].terminate()
         swarm.processes[0].wait(10)
         swarm.restart(0)
-        gateway = Gateway(bundled_model, swarm.addresses, identity=swarm.gateway_identity, progress=False)
+        gateway = Gateway.start(bundled_model, swarm.addresses, identity=swarm.gateway_identity, progress=False)
         try:
             assert gateway.weight_bytes_sent == 0
             assert greedy_tokens(gateway, prompt, 8) == before
@@ -81,8 +81,8 @@ def test_a_restarted_node_loads_its_span_from_cache(tmp_path, bundled_model):
 def test_the_last_node_killed_mid_request_is_a_clear_error_within_5_s(tmp_path, bundled_model):
     """With no node left to move to, recovery gives up at once (tests/cluster/test_recovery.py: with some left)."""
     with LocalSwarm(1, cache_root=tmp_path) as swarm:
-        gateway = Gateway(bundled_model, swarm.addresses,
-                          identity=swarm.gateway_identity, even_split=True, progress=False)
+        gateway = Gateway.start(bundled_model, swarm.addresses,
+                                identity=swarm.gateway_identity, even_split=True, progress=False)
         try:
             session = gateway.open_session(4000)
             prompt = chat_prompt(gateway, "Tell me a very long story.")

@@ -46,8 +46,8 @@ def swarm(tmp_path_factory):
 
 @pytest.mark.parametrize("routing", ["ring", "star"])
 def test_a_node_killed_mid_generation_fails_over_to_its_replica_and_rejoins(swarm, bundled_model, routing):
-    gateway = Gateway(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
-                      replicas=1, routing=routing, progress=False)
+    gateway = Gateway.start(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
+                            replicas=1, routing=routing, progress=False)
     try:
         assert all(len(holders) == 2 for holders in gateway.holders.values()), gateway.holders
         prompt, params = chat_prompt(gateway, STORY), greedy(48)
@@ -84,8 +84,8 @@ def test_a_node_killed_mid_generation_fails_over_to_its_replica_and_rejoins(swar
 
 
 def test_a_step_a_node_refuses_is_an_error_not_a_recovery(swarm, bundled_model):
-    gateway = Gateway(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
-                      replicas=1, progress=False)
+    gateway = Gateway.start(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
+                            replicas=1, progress=False)
     try:
         session = gateway.open_session(64)
         session.forward(chat_prompt(gateway, "Hi"), 0)
@@ -99,8 +99,8 @@ def test_a_step_a_node_refuses_is_an_error_not_a_recovery(swarm, bundled_model):
 
 def test_a_spare_node_loads_the_span_of_a_killed_node(tmp_path, bundled_model):
     with LocalSwarm(4, cache_root=tmp_path) as swarm:
-        gateway = Gateway(bundled_model, swarm.addresses[:3], identity=swarm.gateway_identity, even_split=True,
-                          progress=False)
+        gateway = Gateway.start(bundled_model, swarm.addresses[:3], identity=swarm.gateway_identity, even_split=True,
+                                progress=False)
         try:
             assert gateway.add_node(swarm.addresses[3]) == [], "with every span held, a new node is a spare"
             prompt, params = chat_prompt(gateway, STORY), greedy(32)
@@ -127,8 +127,8 @@ def test_a_node_cut_off_the_network_is_noticed_within_2_s_and_failed_over(tmp_pa
         pytest.skip(reason)
     with Hosts(3) as hosts, LocalSwarm(3, cache_root=tmp_path, hosts=[hosts.address(i) for i in range(3)],
                                        prefixes=[hosts.exec_prefix(i) for i in range(3)]) as swarm:
-        gateway = Gateway(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
-                          replicas=1, progress=False)
+        gateway = Gateway.start(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
+                                replicas=1, progress=False)
         try:
             prompt, params = chat_prompt(gateway, STORY), greedy(32)
             want = answer(gateway, prompt, params)
@@ -154,8 +154,8 @@ def test_chaos_5_nodes_8_streams_20_kills(tmp_path, bundled_model):
     """CI-sized chaos: one replica per span, 8 concurrent greedy streams, 20 kill -9 at random moments (each
     killed node restarted and added back) -> no failed request, no gap or duplicate, the fault-free texts."""
     with LocalSwarm(5, cache_root=tmp_path) as swarm:
-        gateway = Gateway(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
-                          replicas=1, progress=False)
+        gateway = Gateway.start(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
+                                replicas=1, progress=False)
         try:
             prompts, params = [chat_prompt(gateway, text) for text in PROMPTS], greedy(24)
             references = fault_free(gateway, prompts, params)

@@ -13,7 +13,8 @@ import torch
 from duskpool import models
 from duskpool.backends import load_span
 from duskpool.cluster.gateway import Gateway
-from duskpool.cluster.node import NodeService, start_server
+from duskpool.cluster.node import NodeService
+from duskpool.cluster.transport import start_server
 from duskpool.engine.runner import LocalEngine
 from duskpool.models.llama import Llama, LlamaConfig
 from duskpool.weights.gguf import GGUFFile
@@ -114,8 +115,8 @@ def test_the_toy_family_runs_through_a_two_node_swarm(bundled_model, tmp_path):
 
     nodes = [NodeService(tmp_path / f"node-{i}") for i in range(2)]
     servers = [start_server(node, "127.0.0.1", 0, None, lambda fingerprint: False) for node in nodes]
-    gateway = Gateway(path, [f"127.0.0.1:{port}" for _, port in servers], identity=None, even_split=True,
-                      progress=False)
+    gateway = Gateway.start(path, [f"127.0.0.1:{port}" for _, port in servers], identity=None, even_split=True,
+                            progress=False)
     try:
         assert len(gateway.route) == 2
         assert greedy(gateway, prompt, 16) == expected

@@ -126,7 +126,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from duskpool.cluster import planner
-    from duskpool.cluster.gateway import GATEWAY_PROFILE, NodeClient, model_profile, node_profile
+    from duskpool.cluster.membership import GATEWAY_PROFILE, NodeClient, model_profile, node_profile
     from duskpool.engine.runner import DEFAULT_CONTEXT
     from duskpool.models import LlamaConfig
     from duskpool.weights.catalog import resolve_model

@@ -156,10 +156,9 @@ def _start_gateway(args: argparse.Namespace, addresses: list[str], identity, poo
 
     path = resolve_model(args.model)
     print(f"duskpool: planning {path.name} over {len(addresses)} node(s)", file=sys.stderr)
-    gateway = Gateway(path, addresses, identity=identity, pool=pool, prefix=args.privacy_prefix,
-                      suffix=args.privacy_suffix,
-                      routing=args.routing, context_length=args.context, even_split=even_split,
-                      replicas=args.replicas, progress=True)
+    gateway = Gateway.start(path, addresses, identity=identity, pool=pool, prefix=args.privacy_prefix,
+                            suffix=args.privacy_suffix, routing=args.routing, context_length=args.context,
+                            even_split=even_split, replicas=args.replicas, progress=True)
     print(_placement(gateway), file=sys.stderr)
     return gateway
 

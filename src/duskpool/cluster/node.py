@@ -1,138 +1,41 @@
-"""A node: serves spans of layers over gRPC, one KV cache per session, pushing outputs down the route.
+"""A node: serves spans of layers over gRPC, one KV cache per session, passing outputs down the route.
 
-A request's path through a node is `Forward`: check the message, run the span, then push the output
-to the next hop of its route (ring) or answer the sender (star).
+A request's path through a node is `Forward`: check the message, run the span (`_run`), then `_pass_on`
+its output: to the next stage of its route (ring), or after the last stage to the gateway's sink, as a
+Result. A failure goes to the sink as a Result too. Weights arrive through `LoadSpan` (cluster/transfer.py).
 """
 
-import hashlib
-import json
-import os
 import platform
-import queue
 import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 import psutil
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from duskpool import __version__, backends
-from duskpool.cluster import wire
+from duskpool.cluster import transfer, wire
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
+from duskpool.cluster.transport import Pusher, Pushers, deliver_stream, forward_stream, start_server
 from duskpool.idle import Lending, LendPolicy, LendState, MachineState, probe, step
 from duskpool.models import KVCache, SpanModel
-from duskpool.security import (
-    NODE_CHANNEL_OPTIONS,
-    NodeIdentity,
-    RevocationInterceptor,
-    channel_credentials,
-    peer_fingerprint,
-    peer_is_gateway,
-    server_credentials,
-)
+from duskpool.security import NodeIdentity, peer_fingerprint, peer_is_gateway
 from duskpool.weights.progress import Progress
-from duskpool.weights.store import StoredModel, TensorStore
+from duskpool.weights.store import TensorStore
 
-MAX_MESSAGE_BYTES = 64 * 2**20  # a chunk of weights or a long prompt's hidden states
-# Keepalive: every link is pinged each second, even idle, and dropped when a ping goes unanswered for a second,
-# so a peer cut off the network (or frozen) is noticed in about 2 s; a dead process closes its sockets at once.
-# (gRPC core enforces the answer's deadline through ping_timeout_ms, not keepalive_timeout_ms: grpc/grpc#39239)
-KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_ms", 1000),
-                     ("grpc.http2.ping_timeout_ms", 1000), ("grpc.keepalive_permit_without_calls", 1),
-                     ("grpc.http2.max_pings_without_data", 0)]
-GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)] + KEEPALIVE_OPTIONS
-# servers must accept pings that often (by default they allow one per 5 minutes without data, then hang up)
-SERVER_OPTIONS = GRPC_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 500),
-                                 ("grpc.http2.max_ping_strikes", 0)]
 SESSION_IDLE_SECONDS = 600  # a session nobody ended is freed after this long unused
 MAX_CONTEXT = 131072
 MAX_SESSIONS = 64  # live sessions per node: each holds a KV cache
 MAX_SESSIONS_PER_PEER = 32  # so that one sender cannot take them all
-MAX_ROUTE = 64  # hops in one request's route
+MAX_ROUTE = 64  # stages in one request's route
 LEND_POLL_S = 2.0  # how often the node looks whether its owner is back
-
-
-def open_channel(address: str, identity: NodeIdentity | None, options: list | None = None) -> grpc.Channel:
-    """A channel to a pool member: mutual TLS under the pool's CA, or plaintext when `identity` is None
-    (--insecure, for debugging only)."""
-    options = GRPC_OPTIONS + (options or [])
-    if identity is None:
-        return grpc.insecure_channel(address, options=options)
-    credentials = channel_credentials(identity.cert_pem, identity.key_pem, identity.ca_pem)
-    return grpc.secure_channel(address, credentials, options=options + NODE_CHANNEL_OPTIONS)
-
-
-class Pusher:
-    """One long-lived Forward stream to a peer. `send` only queues, so compute never waits on the network."""
-
-    def __init__(self, address: str, identity: NodeIdentity | None, on_reply: Callable[[pb.ForwardReply], None],
-                 on_broken: Callable[["Pusher", Exception], None]):
-        self.address = address
-        self.channel = open_channel(address, identity)
-        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.broken = False
-        self.last_sent: pb.ForwardRequest | None = None
-        self._error: grpc.RpcError | None = None
-        self._lock = threading.Lock()  # a failure is reported once: by the reader, or by a send that comes after
-        self._replies = pb_grpc.NodeStub(self.channel).Forward(iter(self.outbox.get, None))
-        self._on_reply, self._on_broken = on_reply, on_broken
-        threading.Thread(target=self._read, daemon=True, name=f"pusher-{address}").start()
-
-    def send(self, request: pb.ForwardRequest) -> None:
-        with self._lock:
-            self.last_sent = request
-            if not self.broken:
-                self.outbox.put(request)
-                return
-        self._on_broken(self, self._error)  # the stream died before this request could go
-
-    def _read(self) -> None:
-        try:
-            for reply in self._replies:
-                self._on_reply(reply)
-        except grpc.RpcError as e:
-            with self._lock:
-                self.broken, self._error, last = True, e, self.last_sent
-            if e.code() != grpc.StatusCode.CANCELLED and last is not None:
-                self._on_broken(self, e)
-
-    def close(self) -> None:
-        self.outbox.put(None)
-        self.channel.close()
-
-
-class Pushers:
-    """The Pusher to each address, replaced when its stream breaks."""
-
-    def __init__(self, identity: NodeIdentity | None, on_reply: Callable[[pb.ForwardReply], None],
-                 on_broken: Callable[[Pusher, Exception], None]):
-        self.identity = identity
-        self._by_address: dict[str, Pusher] = {}
-        self._lock = threading.Lock()
-        self._on_reply, self._on_broken = on_reply, on_broken
-
-    def get(self, address: str) -> Pusher:
-        with self._lock:
-            pusher = self._by_address.get(address)
-            if pusher is None or pusher.broken:
-                pusher = self._by_address[address] = Pusher(address, self.identity, self._on_reply, self._on_broken)
-            return pusher
-
-    def close(self) -> None:
-        with self._lock:
-            for pusher in self._by_address.values():
-                pusher.close()
-            self._by_address.clear()
 
 
 @dataclass
@@ -167,7 +70,9 @@ class NodeService(pb_grpc.NodeServicer):
         self._compute = threading.Lock()  # one forward at a time: the kernels use every core already
         self.identity = identity
         self.revoked: frozenset[str] = frozenset()  # certificate fingerprints the gateway said are revoked
-        self._pushers = Pushers(identity, on_reply=self._on_downstream_reply, on_broken=self._on_downstream_broken)
+        # a stream to each next node, and one to each gateway's sink
+        self._next_nodes = Pushers(identity, forward_stream, on_broken=self._on_next_node_lost)
+        self._sinks = Pushers(identity, deliver_stream)
 
     # --- Info -------------------------------------------------------------------------------------
     def Info(self, request: pb.InfoRequest, context) -> pb.NodeInfo:
@@ -195,27 +100,21 @@ class NodeService(pb_grpc.NodeServicer):
 
     # --- LoadSpan ---------------------------------------------------------------------------------
     def LoadSpan(self, request_iterator: Iterator[pb.LoadSpanRequest], context) -> Iterator[pb.LoadSpanReply]:
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("manifest"):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadSpan must start with the span's manifest")
-        manifest = first.manifest
+        """The span's manifest in, the tensors the store lacks out, then those tensors in: the span serves."""
+        manifest = transfer.read_manifest(request_iterator, context)
         span_bytes = sum(t.nbytes for t in manifest.tensors)
         key = (manifest.model_hash, manifest.start, manifest.stop)
         if key not in self.spans and self.memory_limit is not None and span_bytes > self.free_bytes():
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"span needs {span_bytes / 1e9:.2f} GB, this node has {self.free_bytes() / 1e9:.2f} GB free")
-        wanted = {t.sha256: t.nbytes for t in manifest.tensors if not self.store.has(t.sha256)}
+        wanted = transfer.lacking(manifest, self.store)
         yield pb.LoadSpanReply(missing=list(wanted))
-        bar = Progress(f"weights <- layers [{manifest.start}, {manifest.stop})", sum(wanted.values()),
-                       bool(wanted))
-        received = self._receive(request_iterator, wanted, context, bar)
+        bar = Progress(f"weights <- layers [{manifest.start}, {manifest.stop})", sum(wanted.values()), bool(wanted))
+        received = transfer.receive(request_iterator, wanted, self.store, context, bar.advance)
         bar.close()
-        stored = StoredModel(self.store, json.loads(manifest.metadata_json),
-                             {t.name: StoredModel.info(t.name, t.qtype, list(t.shape), t.nbytes)
-                              for t in manifest.tensors},
-                             {t.name: t.sha256 for t in manifest.tensors})
-        model = backends.load_span(stored, range(manifest.start, manifest.stop), embed=False, head=False,
-                                   backend_name=self.backend.NAME)
+        self.weight_bytes_received += received
+        model = backends.load_span(transfer.stored_model(self.store, manifest), range(manifest.start, manifest.stop),
+                                   embed=False, head=False, backend_name=self.backend.NAME)
         with self._lock:
             self.spans[key] = model
             self.span_bytes[key] = span_bytes
@@ -226,73 +125,34 @@ class NodeService(pb_grpc.NodeServicer):
               file=sys.stderr, flush=True)
         yield pb.LoadSpanReply(ready=True, received_bytes=received, ms_per_layer=self.ms_per_layer)
 
-    def _receive(self, requests: Iterator[pb.LoadSpanRequest], wanted: dict[str, int], context,
-                 bar: Progress) -> int:
-        """Write the streamed tensors into the store, each checked against its hash; bytes received."""
-        received, current, digest, tmp = 0, None, None, None
-        try:
-            for request in requests:
-                chunk = request.chunk
-                if chunk.sha256 not in wanted:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unrequested tensor {chunk.sha256[:12]}")
-                if chunk.sha256 != current:
-                    current, digest = chunk.sha256, hashlib.sha256()
-                    tmp = tempfile.NamedTemporaryFile(dir=self.store.root, delete=False)
-                tmp.write(chunk.data)
-                digest.update(chunk.data)
-                received += len(chunk.data)
-                self.weight_bytes_received += len(chunk.data)
-                bar.advance(len(chunk.data))
-                if tmp.tell() == wanted[current]:
-                    tmp.close()
-                    if digest.hexdigest() != current:
-                        os.unlink(tmp.name)
-                        context.abort(grpc.StatusCode.DATA_LOSS, f"tensor {current[:12]} arrived damaged")
-                    target = self.store.path(current)
-                    target.parent.mkdir(exist_ok=True)
-                    os.replace(tmp.name, target)
-                    tmp = None
-        finally:
-            if tmp is not None:
-                tmp.close()
-                os.unlink(tmp.name)
-        missing = [h for h in wanted if not self.store.has(h)]
-        if missing:
-            context.abort(grpc.StatusCode.DATA_LOSS, f"{len(missing)} tensors never arrived")
-        return received
-
     # --- Forward ----------------------------------------------------------------------------------
-    def Forward(self, request_iterator: Iterator[pb.ForwardRequest], context) -> Iterator[pb.ForwardReply]:
-        """Every message is checked against its session before any compute; a bad one gets an error reply
-        (its own, not the stream's: one stream carries many sessions) and the node goes on serving."""
+    def Forward(self, request_iterator: Iterator[pb.ForwardRequest], context) -> Iterator[pb.Result]:
+        """Every message is checked against its session before any compute; a bad one gets an error Result
+        (its own, not the stream's: one stream carries many sessions) and the node goes on serving. Results
+        go to the request's sink; only a request whose route or sink cannot be trusted is answered here."""
         peer = peer_fingerprint(context) or context.peer()
         for request in request_iterator:
             try:
-                _check_route(request.route)
-                hidden = self._run(request, peer)  # a Hidden message, ready for the next hop
-            except Exception as e:  # the sender (or the gateway) hears about it; the node keeps serving
-                error = f"node {self.node_id}: {e}"
-                if len(request.route) > 1 and valid_route(request.route):
-                    self._report(request, error)
-                else:
-                    yield pb.ForwardReply(session_id=request.session_id, step=request.step, error=error)
+                check_route(request)
+            except ValueError as e:  # never sent along a route it cannot trust: back to the sender
+                yield pb.Result(session_id=request.session_id, step=request.step, error=f"node {self.node_id}: {e}")
                 continue
-            if len(request.route) > 1:  # ring: straight on to the next hop
-                nxt = pb.ForwardRequest(session_id=request.session_id, step=request.step,
-                                        position=request.position, context=request.context,
-                                        hidden=hidden, model_hash=request.model_hash, route=request.route[1:])
-                self._pushers.get(request.route[1].address).send(nxt)
-            else:  # star: back to the sender
-                yield pb.ForwardReply(session_id=request.session_id, step=request.step, hidden=hidden)
+            try:
+                hidden = self._run(request, peer)  # a Hidden message, ready for the next stage
+            except Exception as e:  # the gateway hears about it; the node keeps serving
+                self._fail(request, f"node {self.node_id}: {e}")
+                continue
+            self._pass_on(request, hidden)
 
     def _run(self, request: pb.ForwardRequest, peer: str) -> pb.Hidden:
         if not 0 < len(request.session_id) <= 64:
             raise ValueError("the session id must be 1..64 characters")
-        hop = request.route[0]
-        key = (request.model_hash, hop.start, hop.stop)
+        stage = request.route[0]
+        key = (request.model_hash, stage.start, stage.stop)
         model = self.spans.get(key)
         if model is None:
-            raise ValueError(f"layers [{hop.start}, {hop.stop}) of model {request.model_hash[:12]} are not loaded here")
+            raise ValueError(f"layers [{stage.start}, {stage.stop}) of model {request.model_hash[:12]} "
+                             "are not loaded here")
         if not 0 < request.context <= min(MAX_CONTEXT, model.spec.context_length):
             raise ValueError(f"context {request.context} is out of range 1..{model.spec.context_length}")
         hidden = wire.from_wire(model, request.hidden, request.context)
@@ -309,7 +169,7 @@ class NodeService(pb_grpc.NodeServicer):
             filled = session.filled.get(key, 0)
             if request.position > filled:  # a gap would attend over positions never written
                 raise ValueError(f"position {request.position} skips ahead: session {request.session_id[:12]} "
-                                 f"holds {filled} positions of layers [{hop.start}, {hop.stop})")
+                                 f"holds {filled} positions of layers [{stage.start}, {stage.stop})")
             cache = session.caches.get(key)
             if cache is None:
                 self._check_memory(model.cache_bytes(request.context))
@@ -339,20 +199,23 @@ class NodeService(pb_grpc.NodeServicer):
             raise ValueError(f"a KV cache for this context needs {needed / 2**20:.0f} MiB; this node has "
                              f"{free / 2**20:.0f} MiB to lend")
 
-    def _report(self, request: pb.ForwardRequest, error: str) -> None:
-        """Tell the gateway (the ring's last hop) that this step failed here."""
-        gateway = request.route[-1].address
-        self._pushers.get(gateway).send(pb.ForwardRequest(session_id=request.session_id, step=request.step,
-                                                          error=error, route=request.route[-1:]))
+    def _pass_on(self, request: pb.ForwardRequest, hidden: pb.Hidden) -> None:
+        """The output of this stage: on to the next node of the route, or after the last stage to the sink."""
+        if len(request.route) > 1:
+            nxt = pb.ForwardRequest(session_id=request.session_id, step=request.step, position=request.position,
+                                    context=request.context, hidden=hidden, model_hash=request.model_hash,
+                                    route=request.route[1:], sink=request.sink)
+            self._next_nodes.get(request.route[1].address).send(nxt)
+        else:
+            self._sinks.get(request.sink).send(pb.Result(session_id=request.session_id, step=request.step,
+                                                         hidden=hidden))
 
-    def _on_downstream_reply(self, reply: pb.ForwardReply) -> None:
-        pass  # in a ring the next hop answers the gateway, not us
+    def _fail(self, request: pb.ForwardRequest, error: str) -> None:
+        """Tell the gateway (the request's sink) that this step failed here."""
+        self._sinks.get(request.sink).send(pb.Result(session_id=request.session_id, step=request.step, error=error))
 
-    def _on_downstream_broken(self, pusher: Pusher, e: Exception) -> None:
-        if pusher.last_sent is not None and pusher.last_sent.route:
-            last = pusher.last_sent
-            if len(last.route) > 1 or last.route[0].stop > 0:  # the broken peer was not the gateway itself
-                self._report(last, f"node {self.node_id} lost the next hop {pusher.address}: {_reason(e)}")
+    def _on_next_node_lost(self, pusher: Pusher, e: Exception) -> None:
+        self._fail(pusher.last_sent, f"node {self.node_id} lost the next node {pusher.address}: {_reason(e)}")
 
     # --- sessions ---------------------------------------------------------------------------------
     def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionReply:
@@ -409,23 +272,25 @@ class NodeService(pb_grpc.NodeServicer):
             self.end_session(sid)
 
     def close(self) -> None:
-        self._pushers.close()
+        self._next_nodes.close()
+        self._sinks.close()
 
 
-def _check_route(route) -> None:
-    """A route the node may act on: 1..MAX_ROUTE hops, each after the first at a HOST:PORT."""
+def check_route(request: pb.ForwardRequest) -> None:
+    """A route the node may act on: 1..MAX_ROUTE stages, each after the first at a HOST:PORT, and a sink at one."""
+    route = request.route
     if not 0 < len(route) <= MAX_ROUTE:
-        raise ValueError(f"the route has {len(route)} hops; 1..{MAX_ROUTE} are allowed")
-    for hop in route[1:]:
-        host, sep, port = hop.address.rpartition(":")
-        if not sep or not host or len(hop.address) > 255 or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"route address {hop.address[:40]!r} is not HOST:PORT")
+        raise ValueError(f"the route has {len(route)} stages; 1..{MAX_ROUTE} are allowed")
+    for address in [stage.address for stage in route[1:]] + [request.sink]:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or len(address) > 255 or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"route address {address[:40]!r} is not HOST:PORT")
 
 
-def valid_route(route) -> bool:
-    """Whether a failure may be reported along the route (to its last hop), or only to the sender."""
+def valid_route(request: pb.ForwardRequest) -> bool:
+    """Whether the node acts on `request`'s route: sends its output and any failure on to the sink, not back."""
     try:
-        _check_route(route)
+        check_route(request)
         return True
     except ValueError:
         return False
@@ -433,32 +298,6 @@ def valid_route(route) -> bool:
 
 def _reason(e: Exception) -> str:
     return e.details() if isinstance(e, grpc.RpcError) and hasattr(e, "details") else str(e)
-
-
-def start_server(service: pb_grpc.NodeServicer, host: str, port: int, identity: NodeIdentity | None,
-                 is_revoked: Callable[[str], bool]) -> tuple[grpc.Server, int]:
-    """A gRPC server for `service` plus the standard health service (the service's own `health`, if it
-    has one); returns it and its bound port.
-
-    With an identity, only members of its pool get in (mutual TLS), and not once revoked."""
-    interceptors = [RevocationInterceptor(is_revoked)] if identity is not None else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=SERVER_OPTIONS,
-                         interceptors=interceptors)
-    pb_grpc.add_NodeServicer_to_server(service, server)
-    health_service = getattr(service, "health", None)
-    if health_service is None:
-        health_service = health.HealthServicer()
-        health_service.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    if identity is None:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    else:
-        credentials = server_credentials(identity.cert_pem, identity.key_pem, identity.ca_pem)
-        bound = server.add_secure_port(f"{host}:{port}", credentials)
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
-    server.start()
-    return server, bound
 
 
 def serve(host: str, port: int, cache_dir: Path, identity: NodeIdentity | None, memory_limit: int | None = None,

@@ -1,7 +1,8 @@
-"""Hidden states <-> protobuf: the one place they meet the wire. The bytes are the backend's own
-(`SpanModel.hidden_to_bytes`), the same for every backend, so one route can mix them."""
+"""Hidden states and route stages <-> protobuf: the one place they meet the wire. A hidden state's bytes are
+the backend's own (`SpanModel.hidden_to_bytes`), the same for every backend, so one route can mix them."""
 
 from duskpool.cluster.proto import duskpool_pb2 as pb
+from duskpool.cluster.route import RouteStage
 from duskpool.models import SpanModel
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -23,3 +24,7 @@ def from_wire(model: SpanModel, message: pb.Hidden, max_tokens: int):
     if len(message.data) != expected:
         raise ValueError(f"hidden state has {len(message.data)} bytes; its shape and dtype need {expected}")
     return model.hidden_from_bytes(message.data, message.shape[0], message.dtype)
+
+
+def stages_to_wire(stages: tuple[RouteStage, ...]) -> list[pb.Stage]:
+    return [pb.Stage(address=s.address, start=s.start, stop=s.stop) for s in stages]

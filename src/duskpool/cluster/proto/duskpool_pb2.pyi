@@ -118,7 +118,7 @@ class Hidden(_message.Message):
     data: bytes
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
-class Hop(_message.Message):
+class Stage(_message.Message):
     __slots__ = ("address", "start", "stop")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -129,7 +129,7 @@ class Hop(_message.Message):
     def __init__(self, address: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "step", "position", "context", "hidden", "model_hash", "route", "error")
+    __slots__ = ("session_id", "step", "position", "context", "hidden", "model_hash", "route", "sink")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -137,18 +137,18 @@ class ForwardRequest(_message.Message):
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SINK_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     position: int
     context: int
     hidden: Hidden
     model_hash: str
-    route: _containers.RepeatedCompositeFieldContainer[Hop]
-    error: str
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., position: _Optional[int] = ..., context: _Optional[int] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., model_hash: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...
+    route: _containers.RepeatedCompositeFieldContainer[Stage]
+    sink: str
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., position: _Optional[int] = ..., context: _Optional[int] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., model_hash: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., sink: _Optional[str] = ...) -> None: ...
 
-class ForwardReply(_message.Message):
+class Result(_message.Message):
     __slots__ = ("session_id", "step", "hidden", "error")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,10 @@ class ForwardReply(_message.Message):
     hidden: Hidden
     error: str
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class Delivered(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -47,7 +47,7 @@ class NodeStub:
         self.Forward = channel.stream_stream(
                 '/duskpool.v1.Node/Forward',
                 request_serializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.ForwardRequest.SerializeToString,
-                response_deserializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.ForwardReply.FromString,
+                response_deserializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.Result.FromString,
                 _registered_method=True)
         self.EndSession = channel.unary_unary(
                 '/duskpool.v1.Node/EndSession',
@@ -80,9 +80,10 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Forward(self, request_iterator, context):
-        """Hidden states of one session step. With a non-empty route the node pushes its output to
-        route[0] (the next node, or the gateway at the end of a ring); with an empty route it
-        answers on this stream (star routing). Replies also carry errors for the sender.
+        """Hidden states of one session step, from the gateway or the previous node. The node runs
+        route[0]'s layers and sends the output on: to route[1] (a ForwardRequest), or after the last
+        stage to the sink (a Result); a failure goes to the sink as a Result too. Only a request whose
+        route or sink it cannot trust is answered on this stream, to its sender.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,7 +119,7 @@ def add_NodeServicer_to_server(servicer, server):
             'Forward': grpc.stream_stream_rpc_method_handler(
                     servicer.Forward,
                     request_deserializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.ForwardRequest.FromString,
-                    response_serializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.ForwardReply.SerializeToString,
+                    response_serializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.Result.SerializeToString,
             ),
             'EndSession': grpc.unary_unary_rpc_method_handler(
                     servicer.EndSession,
@@ -211,7 +212,7 @@ class Node:
             target,
             '/duskpool.v1.Node/Forward',
             duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.ForwardRequest.SerializeToString,
-            duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.ForwardReply.FromString,
+            duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.Result.FromString,
             options,
             channel_credentials,
             insecure,
@@ -266,6 +267,83 @@ class Node:
             '/duskpool.v1.Node/SetRevoked',
             duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedList.SerializeToString,
             duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class SinkStub:
+    """The gateway's end of every route.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Deliver = channel.stream_unary(
+                '/duskpool.v1.Sink/Deliver',
+                request_serializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.Result.SerializeToString,
+                response_deserializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.Delivered.FromString,
+                _registered_method=True)
+
+
+class SinkServicer:
+    """The gateway's end of every route.
+    """
+
+    def Deliver(self, request_iterator, context):
+        """Node -> gateway: each step's Result, on one long-lived stream per node. The gateway answers
+        nothing until the stream ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SinkServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Deliver': grpc.stream_unary_rpc_method_handler(
+                    servicer.Deliver,
+                    request_deserializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.Result.FromString,
+                    response_serializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.Delivered.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'duskpool.v1.Sink', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('duskpool.v1.Sink', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Sink:
+    """The gateway's end of every route.
+    """
+
+    @staticmethod
+    def Deliver(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/duskpool.v1.Sink/Deliver',
+            duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.Result.SerializeToString,
+            duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.Delivered.FromString,
             options,
             channel_credentials,
             insecure,

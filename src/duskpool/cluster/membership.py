@@ -1,0 +1,387 @@
+"""Membership: the gateway's view of its nodes. Which live, which drain (their owner is back), which hold each
+span, and the route through them.
+
+A node is counted gone when its Health.Watch stream ends (the process died; keepalive gives up on a cut link
+within ~2 s) or when it does not answer a probe after a step failed on it. Its spans fall back to their other
+holders; a span that lost every holder is loaded onto the node the planner picks; the route is rebuilt from
+live holders (`reroute`). A node that answers again at its address, or joins anew (`add_node`), takes spans
+that lack copies. A node whose owner comes back (its health turns NOT_SERVING) drains: it finishes its
+sessions, takes no new ones, and leaves the route until it lends again.
+"""
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from duskpool.cluster import planner
+from duskpool.cluster.proto import duskpool_pb2 as pb
+from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
+from duskpool.cluster.route import RouteError, RouteStage, Span
+from duskpool.cluster.transfer import WeightSender
+from duskpool.cluster.transport import open_channel
+from duskpool.cluster.wire import DTYPE_BYTES
+from duskpool.models import ModelSpec
+from duskpool.security import NodeIdentity, PoolState
+
+REVOCATION_POLL_S = 5.0  # how soon nodes hear of a member revoked with `duskpool nodes revoke`
+PROBE_TIMEOUT_S = 2.0  # a node that does not answer a health check this fast is counted as gone
+REJOIN_POLL_S = 3.0  # how often a node counted gone is asked whether it is back (a Wi-Fi blip, a busy CPU)
+REJOIN_GIVE_UP_S = 600.0  # after this long gone, an address is no longer asked
+
+
+class NodeClient:
+    """The gateway's connection to one node, and what it last said about itself."""
+
+    def __init__(self, address: str, identity: NodeIdentity | None, timeout: float = 10.0):
+        self.address = address
+        # its own connection: closing another gateway's channel to the same node must not touch this one
+        self.channel = open_channel(address, identity, [("grpc.use_local_subchannel_pool", 1),
+                                                        # a node back from a blip is seen within seconds
+                                                        ("grpc.initial_reconnect_backoff_ms", 500),
+                                                        ("grpc.max_reconnect_backoff_ms", 2000)])
+        self.stub = pb_grpc.NodeStub(self.channel)
+        started = time.perf_counter()
+        try:
+            self.info = self.stub.Info(pb.InfoRequest(), timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise RouteError(f"cannot reach node {address}: {e.details()}") from None
+        self.rtt_ms = (time.perf_counter() - started) * 1000
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@dataclass(frozen=True)
+class Death:
+    """A node the gateway stopped counting on."""
+    address: str
+    node_id: str
+    noticed: float  # time.monotonic() when the gateway noticed
+    reason: str
+
+
+# --- the planner's inputs ---------------------------------------------------------------------------
+def model_profile(spec: ModelSpec) -> planner.ModelProfile:
+    # hidden states travel as float32
+    return planner.ModelProfile(spec.name, spec.n_layers, spec.layer_bytes, spec.kv_bytes_per_token,
+                                DTYPE_BYTES["float32"] * spec.dim, spec.edge_bytes)
+
+
+def node_profile(client: NodeClient, layer_bytes: int, even: bool = False) -> planner.NodeProfile:
+    """`even`: all nodes count as equally fast (a local swarm, whose nodes share one CPU)."""
+    info = client.info
+    ms_per_layer = layer_bytes / info.matmul_bytes_per_ms if info.matmul_bytes_per_ms and not even else 1.0
+    return planner.NodeProfile(info.node_id, info.memory_free, ms_per_layer, client.rtt_ms,
+                               bandwidth_bytes_per_s=125e6)  # assume gigabit until measured
+
+
+# The gateway as the planner sees it: it holds only the edges and the privacy layers, never middle ones.
+GATEWAY_PROFILE = planner.NodeProfile("gateway", 2**62, 0.0, 0.0, 1e12)
+
+
+def even_plan(plan: planner.Plan, node_ids: list[str]) -> planner.Plan:
+    """`plan`'s prefix and suffix, with the layers between split as evenly as possible over all nodes."""
+    start, stop, n = plan.prefix.stop, plan.suffix.start, len(node_ids)
+    bounds = [start + (stop - start) * i // n for i in range(n + 1)]
+    stages = tuple(planner.Stage(node_id, a, b) for node_id, a, b in zip(node_ids, bounds, bounds[1:], strict=False)
+                   if b > a)
+    return dataclasses.replace(plan, stages=stages, excluded=())
+
+
+def first_plan(model: planner.ModelProfile, clients: list[NodeClient], config: planner.PlanConfig, even: bool,
+               replicas: int) -> planner.Plan:
+    """The route over `clients` (split evenly if `even`: a local swarm, whose nodes share one CPU, gives the speed
+    model nothing to choose), plus `replicas` more copies of each span where memory allows."""
+    plan = planner.plan(model, GATEWAY_PROFILE, [node_profile(c, model.layer_bytes) for c in clients], config)
+    if even:
+        plan = even_plan(plan, [c.info.node_id for c in clients])
+    profiles = [node_profile(c, model.layer_bytes, even=even) for c in clients]
+    return planner.with_replicas(plan, model, profiles, replicas, config)
+
+
+# --- the members ------------------------------------------------------------------------------------
+class Membership:
+    """Who holds what, kept current as nodes die, drain, come back and join.
+
+    `on_gone(address, reason)` is told when a node stops being counted on, to fail the steps in flight on it.
+    Building one does no network I/O; `load` streams the plan's spans to their nodes, `start` begins watching."""
+
+    def __init__(self, clients: list[NodeClient], plan: planner.Plan, model: planner.ModelProfile,
+                 config: planner.PlanConfig, weights: WeightSender, on_gone: Callable[[str, str], None], *,
+                 identity: NodeIdentity | None, pool: PoolState | None, even: bool, replicas: int):
+        self.model, self.config, self.weights, self._on_gone = model, config, weights, on_gone
+        self.identity, self.pool, self.even, self.replicas = identity, pool, even, replicas
+        self.clients = list(clients)  # the live nodes
+        self.client_at = {c.address: c for c in clients}  # every node ever known, by address
+        self.gone: dict[str, str] = {}  # address -> why it is counted gone
+        # address -> the spans it held when it stopped lending: alive, finishing its sessions, given no new ones
+        self.draining: dict[str, list[Span]] = {}
+        self.deaths: list[Death] = []
+        self.broken: str | None = None  # why no route can serve: a span with no live holder and no room for it
+        self.closing = False
+        # `_lock` guards the route, the holders, the clients and the gone; it is held while a route is rebuilt,
+        # so sessions that failed together wait for one rebuild
+        self._lock = threading.RLock()
+        self._join_lock = threading.Lock()  # one node joins at a time
+
+        address_of = {c.info.node_id: c.address for c in clients}
+        self.spans: list[Span] = [(s.start, s.stop) for s in plan.stages]
+        # span -> the live nodes holding it, its first route node first
+        self.holders: dict[Span, list[str]] = {span: [] for span in self.spans}
+        for s in plan.stages + plan.replicas:
+            self.holders[(s.start, s.stop)].append(address_of[s.node_id])
+        self.route = [RouteStage(s.node_id, address_of[s.node_id], s.start, s.stop) for s in plan.stages]
+
+    def load(self) -> None:
+        """Stream every holder its span (only the tensors its cache lacks)."""
+        for span, addresses in self.holders.items():
+            for address in addresses:
+                self._load(address, span)
+
+    def start(self) -> None:
+        """Watch every node; push revocations (when this gateway keeps the pool); take back returning nodes."""
+        for client in self.clients:
+            self._start_watch(client)
+        if self.pool is not None and self.identity is not None:
+            threading.Thread(target=self._push_revocations, daemon=True).start()
+        threading.Thread(target=self._rejoin_returning, daemon=True, name="rejoin").start()
+
+    def _profiles(self) -> list[planner.NodeProfile]:
+        """The live nodes as the planner sees them (their memory as it was when they joined)."""
+        return [node_profile(c, self.model.layer_bytes, even=self.even) for c in self._lent()]
+
+    def _lent(self) -> list[NodeClient]:
+        """The live nodes that take new sessions (not draining)."""
+        return [c for c in self.clients if c.address not in self.draining]
+
+    def _load(self, address: str, span: Span) -> None:
+        try:
+            self.weights.send(self.client_at[address].stub, address, span)
+        except grpc.RpcError as e:
+            raise RouteError(f"node {address} could not load layers [{span[0]}, {span[1]}): {e.details()}") from None
+
+    def _place(self, spans: list[Span], copies: int) -> list[tuple[str, Span]]:
+        """Load `spans` where the planner says, until each has `copies` live holders or no node has room;
+        the (address, span) pairs loaded. Loads run outside the lock (a caller may hold it)."""
+        with self._lock:
+            id_of = {c.info.node_id: c.address for c in self._lent()}
+            held = {c.info.node_id: [span for span, holders in self.holders.items() if c.address in holders]
+                    for c in self._lent()}
+            added, _ = planner.replicate(self.model, self._profiles(), spans, held, copies, self.config)
+        placed = []
+        for stage in added:
+            address, span = id_of[stage.node_id], (stage.start, stage.stop)
+            try:
+                self._load(address, span)
+            except RouteError:
+                continue  # it died or ran out of room meanwhile: the span stays short of this copy
+            with self._lock:
+                if self.client_at[address] in self.clients and address not in self.holders[span]:
+                    self.holders[span].append(address)
+                    placed.append((address, span))
+        return placed
+
+    # --- a node's life ----------------------------------------------------------------------------
+    def _start_watch(self, client: NodeClient) -> None:
+        threading.Thread(target=self._watch, args=(client,), daemon=True, name=f"watch-{client.address}").start()
+
+    def _watch(self, client: NodeClient) -> None:
+        """Health.Watch stays open while the node lives (keepalive pings it every second): its end means the
+        node is gone. While it lives, its status says whether it lends itself (SERVING) or drains."""
+        reason = "its health stream ended"
+        serving = health_pb2.HealthCheckResponse.SERVING
+        try:
+            for status in health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest()):
+                self._set_lending(client, status.status == serving)
+        except grpc.RpcError as e:
+            reason = f"{e.code().name}: {e.details()}"
+        if not self.closing:
+            self._mark_gone(client, reason)
+
+    def _mark_gone(self, client: NodeClient, reason: str) -> None:
+        """Stop counting on `client`'s node: fail its steps in flight, drop it from the holders and, if it
+        was on the route, rebuild the route now (sessions that failed wait for that)."""
+        address = client.address
+        with self._lock:
+            if client not in self.clients:
+                return  # counted gone already
+            self.gone[address] = reason
+            self.draining.pop(address, None)
+            self.clients = [c for c in self.clients if c is not client]
+            for holders in self.holders.values():
+                if address in holders:
+                    holders.remove(address)
+            self.deaths.append(Death(address, client.info.node_id, time.monotonic(), reason))
+            on_route = any(s.address == address for s in self.route)
+        self._on_gone(address, f"node {client.info.node_id} at {address} is gone ({reason})")
+        if on_route:
+            threading.Thread(target=self._reroute_quietly, daemon=True).start()
+
+    def _set_lending(self, client: NodeClient, lent: bool) -> None:
+        """A node stopped lending (its owner is back: it finishes its sessions, takes no new ones) or lends
+        again. Draining, it leaves the holders, so new sessions get a route without it (its spans loaded
+        elsewhere if no replica has them); lending again, it holds what it held before."""
+        address = client.address
+        with self._lock:
+            if client not in self.clients or lent == (address not in self.draining):
+                return
+            if lent:
+                for span in self.draining.pop(address):
+                    if address not in self.holders[span]:
+                        self.holders[span].append(address)
+                if self.broken or not self._route_ok():
+                    threading.Thread(target=self._reroute_quietly, daemon=True).start()
+                return
+            self.draining[address] = [span for span, holders in self.holders.items() if address in holders]
+            for span in self.draining[address]:
+                self.holders[span].remove(address)
+            on_route = any(s.address == address for s in self.route)
+        if on_route:
+            threading.Thread(target=self._reroute_quietly, daemon=True).start()
+
+    def _probe(self, addresses: list[str]) -> None:
+        """Health-check the nodes at `addresses` at once; count those that do not answer as gone."""
+        def check(client: NodeClient) -> None:
+            try:
+                health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(),
+                                                                 timeout=PROBE_TIMEOUT_S)
+            except grpc.RpcError as e:
+                self._mark_gone(client, f"no answer to a health check ({e.code().name})")
+
+        live = [c for c in self.clients if c.address in addresses]
+        checks = [threading.Thread(target=check, args=(c,), daemon=True) for c in live]
+        for t in checks:
+            t.start()
+        for t in checks:
+            t.join()
+
+    def live(self, stage: RouteStage) -> bool:
+        """Whether the node `stage` names still runs (not one restarted at the same address since)."""
+        client = self.client_at.get(stage.address)
+        return client is not None and client in self.clients and client.info.node_id == stage.node_id
+
+    # --- the route --------------------------------------------------------------------------------
+    def recover(self, failure: RouteError) -> None:
+        """Make the route serve again after `failure`. Returns once the route's nodes are all live holders;
+        raises `failure` itself when no node it ran through is gone (then it was no fault of the route's:
+        a refused request, say), and a RouteError when some span has no live node and none can load it."""
+        def usable(stage: RouteStage) -> bool:  # a draining node that gave up a session is no fault either
+            return self.live(stage) and stage.address not in self.draining
+
+        if all(usable(s) for s in failure.route):
+            self._probe([s.address for s in failure.route])
+        if all(usable(s) for s in failure.route):
+            raise failure
+        self.reroute()
+
+    def _route_ok(self) -> bool:
+        return all(self.live(s) and s.address in self.holders[s.span] for s in self.route)
+
+    def reroute(self) -> None:
+        """Rebuild the route from live holders: a span whose holders are all gone is loaded onto the node
+        the planner picks (one with room, holding the fewest layers)."""
+        with self._lock:
+            if self._route_ok() and not self.broken:
+                return
+            orphans = [span for span in self.spans if not self.holders[span]]
+            if orphans:
+                self._place(orphans, 1)
+            lost = [span for span in self.spans if not self.holders[span]]
+            if lost:
+                gone = "; ".join(f"{d.node_id} at {d.address}: {d.reason}" for d in self.deaths[-3:])
+                self.broken = (f"layers {', '.join(f'[{a}, {b})' for a, b in lost)} have no live node and no node "
+                               f"has room to load them (last gone: {gone})")
+                raise RouteError(self.broken)
+            current = {s.span: s.address for s in self.route}
+            route, used = [], set()
+            for span in self.spans:  # keep a live stage; else its first holder not on the route yet
+                live = self.holders[span]
+                address = current[span] if current[span] in live else ([a for a in live if a not in used] or live)[0]
+                used.add(address)
+                route.append(RouteStage(self.client_at[address].info.node_id, address, *span))
+            self.route, self.broken = route, None
+
+    def _reroute_quietly(self) -> None:
+        try:
+            self.reroute()
+        except RouteError:
+            pass  # `broken` says why; the next add_node tries again
+
+    # --- joining ----------------------------------------------------------------------------------
+    def add_node(self, address: str) -> list[Span]:
+        """A node joins (or rejoins after a restart, at its new address): it loads copies of the spans that
+        lack some (spares first, up to 1 + replicas copies each) and otherwise waits as a spare. Returns
+        the spans it now holds. A route that could not be rebuilt without it is rebuilt."""
+        client = NodeClient(address, self.identity)
+        with self._lock:
+            if self.client_at.get(address) in self.clients:  # known and live: nothing to do
+                client.close()
+                return [span for span, holders in self.holders.items() if address in holders]
+            self.gone.pop(address, None)
+            self.client_at[address] = client
+            self.clients = self.clients + [client]
+        self._start_watch(client)
+        if self.pool is not None and self.identity is not None:
+            _tell_revoked(client, self.pool.revoked_fingerprints())  # if it is gone, its watcher will notice
+        with self._join_lock:
+            placed = self._place(self.spans, 1 + self.replicas)
+        if not self._route_ok() or self.broken:
+            self._reroute_quietly()
+        return [span for a, span in placed if a == address]
+
+    def _rejoin_returning(self) -> None:
+        """Take back a node counted gone that answers again at its address (its link came back, or it was only
+        too busy to answer pings): it rejoins as any node does, holding what its cache has."""
+        while not self.closing:
+            time.sleep(REJOIN_POLL_S)
+            now = time.monotonic()
+            noticed = {d.address: d.noticed for d in self.deaths}
+            for address in [a for a in list(self.gone) if now - noticed.get(a, now) < REJOIN_GIVE_UP_S]:
+                if self.closing:
+                    return
+                try:
+                    health_pb2_grpc.HealthStub(self.client_at[address].channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=1.0, wait_for_ready=True)
+                    self.add_node(address)
+                except (grpc.RpcError, RouteError):
+                    continue  # still gone
+
+    def _push_revocations(self) -> None:
+        """Tell every node which certificates are revoked, now and whenever that changes."""
+        told: set[str] | None = None
+        while not self.closing:
+            revoked = self.pool.revoked_fingerprints()
+            if revoked != told:
+                # a node that did not hear it is told again next round
+                told = revoked if all([_tell_revoked(c, revoked) for c in self.clients]) else None
+            time.sleep(REVOCATION_POLL_S)
+
+    def node_info(self, address: str, timeout: float = 2.0) -> pb.NodeInfo:
+        return self.client_at[address].stub.Info(pb.InfoRequest(), timeout=timeout)
+
+    def end_session(self, session_id: str) -> None:
+        """Free the session's KV caches on every live node."""
+        for client in self.clients:
+            try:
+                client.stub.EndSession(pb.EndSessionRequest(session_id=session_id), timeout=2)
+            except grpc.RpcError:
+                pass  # a node that is gone holds nothing anymore; idle sessions expire anyway
+
+    def close(self) -> None:
+        self.closing = True
+        for client in self.client_at.values():
+            client.close()
+
+
+def _tell_revoked(client: NodeClient, fingerprints: set[str]) -> bool:
+    """Send a node the revoked certificates' fingerprints; whether it heard them."""
+    try:
+        client.stub.SetRevoked(pb.RevokedList(fingerprints=sorted(fingerprints)), timeout=5)
+        return True
+    except grpc.RpcError:
+        return False
