@@ -82,9 +82,10 @@ def _merges_from_scores(scores: dict[str, float]) -> list[tuple[str, str]]:
     """Merges a sentencepiece vocabulary implies: every split of a token into two tokens, best score first.
 
     llama.cpp's SPM tokenizer repeatedly merges the adjacent pair whose union scores highest; BPE with
-    merges ranked by that score does the same.
+    merges ranked by that score does the same. The splits of one token go longest left piece first, as
+    transformers orders them (`generate_merges`).
     """
-    ranked = [(-score, t, t[:k], t[k:]) for t, score in scores.items() for k in range(1, len(t))
+    ranked = [(-score, t, -k, t[:k], t[k:]) for t, score in scores.items() for k in range(1, len(t))
               if t[:k] in scores and t[k:] in scores]
     return [(a, b) for *_, a, b in sorted(ranked)]
 
@@ -242,7 +243,10 @@ def _build_sentencepiece(meta: dict, tokens: list[str], types: list[int]) -> tok
             if k == NORMAL:
                 normal.setdefault(t, score)
         merges = _merges_from_scores(normal)
-    unk = next((t for t, k in zip(tokens, types, strict=True) if k == UNKNOWN), None)
+    # the id the file names (Gemma marks its <unk> as a control token), else the token typed unknown
+    unk_id = _metadata_id(meta, "unknown_token_id", len(tokens))
+    unk = tokens[unk_id] if unk_id is not None else next(
+        (t for t, k in zip(tokens, types, strict=True) if k == UNKNOWN), None)
     backend = tokenizers.Tokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     # llama.cpp puts the prefix space before every stretch of text (after each special token too), which is
