@@ -2,7 +2,8 @@
 
 A GGUF has no `tokenizer.json`: it stores the vocabulary, merges and special ids as metadata under
 llama.cpp's key names. We rebuild the tokenizer the way llama.cpp reads those keys
-(`src/llama-vocab.cpp`), so a prompt becomes the ids the model was trained on.
+(`src/llama-vocab.cpp`), so a prompt becomes the ids the model was trained on. Gemma's sentencepiece
+vocabulary is read as transformers reads it (tests/engine/test_tokenizer.py holds the two to the same ids).
 """
 
 import json
