@@ -2,6 +2,7 @@
 models on fixture homes."""
 
 import re
+import socket
 import subprocess
 import sys
 
@@ -80,6 +81,31 @@ def test_a_node_joins_with_a_token_and_is_revoked(capsys, tmp_path):
             node.terminate()
             node.wait(10)
         join_server.stop(grace=0)
+
+
+def test_a_node_started_before_its_gateway_waits_for_the_join_server(capsys, tmp_path):
+    state = str(tmp_path / "pool")
+    assert run_cli(capsys, "init", "--state-dir", state)[0] == 0
+    _, token, _ = run_cli(capsys, "token", "--state-dir", state)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # nothing listens there until the join server below
+    node = subprocess.Popen([sys.executable, "-m", "duskpool.cli.main", "node", "--host", "127.0.0.1", "--port", "0",
+                             "--no-announce", "--threads", "1", "--lend", "always", "--join",
+                             f"{token.strip()}@127.0.0.1:{port}", "--identity", str(tmp_path / "node")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    join_server = None
+    try:
+        waiting = next((line for line in node.stderr if "waiting for the gateway's join server" in line), None)
+        assert waiting is not None, f"the node exited with code {node.wait()} instead of waiting"
+        join_server, _ = start_join_server(PoolState(tmp_path / "pool"), "127.0.0.1", port)
+        assert "listening on" in node.stdout.readline()
+        assert load_identity(tmp_path / "node").member_id
+    finally:
+        node.terminate()
+        node.wait(10)
+        if join_server is not None:
+            join_server.stop(grace=0)
 
 
 def test_a_node_without_an_identity_says_how_to_join(capsys, tmp_path):
