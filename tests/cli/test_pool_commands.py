@@ -108,6 +108,30 @@ def test_a_node_started_before_its_gateway_waits_for_the_join_server(capsys, tmp
             join_server.stop(grace=0)
 
 
+@pytest.mark.parametrize("holder", ["a node", "another program"])
+def test_a_node_whose_port_is_taken_says_so_and_exits_2(tmp_path, holder):
+    first, taken = None, socket.socket()
+    try:
+        if holder == "a node":
+            first, address = start_node(["--insecure", "--cache-dir", str(tmp_path / "first")])
+            port = int(address.rpartition(":")[2])
+        else:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+        second = subprocess.run([sys.executable, "-m", "duskpool.cli.main", "node", "--host", "127.0.0.1", "--port",
+                                 str(port), "--no-announce", "--insecure", "--lend", "always", "--cache-dir",
+                                 str(tmp_path / "second")], capture_output=True, text=True, timeout=120)
+    finally:
+        taken.close()
+        if first is not None:
+            first.terminate()
+            first.wait(10)
+    errors = [line for line in second.stderr.splitlines() if line.startswith("duskpool: error:")]
+    assert second.returncode == 2 and "listening on" not in second.stdout, second.stderr
+    assert len(errors) == 1 and f"cannot listen on 127.0.0.1:{port}" in errors[0] and "Traceback" not in second.stderr
+
+
 def test_a_node_without_an_identity_says_how_to_join(capsys, tmp_path):
     code, _, err = run_cli(capsys, "node", "--port", "0", "--no-announce", "--identity", str(tmp_path / "none"))
     assert code == 2 and "--join" in err and "duskpool token" in err

@@ -242,6 +242,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    _check_port(args.host, args.port)  # before seconds of imports, and before a join, which spends the token
     from duskpool.cluster.node import serve
     from duskpool.weights.store import default_cache_dir
 
@@ -263,7 +264,28 @@ def cmd_node(args: argparse.Namespace) -> int:
         serve(args.host, args.port, cache_dir, identity, limit, announce=not args.no_announce, policy=policy)
     except KeyboardInterrupt:
         pass
+    except OSError as e:  # such as the port taken, or an address not this machine's
+        raise RuntimeError(f"the node cannot start: {e}") from None
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail now, saying why, if host:port is taken. gRPC's servers share a port (SO_REUSEPORT), so a second node
+    there would start anyway and quietly get some of the first one's connections."""
+    import errno
+    import socket
+
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a socket left in TIME_WAIT is no holder
+            probe.bind(address)
+    except OSError as e:
+        hint = "; is a node already running there? (--port 0 picks a free port)" if e.errno == errno.EADDRINUSE else ""
+        raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
 
 
 def _node_identity(args: argparse.Namespace):
