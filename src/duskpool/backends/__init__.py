@@ -2,11 +2,14 @@
 name, device, speed probe and thread setting. Adding a backend is adding a package and a line here."""
 
 import importlib
+import importlib.util
+import platform
+import sys
 from types import ModuleType
 
 from duskpool.models import ModelFile, ModelSpec, SpanModel, describe, load_model
 
-BACKENDS = {"cpu": "duskpool.backends.cpu"}
+BACKENDS = {"cpu": "duskpool.backends.cpu", "mlx": "duskpool.backends.mlx"}
 DEFAULT = "cpu"
 
 
@@ -14,6 +17,24 @@ def backend(name: str = DEFAULT) -> ModuleType:
     if name not in BACKENDS:
         raise ValueError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")
     return importlib.import_module(BACKENDS[name])
+
+
+def pick(name: str = "auto") -> str:
+    """The backend `--backend NAME` means here: "auto" is MLX on Apple silicon and wherever MLX has a GPU (its
+    CUDA build), the CPU backend otherwise; "mlx" fails with what to install when MLX is not there."""
+    if name == "auto":
+        if importlib.util.find_spec("mlx") is None:
+            return "cpu"
+        if sys.platform == "darwin" and platform.machine() == "arm64":
+            return "mlx"
+        try:
+            return "mlx" if backend("mlx").available() else "cpu"
+        except ImportError:  # an MLX wheel without its native part for this machine
+            return "cpu"
+    if name == "mlx" and importlib.util.find_spec("mlx") is None:
+        raise ValueError("backend 'mlx' needs MLX: pip install 'duskpool[mlx]' (CPU) or 'duskpool[cuda]' (NVIDIA)")
+    backend(name)  # an unknown name fails here, with the known ones
+    return name
 
 
 def load_span(file: ModelFile, layers: range | None = None, embed: bool = True, head: bool = True,
