@@ -11,10 +11,12 @@ import pytest
 from duskpool.weights.catalog import bundled_model_path
 
 Q = gguf.GGMLQuantizationType
-# gguf-py can quantize these; K-quants it cannot, so those get random blocks with sane scales
+# gguf-py can quantize these; K-quants and IQ4 it cannot, so those get random blocks with sane scales
 QUANTIZABLE = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
-# byte offset and value of the fp16 scale fields (d, dmin) in one block of each K-quant
-K_SCALES = {Q.Q4_K: [(0, 2e-4), (2, 2e-4)], Q.Q5_K: [(0, 1e-4), (2, 1e-4)], Q.Q6_K: [(208, 3e-5)]}
+# byte offset and value of the fp16 scale fields (d, dmin) in one block of each of those, chosen so
+# that weights stay within about ±0.2 as the quantized types' do
+K_SCALES = {Q.Q2_K: [(80, 3e-3), (82, 4.5e-3)], Q.Q3_K: [(108, 1e-3)], Q.Q4_K: [(0, 2e-4), (2, 2e-4)],
+            Q.Q5_K: [(0, 1e-4), (2, 1e-4)], Q.Q6_K: [(208, 3e-5)], Q.IQ4_NL: [(0, 1e-3)], Q.IQ4_XS: [(0, 3e-5)]}
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:

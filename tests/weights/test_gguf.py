@@ -65,22 +65,24 @@ def test_truncated_file(tiny_llama, keep):
         GGUFFile(path)
 
 
-def test_unsupported_quant_type_is_named(tmp_path):
+def test_unsupported_quant_type_is_named_with_its_tensor(tmp_path, monkeypatch):
     path = write_tiny_llama(tmp_path / "m.gguf", Q.Q8_0)
-    w = gguf.GGUFWriter(str(tmp_path / "q2k.gguf"), "llama")
+    w = gguf.GGUFWriter(str(tmp_path / "iq2.gguf"), "llama")
     reader = gguf.GGUFReader(path)
     for field in reader.fields.values():
         if not field.name.startswith("GGUF.") and field.name != "general.architecture":
             w.add_key_value(field.name, field.contents(), field.types[0],
                             field.types[-1] if len(field.types) > 1 else None)
     for t in reader.tensors:
-        if t.name == "blk.0.ffn_down.weight":  # one Q2_K tensor of the right byte size
-            w.add_tensor(t.name, np.zeros((256, 512 // 256 * 84), np.uint8), raw_dtype=Q.Q2_K)
+        if t.name == "blk.1.ffn_down.weight":  # one IQ2_XXS tensor of the right byte size, in the last layer
+            w.add_tensor(t.name, np.zeros((256, 512 // 256 * 66), np.uint8), raw_dtype=Q.IQ2_XXS)
         else:
             w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with pytest.raises(ModelFileError, match="Q2_K.*not support"):
-        load_span(GGUFFile(tmp_path / "q2k.gguf"))
+    file = GGUFFile(tmp_path / "iq2.gguf")
+    monkeypatch.setattr(GGUFFile, "read", lambda *_: pytest.fail("a tensor was read before the check"))
+    with pytest.raises(ModelFileError, match="tensor blk.1.ffn_down.weight has quant type IQ2_XXS.*not support"):
+        load_span(file)
 
 
 def test_unsupported_architecture_is_named(tmp_path):

@@ -11,7 +11,8 @@ from duskpool.backends.cpu import native
 from duskpool.weights.gguf import PackedTensor
 
 Q = GGMLQuantizationType
-SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+                   Q.IQ4_NL, Q.IQ4_XS)
 
 # From this many rows of input, dequantizing the weight once and calling BLAS beats the fused kernel
 # (which reads each weight row once for up to 4 rows of x, so its cost grows with every 4 rows).

@@ -63,6 +63,47 @@ static void dequantize_row(int type, const uint8_t *restrict x, float *restrict 
             for (int j = 0; j < 32; j++) y[j] = qs[j] * d;
         }
         return;
+    case Q2_K:  // scales[16] (4-bit scale | 4-bit min << 4 per 16 values), qs[64], d, dmin
+        for (int64_t b = 0; b < K / 256; b++, x += 84) {
+            const uint8_t *sc = x, *q = x + 16;
+            float d = f16(x + 80), dmin = f16(x + 82);
+            for (int half = 0; half < 2; half++, q += 32)  // value 32 j + l of a half: bits 2j of q[l]
+                for (int j = 0; j < 4; j++, sc += 2)
+                    for (int k = 0; k < 2; k++) {
+                        float dl = d * (sc[k] & 0xF), ml = dmin * (sc[k] >> 4);
+                        for (int l = 16 * k; l < 16 * k + 16; l++) *y++ = dl * ((q[l] >> 2 * j) & 3) - ml;
+                    }
+        }
+        return;
+    case Q3_K:  // hmask[32] (the third bit), qs[64] (two bits), scales[12] (16 of 6 bits), d
+        for (int64_t b = 0; b < K / 256; b++, x += 110) {
+            const uint8_t *hm = x, *q = x + 32;
+            uint8_t sc[16]; scales_q3_k(x + 96, sc);
+            float d = f16(x + 108);
+            for (int half = 0, is = 0; half < 2; half++, q += 32)  // as Q2_K, third bit 4 half + j of hm[l]
+                for (int j = 0; j < 4; j++)
+                    for (int k = 0; k < 2; k++, is++) {
+                        float dl = d * (sc[is] - 32);
+                        for (int l = 16 * k; l < 16 * k + 16; l++)
+                            *y++ = dl * (((q[l] >> 2 * j) & 3) - (hm[l] >> (4 * half + j) & 1 ? 0 : 4));
+                    }
+        }
+        return;
+    case IQ4_NL:
+        for (int64_t b = 0; b < K / 32; b++, x += 18, y += 32) {
+            float d = f16(x); const uint8_t *qs = x + 2;
+            for (int j = 0; j < 16; j++) { y[j] = d * iq4_values[qs[j] & 0xF]; y[j + 16] = d * iq4_values[qs[j] >> 4]; }
+        }
+        return;
+    case IQ4_XS:  // d, scales_h, scales_l[4], qs[128]: IQ4_NL's codes in 8 sub-blocks of 32 with 6-bit scales
+        for (int64_t b = 0; b < K / 256; b++, x += 136) {
+            float d = f16(x); const uint8_t *qs = x + 8;
+            for (int ib = 0; ib < 8; ib++, qs += 16, y += 32) {
+                float dl = d * (scale_iq4_xs(x, ib) - 32);
+                for (int j = 0; j < 16; j++) { y[j] = dl * iq4_values[qs[j] & 0xF]; y[j + 16] = dl * iq4_values[qs[j] >> 4]; }
+            }
+        }
+        return;
     case Q4_K:
         for (int64_t b = 0; b < K / 256; b++, x += 144) {
             float d = f16(x), dmin = f16(x + 2); const uint8_t *scales = x + 4, *q = x + 16;

@@ -13,12 +13,17 @@ tile_kernel tiled_kernel(int type) { (void)type; return NULL; }
 row_kernel row_kernel_for(int type) { (void)type; return NULL; }
 #endif
 
-static int needs_block_sums(int type) {
-    return type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q4_K || type == Q5_K;
+// Values per sum of x the type's kernel takes (its offsets are per block of this many), or 0
+static int block_sum_width(int type) {
+    switch (type) {
+    case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q4_K: case Q5_K: return 32;
+    case Q2_K: return 16;
+    default: return 0;
+    }
 }
 
 typedef struct {
-    int type, tile_rows;  // weight rows per tile call
+    int type, tile_rows, sum_width;  // weight rows per tile call; values per sum in sx
     tile_kernel tile;
     row_kernel row;
     const uint8_t *w;
@@ -29,7 +34,7 @@ typedef struct {
 
 static void matmul_range(void *ctx, int64_t n0, int64_t n1) {
     const matmul_job *j = ctx;
-    const int64_t K = j->K, M = j->M, nb = K / 32, rb = j->row_bytes;
+    const int64_t K = j->K, M = j->M, ns = j->sum_width ? K / j->sum_width : 0, rb = j->row_bytes;
     if (j->tile || j->row) {
         float out[4 * MAX_MB];
         const int mchunk = MAX_MB / j->tile_rows;
@@ -42,7 +47,7 @@ static void matmul_range(void *ctx, int64_t n0, int64_t n1) {
             const uint8_t *w = j->w + n * rb;
             for (int64_t m0 = 0; m0 < M; m0 += mchunk) {
                 const int mb = M - m0 < mchunk ? (int)(M - m0) : mchunk;
-                const float *x = j->x + m0 * K, *sx = j->sx ? j->sx + m0 * nb : NULL;
+                const float *x = j->x + m0 * K, *sx = j->sx ? j->sx + m0 * ns : NULL;
                 if (j->tile) j->tile(w, rb, K, x, sx, R, mb, out);
                 else {
                     if (m0 == 0)  // one row at a time: fetch the row two ahead
@@ -71,24 +76,26 @@ void dp_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_
                        .ldy = ldy, .x = x, .y = y };
     job.row = job.tile ? NULL : row_kernel_for(type);
     job.tile_rows = job.tile ? (M == 1 ? 4 : M == 2 ? 2 : 1) : 1;
-    const int64_t nb = K / 32;
     float *scratch = NULL;
-    if ((job.tile || job.row) && needs_block_sums(type)) {
+    const int width = job.tile || job.row ? block_sum_width(type) : 0;
+    if (width) {
+        const int64_t ns = K / width;
         const int rearrange = type == Q4_0 || type == Q4_1;  // see q4_tile
-        scratch = malloc((M * nb + (rearrange ? M * K : 0)) * sizeof(float));
-        float *sx = scratch, *xt = scratch + M * nb;
+        scratch = malloc((M * ns + (rearrange ? M * K : 0)) * sizeof(float));
+        float *sx = scratch, *xt = scratch + M * ns;
         for (int64_t m = 0; m < M; m++)
-            for (int64_t b = 0; b < nb; b++) {
-                const float *p = x + m * K + b * 32;
+            for (int64_t b = 0; b < ns; b++) {
+                const float *p = x + m * K + b * width;
                 float s = 0.0f;
-                for (int i = 0; i < 32; i++) s += p[i];
-                sx[m * nb + b] = s;
+                for (int i = 0; i < width; i++) s += p[i];
+                sx[m * ns + b] = s;
                 if (rearrange) {
                     float *t = xt + m * K + b * 32;
                     for (int i = 0; i < 16; i++) { t[i] = p[i] - p[i + 16] * 0.0625f; t[i + 16] = p[i + 16] * 0.0625f; }
                 }
             }
         job.sx = sx;
+        job.sum_width = width;
         if (rearrange) job.x = xt;
     }
     const int64_t N = n1 - n0;

@@ -31,8 +31,8 @@
 #define DP_INLINE static inline __attribute__((always_inline))
 
 // GGML type ids of the weights we read
-enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
-       Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11,
+       Q4_K = 12, Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23, BF16 = 30 };
 
 // ---------------------------------------------------------------------------------------------
 // Block formats (dequant.c)
@@ -46,6 +46,27 @@ static inline float f16(const uint8_t *p) { uint16_t h; memcpy(&h, p, 2); return
 static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
     if (j < 4) { *d = q[j] & 63; *m = q[j + 4] & 63; }
     else { *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
+// Q3_K: the 16 6-bit scales (before their -32) packed in 12 bytes at p: sub-block j's low 4 bits
+// are nibble j / 8 of byte j % 8, its top 2 bits bits 2 (j / 4) of byte 8 + j % 4 (ggml's unpacking)
+static inline void scales_q3_k(const uint8_t *p, uint8_t sc[16]) {
+    uint32_t a[4]; memcpy(a, p, 12);
+    const uint32_t m4 = 0x0f0f0f0f, m2 = 0x03030303, t = a[2];
+    a[2] = ((a[0] >> 4) & m4) | (((t >> 4) & m2) << 4);
+    a[3] = ((a[1] >> 4) & m4) | (((t >> 6) & m2) << 4);
+    a[0] = (a[0] & m4) | ((t & m2) << 4);
+    a[1] = (a[1] & m4) | (((t >> 2) & m2) << 4);
+    memcpy(sc, a, 16);
+}
+
+// IQ4_NL and IQ4_XS: a 4-bit code indexes these 16 values (non-uniform, denser near zero)
+static const int8_t iq4_values[16] = { -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113 };
+
+// IQ4_XS: sub-block ib's 6-bit scale (before its -32): 4 bits from scales_l at w + 4, 2 from scales_h at w + 2
+static inline int scale_iq4_xs(const uint8_t *w, int ib) {
+    const int h = w[2] | (w[3] << 8);
+    return ((w[4 + ib / 2] >> 4 * (ib % 2)) & 0xF) | (((h >> 2 * ib) & 3) << 4);
 }
 
 // y[m, n] = sum_k x[m, k] * W[n, k] for n in [n0, n1), in plain C: each row of W dequantized, then
@@ -67,7 +88,8 @@ DP_HIDDEN int64_t chunk_rows(int64_t n);  // rows per chunk for n rows: a few ch
 // SIMD kernels (matmul_x86.c; matmul.c returns NULL where none is built)
 // Row kernels: one weight row against MB <= MAX_MB rows of x (row stride K), out[m] = dot.
 // Tile kernels: R weight rows (rb bytes apart) against MB rows of x, R * MB <= 4, out[r * MAX_MB + m].
-// sx[m * (K / 32) + b] = sum of x[m, 32b .. 32b + 31], for the types with a per-block offset.
+// sx[m * (K / S) + b] = sum of x[m, S b .. S b + S - 1], for the types with a per-block offset, with
+// S = 32, or 16 for Q2_K, whose mins are per 16 values (matmul.c's block_sum_width).
 
 typedef void (*row_kernel)(const uint8_t *w, int64_t K, const float *x, const float *sx, int MB, float *out);
 typedef void (*tile_kernel)(const uint8_t *w, int64_t rb, int64_t K, const float *x, const float *sx, int R, int MB, float *out);
