@@ -1,6 +1,7 @@
 """The generate loop on the bundled model: stop conditions, seeds, streaming, context bounds."""
 
 import pytest
+import torch
 
 from duskpool.engine.generate import GenerationParams, GenerationStats
 from duskpool.engine.runner import LocalEngine
@@ -54,3 +55,30 @@ def test_greedy_stops_at_the_end_token(engine):
 def test_prompt_longer_than_the_context_is_a_clear_error(engine):
     with pytest.raises(ContextOverflowError, match="context holds 512"):
         "".join(engine.generate(list(range(100, 700)), GenerationParams(max_tokens=4)))
+
+
+def test_logprobs_of_greedy_tokens_are_the_log_softmax_of_the_logits(engine):
+    prompt = engine.tokenizer.encode(engine.tokenizer.render_chat(QUESTION))
+    pieces = list(engine.generate(prompt, GenerationParams(max_tokens=8, logprobs=3)))
+    tokens = [t for piece in pieces for t in piece.tokens]
+    assert len(tokens) == 8
+    assert engine.tokenizer.decode([t.token for t in tokens]) == "".join(pieces)
+    session = engine.open_session(len(prompt) + 8)
+    try:
+        step, position = prompt, 0
+        for t in tokens:
+            reference = torch.log_softmax(session.forward(step, position).double(), 0)
+            assert t.token == int(reference.argmax()) and t.top[0][0] == t.token
+            assert abs(t.logprob - float(reference[t.token])) < 1e-4
+            assert [i for i, _ in t.top] == reference.topk(3).indices.tolist()
+            position += len(step)
+            step = [t.token]
+    finally:
+        session.close()
+
+
+def test_the_stop_string_that_ended_it_is_told(engine):
+    full, _ = answer(engine, max_tokens=40)
+    stop = full.split()[3]
+    _, stats = answer(engine, max_tokens=40, stop=["never-there", stop])
+    assert stats.finish_reason == "stop" and stats.stop_string == stop

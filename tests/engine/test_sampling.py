@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from duskpool.engine.sampling import Sampler, SamplingParams
+from duskpool.engine.sampling import Sampler, SamplingParams, logprobs
 
 
 def draws(probs: list[float], n: int = 4000, context: list[int] | None = None, **params) -> torch.Tensor:
@@ -61,3 +61,22 @@ def test_same_seed_same_tokens_different_seed_different_tokens():
 def test_bad_parameters_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_a_mask_leaves_only_the_allowed_tokens():
+    logits = torch.tensor([5.0, 1.0, 0.5, 0.2, 3.0])
+    allowed = torch.tensor([False, True, False, True])  # shorter than the logits: the rest is not allowed
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=0))
+    assert {sampler(logits, [], allowed) for _ in range(200)} == {1, 3}
+    assert Sampler(SamplingParams())(logits, [], allowed) == 1
+
+
+def test_logprobs_are_the_log_softmax_of_the_adjusted_logits():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    sampler = Sampler(SamplingParams(repetition_penalty=2.0))
+    adjusted = sampler.adjust(logits, [0], torch.tensor([True, True, True, False]))
+    chosen, top = logprobs(adjusted, 1, 3)
+    expected = torch.log_softmax(torch.tensor([1.0, 1.0, 0.0]).double(), 0)
+    assert chosen == pytest.approx(float(expected[1]))
+    assert [t for t, _ in top] in ([0, 1, 2], [1, 0, 2]) and top[2][1] == pytest.approx(float(expected[2]))
+    assert len(logprobs(adjusted, 1, 4)[1]) == 3, "a masked token is no alternative"

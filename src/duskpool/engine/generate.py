@@ -7,12 +7,16 @@ drives the single-process engine here and a pipeline of nodes in `cluster`.
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from duskpool.engine.sampling import Sampler, SamplingParams
+from duskpool.engine.sampling import Sampler, SamplingParams, logprobs
 from duskpool.engine.tokenizer import Tokenizer
 from duskpool.models import ContextOverflowError
+
+if TYPE_CHECKING:
+    from duskpool.engine.grammar import Grammar
 
 Forward = Callable[[list[int], int], torch.Tensor]  # (token ids, first position) -> logits [vocab]
 
@@ -24,19 +28,48 @@ class GenerationParams:
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)  # stop strings; the model's end tokens always stop
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    logprobs: int | None = None  # None: none; n: each token's log-probability and the n most likely
+    grammar: "Grammar | None" = None  # every token must keep the text within it (structured output)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("top logprobs must be between 0 and 20")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the most likely tokens at its position, under the logits the
+    sampler drew from (after the repetition penalty and the grammar's mask, before temperature and filters)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class Piece(str):
+    """A piece of the answer's text; with `logprobs` asked for, `tokens` holds those of the tokens that
+    produced it (a token whose text is held back, as a possible stop string, comes with a later piece)."""
+
+    tokens: tuple[TokenLogprob, ...]
+
+    def __new__(cls, text: str, tokens: tuple[TokenLogprob, ...] = ()) -> "Piece":
+        piece = super().__new__(cls, text)
+        piece.tokens = tokens
+        return piece
 
 
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    finish_reason: str = ""  # "stop" (end token or stop string) or "length" (max tokens or context)
+    finish_reason: str = ""  # "stop" (end token, stop string or a finished grammar) or "length" (max tokens, context)
+    stop_string: str | None = None  # the stop string that ended it, if one did
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    mask_seconds: float = 0.0  # computing the grammar's masks, over `masks` steps
+    masks: int = 0
 
 
 def check_prompt(prompt: list[int], context_length: int) -> None:
@@ -47,14 +80,21 @@ def check_prompt(prompt: list[int], context_length: int) -> None:
 
 
 def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: GenerationParams,
-             context_length: int, stats: GenerationStats | None = None) -> Iterator[str]:
+             context_length: int, stats: GenerationStats | None = None) -> Iterator[Piece]:
     """Yield the answer's text as it is produced; `stats` is filled in as it goes."""
     stats = stats if stats is not None else GenerationStats()
     check_prompt(prompt, context_length)
     stats.prompt_tokens = len(prompt)
     sampler = Sampler(params.sampling)
+    constraint = params.grammar.constraint() if params.grammar is not None else None
     budget = min(params.max_tokens, context_length - len(prompt))
     text, stream = _StopText(params.stop), tokenizer.stream()
+    pending: list[TokenLogprob] = []  # of tokens whose text has not gone out yet
+
+    def piece(new: str) -> Piece:
+        tokens = tuple(pending)
+        pending.clear()
+        return Piece(new, tokens)
 
     started = time.perf_counter()
     for start in range(0, len(prompt), PREFILL_CHUNK):
@@ -64,28 +104,47 @@ def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: 
     context, generated = list(prompt), []
     started = time.perf_counter()
     stats.finish_reason = "length"
+    stopped = False
     while True:
-        token = sampler(logits, context)
+        allowed = None
+        if constraint is not None:
+            masked = time.perf_counter()
+            allowed = constraint.allowed()
+            stats.mask_seconds += time.perf_counter() - masked
+            stats.masks += 1
+        adjusted = sampler.adjust(logits, context, allowed)
+        token = sampler.draw(adjusted)
         if token in tokenizer.stop_ids:
             stats.finish_reason = "stop"
             break
+        if params.logprobs is not None:
+            pending.append(TokenLogprob(token, *logprobs(adjusted, token, params.logprobs)))
+        if constraint is not None:
+            constraint.advance(token)
         context.append(token)
         generated.append(token)
         stats.generated_tokens = len(generated)
-        piece, stopped = text.feed(stream.feed(token))
-        if piece:
-            yield piece
+        new, stopped = text.feed(stream.feed(token))
+        if new:
+            yield piece(new)
         if stopped:
+            stats.finish_reason, stats.stop_string = "stop", text.hit
+            break
+        if constraint is not None and constraint.finished:  # nothing but the end token could follow
             stats.finish_reason = "stop"
             break
         if len(generated) >= budget:
             break
         logits = forward([token], len(context) - 1)
     stats.decode_seconds = time.perf_counter() - started
-    text.feed(stream.flush())
-    tail = text.flush()
-    if tail:
-        yield tail
+    tail = ""
+    if not stopped:
+        tail, stopped = text.feed(stream.flush())
+        if stopped:
+            stats.finish_reason, stats.stop_string = "stop", text.hit
+    tail += text.flush()
+    if tail or (pending and not stopped):
+        yield piece(tail)
 
 
 class _StopText:
@@ -94,13 +153,14 @@ class _StopText:
     def __init__(self, stop: list[str]):
         self.stop, self.sent = [s for s in stop if s], 0
         self.text = ""
+        self.hit: str | None = None  # the stop string reached
 
     def feed(self, new_text: str) -> tuple[str, bool]:
         """(the text that is now safe to send, whether a stop string was reached)."""
         self.text = text = self.text + new_text
-        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        hits = [(i, s) for s in self.stop if (i := text.find(s, max(0, self.sent - len(s)))) >= 0]
         if hits:
-            end, stopped = min(hits), True
+            (end, self.hit), stopped = min(hits), True
         else:
             end, stopped = len(text), False
             # hold back the longest suffix that could still grow into a stop string

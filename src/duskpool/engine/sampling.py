@@ -34,10 +34,15 @@ class Sampler:
         else:
             self.generator.manual_seed(params.seed)
 
-    def __call__(self, logits: torch.Tensor, context: list[int]) -> int:
+    def __call__(self, logits: torch.Tensor, context: list[int], allowed: torch.Tensor | None = None) -> int:
         # logits: [vocab] of the last position; context: the token ids so far (prompt + generated)
+        return self.draw(self.adjust(logits, context, allowed))
+
+    def adjust(self, logits: torch.Tensor, context: list[int], allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits the draw starts from (and logprobs report): after the repetition penalty and, with
+        `allowed` (bool [n <= vocab], a grammar's mask; tokens past n are not allowed), with every other token
+        at -inf. float64: a temperature, top_p or penalty near 0 (down to 5e-324) must not round to 0."""
         p = self.params
-        # float64: a temperature, top_p or penalty near 0 (down to 5e-324) must not round to 0 as in float32
         logits = logits.double()
         if p.repetition_penalty != 1.0 and context:
             seen = torch.tensor(sorted(set(context)), dtype=torch.int64)
@@ -45,6 +50,15 @@ class Sampler:
             logits = logits.clone()
             logits[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
             logits = logits.nan_to_num()  # an extreme penalty overflows: ±inf to the largest finite values
+        if allowed is not None:
+            keep = torch.zeros(logits.shape[0], dtype=torch.bool)
+            keep[:allowed.shape[0]] = allowed[:logits.shape[0]]
+            logits = logits.masked_fill(~keep, float("-inf"))
+        return logits
+
+    def draw(self, logits: torch.Tensor) -> int:
+        """A token from adjusted logits (float64 [vocab]): the top one, or drawn after temperature and filters."""
+        p = self.params
         if p.temperature == 0:
             return int(logits.argmax())
         # scaled down from the top logit: a tiny temperature sends the others to -inf (never drawn), never to nan
@@ -61,3 +75,11 @@ class Sampler:
         if p.min_p > 0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """(log-probability of `token`, the `top` most likely (token, log-probability)) under adjusted logits."""
+    logp = torch.log_softmax(logits, dim=-1)
+    best = torch.topk(logp, min(top, logp.numel())) if top else None
+    alternatives = zip(best.indices.tolist(), best.values.tolist(), strict=True) if best is not None else ()
+    return float(logp[token]), tuple((t, v) for t, v in alternatives if v > float("-inf"))  # a mask's -inf: none
