@@ -147,7 +147,7 @@ class Gateway(Engine):
         if not node_addresses:
             raise ValueError("a gateway needs at least one node (--node HOST:PORT)")
         file = GGUFFile(model_path)
-        spec = backends.describe_model(file)
+        spec, tokenizer = backends.describe_model(file), load_tokenizer(file)
         context_length = min(context_length or DEFAULT_CONTEXT, spec.context_length)
         model = model_profile(spec)
         config = planner.PlanConfig(sessions=sessions, context=context_length, privacy_prefix=prefix,
@@ -163,6 +163,7 @@ class Gateway(Engine):
             sink = Sink()
             local = all(a.startswith(("127.", "localhost")) for a in node_addresses)
             listen = "127.0.0.1" if local else "0.0.0.0"
+            sink_host = listen if local else local_address_towards(node_addresses[0])  # where nodes reach us
             is_revoked = pool.is_revoked if pool is not None else (lambda fingerprint: False)
             sink_server, port = start_server(sink, listen, 0, identity, is_revoked)
         except BaseException:
@@ -171,8 +172,7 @@ class Gateway(Engine):
             raise
         members = Membership(clients, plan, model, config, weights, on_gone=sink.fail_through, identity=identity,
                              pool=pool, even=even_split, replicas=replicas)
-        sink_host = listen if local else local_address_towards(node_addresses[0])
-        gateway = cls(spec=spec, tokenizer=load_tokenizer(file), context_length=context_length, plan=plan,
+        gateway = cls(spec=spec, tokenizer=tokenizer, context_length=context_length, plan=plan,
                       members=members, weights=weights, prefix_model=prefix_model, suffix_model=suffix_model,
                       sink=sink, sink_server=sink_server, sink_address=f"{sink_host}:{port}", identity=identity,
                       routing=routing)
