@@ -12,7 +12,7 @@ packed little-endian into uint32 words and one scale and one bias per group. The
 | Q8_0  | 8    | d            | -128 d        | exact (code = q + 128)                                        |
 | Q4_K  | 4    | d * sc       | -dmin * m     | codes exact; scale and bias rounded to float16 (see below)   |
 | Q5_K  | 5    | d * sc       | -dmin * m     | codes exact; scale and bias rounded to float16               |
-| Q6_K  | 6    | fp16(max|d * sc| of the group's two 16-value halves) | -32 scale | nearest: re-rounded codes  |
+| Q6_K  | 6    | d * sc of the group's larger half | -32 scale | nearest: the smaller half's codes re-rounded |
 
 Scales and biases are stored as float16 (what keeps a Q4 weight within 1.11x of its file bytes; float32 would
 be 1.33x). d, m and their multiples by 8, 16 or 128 are float16 values, so the legacy formats stay exact;
@@ -139,13 +139,12 @@ def _q6_k(blocks: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     q = (low | (high << 4)).astype(mx.float32).reshape(n, 16, 16) - 32  # q in [-32, 31]
     step = d[:, None] * sub_scales  # [n, 16]
     values = (step[:, :, None] * q).reshape(-1, 32)  # gguf-py's float32 values, a group per row
-    pair = mx.abs(step).reshape(-1, 2)
-    scale = mx.maximum(pair[:, 0], pair[:, 1]).astype(mx.float16).astype(mx.float32)  # the stored scale
-    # the larger half's codes land exactly: -32..31 steps of its scale, or 31..-32 when that scale is negative
-    big = mx.where(pair[:, 0] >= pair[:, 1], step.reshape(-1, 2)[:, 0], step.reshape(-1, 2)[:, 1])
-    zero = mx.where(big < 0, 31, 32)
-    codes = mx.round(values / mx.where(scale == 0, 1, scale)[:, None]) + zero[:, None]
-    return mx.clip(codes, 0, 63).astype(mx.uint8), scale, -zero * scale
+    pair = step.reshape(-1, 2)
+    # the group's scale is its larger half's (sign and all), so that half's codes stay q; the other half rounds
+    scale = mx.where(mx.abs(pair[:, 0]) >= mx.abs(pair[:, 1]), pair[:, 0], pair[:, 1])
+    scale = scale.astype(mx.float16).astype(mx.float32)  # as stored
+    codes = mx.round(values / mx.where(scale == 0, 1, scale)[:, None]) + 32
+    return mx.clip(codes, 0, 63).astype(mx.uint8), scale, -32 * scale
 
 
 def pack(codes: mx.array, bits: int) -> mx.array:
