@@ -125,17 +125,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from duskpool.backends import describe_model
     from duskpool.cluster import planner
     from duskpool.cluster.membership import GATEWAY_PROFILE, NodeClient, model_profile, node_profile
     from duskpool.engine.runner import DEFAULT_CONTEXT
-    from duskpool.models import LlamaConfig
     from duskpool.weights.catalog import resolve_model
     from duskpool.weights.gguf import GGUFFile
 
     if not args.node:
         raise ValueError("give the nodes to plan over with --node HOST:PORT")
     file = GGUFFile(resolve_model(args.model))
-    profile = model_profile(file, LlamaConfig.from_gguf(file.metadata))
+    profile = model_profile(describe_model(file))
     identity, _ = gateway_security(args)
     nodes = [node_profile(NodeClient(a, identity), profile.layer_bytes) for a in args.node]
     config = planner.PlanConfig(context=args.context or DEFAULT_CONTEXT, privacy_prefix=args.privacy_prefix,

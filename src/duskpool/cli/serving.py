@@ -30,11 +30,11 @@ def _messages(args: argparse.Namespace) -> list[dict[str, str]]:
 
 
 def _set_threads(args: argparse.Namespace) -> None:
-    from duskpool.engine.runner import set_threads
+    from duskpool.backends import backend
 
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be >= 1")
-    set_threads(args.threads or min(os.cpu_count() or 1, 8))
+    backend().set_threads(args.threads or min(os.cpu_count() or 1, 8))
 
 
 def _answer(engine, args: argparse.Namespace) -> int:
