@@ -54,7 +54,7 @@ case "${1:-}" in
         exec .venv/bin/duskpool swarm --nodes 3 "${@:-Explain in two sentences why the sky is blue.}"
         ;;
     test)
-        install "[test]"
+        install "[test,mlx]"  # CI tests the MLX backend on mlx[cpu]
         install_chromium
         shift
         .venv/bin/ruff check src tests benchmarks
