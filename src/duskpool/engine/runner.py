@@ -2,15 +2,17 @@
 cluster's gateway is the same interface over a route of nodes."""
 
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from duskpool import backends
-from duskpool.engine.generate import GenerationParams, GenerationStats, check_prompt, generate
+from duskpool.engine.generate import PREFILL_CHUNK, GenerationParams, GenerationStats, Piece, check_prompt, generate
+from duskpool.engine.grammar import Vocabulary
 from duskpool.engine.tokenizer import Tokenizer
-from duskpool.models import ModelSpec, SpanModel
+from duskpool.models import ContextOverflowError, ModelSpec, SpanModel
 from duskpool.weights.gguf import GGUFFile, ModelFileError
 
 DEFAULT_CONTEXT = 4096  # a session's KV cache is sized for this unless the model's own context is shorter
@@ -31,6 +33,18 @@ class Session(Protocol):
         """Free the session's KV caches wherever they are."""
 
 
+class HiddenSession(Session, Protocol):
+    """A session that can also give the final hidden states (what embeddings pool) instead of logits."""
+
+    def final_hidden(self, tokens: list[int], start: int) -> torch.Tensor:
+        """Run tokens at positions start.. through the model; the hidden states [T, dim] after its final norm,
+        before the LM head."""
+
+
+class EmbeddingsUnsupported(NotImplementedError):
+    """The engine's sessions cannot give final hidden states (a gateway over nodes, for now)."""
+
+
 class Engine:
     tokenizer: Tokenizer
     context_length: int
@@ -40,8 +54,13 @@ class Engine:
     def open_session(self, capacity: int) -> Session:
         raise NotImplementedError
 
+    @cached_property
+    def vocabulary(self) -> Vocabulary:
+        """The tokenizer as structured output reads it (built on first use: about a second)."""
+        return Vocabulary(self.tokenizer)
+
     def generate(self, prompt: list[int], params: GenerationParams,
-                 stats: GenerationStats | None = None) -> Iterator[str]:
+                 stats: GenerationStats | None = None) -> Iterator[Piece]:
         """Yield the answer's text; the session is freed when this ends, fails or is closed early."""
         check_prompt(prompt, self.context_length)  # before any cache is allocated
         capacity = min(self.context_length, len(prompt) + params.max_tokens)
@@ -52,9 +71,37 @@ class Engine:
             session.close()
 
     def chat(self, messages: list[dict[str, str]], params: GenerationParams,
-             stats: GenerationStats | None = None) -> Iterator[str]:
+             stats: GenerationStats | None = None) -> Iterator[Piece]:
         prompt = self.tokenizer.encode(self.tokenizer.render_chat(messages), add_special=True)
         return self.generate(prompt, params, stats)
+
+    def embed(self, tokens: list[int]) -> torch.Tensor:
+        """float32 [dim]: the final hidden states (after the model's last norm) averaged over the tokens and
+        scaled to unit length, as llama.cpp's `--embeddings` pools a generative model by default."""
+        if not tokens:
+            raise ValueError("the input is empty")
+        if len(tokens) > self.context_length:
+            raise ContextOverflowError(f"the input has {len(tokens)} tokens; the context holds {self.context_length}")
+        session = self.open_session(len(tokens))
+        try:
+            if not hasattr(session, "final_hidden"):
+                raise EmbeddingsUnsupported("embeddings need the model's final hidden states, which this engine's "
+                                            "sessions do not give (a gateway over nodes cannot yet)")
+            total = torch.zeros(self.spec.dim, dtype=torch.float64)
+            for start in range(0, len(tokens), PREFILL_CHUNK):
+                total += session.final_hidden(tokens[start:start + PREFILL_CHUNK], start).double().sum(0)
+        finally:
+            session.close()
+        return torch.nn.functional.normalize(total / len(tokens), dim=0).float()
+
+
+def final_norm(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's last norm (what its head applies before the output projection), without the projection.
+    A family that names it `final_norm` is asked; otherwise the RMS norm Llama-shaped families hold as
+    `norm` (`SpanModel` has no such method yet: models/ owns that protocol)."""
+    if callable(getattr(model, "final_norm", None)):
+        return model.final_norm(hidden)
+    return model.ops.rms_norm(hidden, model.norm, model.config.norm_eps)
 
 
 class LocalSession:
@@ -64,6 +111,9 @@ class LocalSession:
     def forward(self, tokens: list[int], start: int) -> torch.Tensor:
         hidden = self.model.forward_span(self.model.embed(tokens), self.cache, start)
         return self.model.head(hidden[-1:])[0]
+
+    def final_hidden(self, tokens: list[int], start: int) -> torch.Tensor:
+        return final_norm(self.model, self.model.forward_span(self.model.embed(tokens), self.cache, start))
 
     def close(self) -> None:
         self.cache.clear()
@@ -86,4 +136,5 @@ class LocalEngine(Engine):
         return LocalSession(self.model, capacity)
 
 
-__all__ = ["DEFAULT_CONTEXT", "Engine", "LocalEngine", "LocalSession", "Session"]
+__all__ = ["DEFAULT_CONTEXT", "EmbeddingsUnsupported", "Engine", "HiddenSession", "LocalEngine", "LocalSession",
+           "Session", "final_norm"]
