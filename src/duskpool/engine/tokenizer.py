@@ -289,3 +289,16 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids[self.prefix:], self.skip_special)
         self.prefix = self.read = len(self.ids)
         return text[len(head):]
+
+
+def render_chat_with_tools(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+    """`render_chat` with tool definitions (OpenAI's shape), passed to the template as `tools` as transformers
+    passes them; for the API's tool calling. (A `tools` argument of render_chat would make this go.)"""
+    if tokenizer.chat_template is None:
+        raise NoChatTemplateError("the model has no chat template (a base model): it can only complete raw text")
+
+    def token(i: int | None) -> str:
+        return tokenizer.tokens[i] if i is not None else ""
+
+    return tokenizer._template.render(messages=messages, tools=tools, add_generation_prompt=True,
+                                      bos_token=token(tokenizer.bos_id), eos_token=token(tokenizer.eos_id))
