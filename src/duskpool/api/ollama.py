@@ -1,22 +1,27 @@
-"""Ollama's API: /api/chat, /api/generate (NDJSON streams), /api/tags, /api/ps, /api/show, /api/version,
-with Ollama's field names, defaults and nanosecond timings, so its clients and tools work unchanged."""
+"""Ollama's API: /api/chat, /api/generate (NDJSON streams), /api/embed, /api/embeddings, /api/tags, /api/ps,
+/api/show, /api/version, with Ollama's field names, defaults and nanosecond timings, so its clients and tools
+work unchanged: `format` (JSON or a JSON schema), `tools`, `logprobs`."""
 
 import hashlib
 import json
 import math
-from collections.abc import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from duskpool import __version__
-from duskpool.api.service import Service, collect
-from duskpool.engine.generate import GenerationParams, GenerationStats
+from duskpool.api.service import Service, collect, embedding_list
+from duskpool.api.tools import Answer, CallEnd, CallParser, CallStart, Event, Text, takes_tools, template_call
+from duskpool.engine.generate import GenerationParams, GenerationStats, TokenLogprob
+from duskpool.engine.grammar import Grammar, Vocabulary
 from duskpool.engine.sampling import SamplingParams
 from duskpool.weights.catalog import quant_from_filename
 from duskpool.weights.gguf import GGUFFile
@@ -52,10 +57,35 @@ class Options(BaseModel):
     stop: list[str] | None = None
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: dict[str, Any] = {}
+
+
+class ToolCall(BaseModel):
+    function: ToolCallFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: str = ""
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = "function"
+    function: FunctionDef
 
 
 class Base(BaseModel):
@@ -63,16 +93,39 @@ class Base(BaseModel):
     model: str
     stream: bool = True
     options: Options | None = None
+    format: Literal["", "json"] | dict[str, Any] | None = Field(
+        None, description='"json" for any JSON object, or a JSON schema the answer must meet')
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class ChatRequest(Base):
     messages: list[Message] = []
+    tools: list[ToolDef] | None = None
 
 
 class GenerateRequest(Base):
     prompt: str = ""
     system: str | None = None
     raw: bool = False
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: str | list[str] = Field(..., description="a text or a list of texts")
+    truncate: bool = Field(True, description="cut an input longer than the context (else it is an error)")
+    dimensions: int | None = Field(None, ge=1, description="keep the first n dimensions (scaled to unit length)")
+    options: Options | None = None
+
+
+class EmbeddingsRequest(BaseModel):
+    """The older endpoint: one text, under `prompt`."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    prompt: str = ""
+    options: Options | None = None
 
 
 class ShowRequest(BaseModel):
@@ -85,11 +138,34 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _params(options: Options | None, budget: int) -> GenerationParams:
+def _params(options: Options | None, budget: int, logprobs: int | None = None,
+            grammar: Grammar | None = None) -> GenerationParams:
     o = options or Options()
     sampling = SamplingParams(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, min_p=o.min_p,
                               repetition_penalty=o.repeat_penalty, seed=o.seed)
-    return GenerationParams(max_tokens=budget, stop=list(o.stop or []), sampling=sampling)
+    return GenerationParams(max_tokens=budget, stop=list(o.stop or []), sampling=sampling, logprobs=logprobs,
+                            grammar=grammar)
+
+
+def _format_grammar(form: str | dict | None) -> Callable[[Vocabulary], Grammar] | None:
+    if not form:
+        return None
+    if form == "json":
+        return lambda vocabulary: vocabulary.json_object()
+    return lambda vocabulary: vocabulary.json_schema(form)
+
+
+def _logprobs(vocabulary: Vocabulary, tokens: Iterable[TokenLogprob]) -> list[dict]:
+    """Ollama's `logprobs`: each token's text, log-probability and bytes, and its most likely alternatives."""
+    def entry(token: int, logprob: float) -> dict:
+        raw = vocabulary.token_bytes(token)
+        return {"token": raw.decode(errors="replace"), "logprob": max(logprob, -9999.0), "bytes": list(raw)}
+
+    return [entry(t.token, t.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in tokens]
+
+
+def _tool_call(index: int, name: str, arguments: Any) -> dict:
+    return {"function": {"index": index, "name": name, "arguments": arguments if isinstance(arguments, dict) else {}}}
 
 
 def _timings(stats: GenerationStats, total_s: float) -> dict:
@@ -98,32 +174,75 @@ def _timings(stats: GenerationStats, total_s: float) -> dict:
             "eval_count": stats.generated_tokens, "eval_duration": int(stats.decode_seconds * NS)}
 
 
-async def _respond(request: Request, body: Base, prompt: list[int], wrap) -> Any:
-    """Generate, then answer as one JSON object or NDJSON lines; `wrap(text)` gives a line's payload."""
+async def _respond(request: Request, body: Base, prompt: list[int], wrap: Callable[[str, list[dict]], dict],
+                   parser: CallParser | None = None, build: Callable[[Vocabulary], Grammar] | None = None) -> Any:
+    """Generate, then answer as one JSON object or NDJSON lines; `wrap(text, tool_calls)` gives a line's payload."""
     service: Service = request.app.state.service
     num_predict = body.options.num_predict if body.options else None
     budget = service.budget(prompt, num_predict if num_predict is not None and num_predict >= 0 else None,
                             strict=False)
+    build = build or _format_grammar(body.format)
+    grammar = await service.grammar(build) if build is not None else None
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    vocabulary = await service.vocabulary() if logprobs is not None else None
     stats, started = GenerationStats(), datetime.now(UTC)
-    pieces = await service.start(prompt, _params(body.options, budget), f"ollama {request.url.path}", stats)
+    pieces = await service.start(prompt, _params(body.options, budget, logprobs, grammar),
+                                 f"ollama {request.url.path}", stats)
 
-    def line(text: str, done: bool) -> dict:
+    def line(text: str, calls: list[dict], tokens: Iterable[TokenLogprob], done: bool) -> dict:
         end = _timings(stats, (datetime.now(UTC) - started).total_seconds()) if done else {}
-        return {"model": body.model, "created_at": _now()} | wrap(text) | {"done": done} | end
+        extra = {"logprobs": _logprobs(vocabulary, tokens)} if vocabulary is not None else {}
+        return {"model": body.model, "created_at": _now()} | wrap(text, calls) | extra | {"done": done} | end
+
+    def events(piece: str) -> list[Event]:
+        tokens = getattr(piece, "tokens", ())
+        return parser.feed(piece, tokens) if parser is not None else [Text(piece, tokens)]
 
     if not body.stream:
-        return line(await collect(request, pieces), True)
+        answer = Answer()
+        answer.add(events(await collect(request, pieces)) + (parser.finish() if parser is not None else []))
+        calls = [_tool_call(i, c.name, c.parsed) for i, c in enumerate(answer.calls)]
+        return line(answer.text, calls, answer.tokens, True)
 
-    async def lines() -> AsyncIterator[str]:
+    names: dict[int, str] = {}
+
+    def lines(events: list[Event]) -> Iterable[str]:
+        """A line per text, and one per call once it is complete (Ollama sends each call whole)."""
+        for event in events:
+            if isinstance(event, Text):
+                yield json.dumps(line(event.text, [], event.tokens, False)) + "\n"
+            elif isinstance(event, CallEnd):
+                call = _tool_call(event.index, names[event.index], event.arguments)
+                yield json.dumps(line("", [call], (), False)) + "\n"
+            elif isinstance(event, CallStart):
+                names[event.index] = event.name
+
+    async def stream() -> AsyncIterator[str]:
         try:
             async for piece in pieces:
-                yield json.dumps(line(piece, False)) + "\n"
+                for text in lines(events(piece)):
+                    yield text
+            for text in lines(parser.finish() if parser is not None else []):
+                yield text
         except Exception as e:  # noqa: BLE001 - the status line is long sent: the error goes in the stream
             yield json.dumps({"error": str(e)}) + "\n"
             return
-        yield json.dumps(line("", True)) + "\n"
+        yield json.dumps(line("", [], (), True)) + "\n"
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+
+def _template_messages(messages: list[Message]) -> list[dict]:
+    """Ollama's messages as chat templates read them (a tool result's `tool_name` as `name`)."""
+    flat = []
+    for m in messages:
+        message = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            message["tool_calls"] = [template_call(c.function.name, c.function.arguments) for c in m.tool_calls]
+        if m.tool_name:
+            message["name"] = m.tool_name
+        flat.append(message)
+    return flat
 
 
 @router.post("/chat", responses=GENERATES)
@@ -133,8 +252,14 @@ async def chat(request: Request, body: ChatRequest):
     if not body.messages:  # Ollama loads the model and answers at once
         return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done_reason": "load", "done": True}
-    prompt = service.chat_prompt([m.model_dump() for m in body.messages])
-    return await _respond(request, body, prompt, lambda text: {"message": {"role": "assistant", "content": text}})
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    parser = CallParser(service.tool_format(), new_id=lambda: f"call_{uuid.uuid4().hex[:8]}") if tools else None
+    prompt = service.chat_prompt(_template_messages(body.messages), tools)
+
+    def wrap(text: str, calls: list[dict]) -> dict:
+        return {"message": {"role": "assistant", "content": text} | ({"tool_calls": calls} if calls else {})}
+
+    return await _respond(request, body, prompt, wrap, parser)
 
 
 @router.post("/generate", responses=GENERATES)
@@ -148,7 +273,32 @@ async def generate(request: Request, body: GenerateRequest):
     else:
         system = [{"role": "system", "content": body.system}] if body.system else []
         prompt = service.chat_prompt(system + [{"role": "user", "content": body.prompt}])
-    return await _respond(request, body, prompt, lambda text: {"response": text})
+    return await _respond(request, body, prompt, lambda text, calls: {"response": text})
+
+
+@router.post("/embed")
+async def embed(request: Request, body: EmbedRequest):
+    """The mean-pooled final hidden state of each input, unit length (as `llama.cpp --embeddings`)."""
+    service: Service = request.app.state.service
+    service.check_model(body.model)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    started = time.perf_counter()
+    inputs = [service.embedding_tokens(text, body.truncate) for text in texts]
+    vectors = await service.embed(inputs) if inputs else []
+    return {"model": body.model, "embeddings": [embedding_list(v, body.dimensions) for v in vectors],
+            "total_duration": int((time.perf_counter() - started) * NS), "load_duration": 0,
+            "prompt_eval_count": sum(len(t) for t in inputs)}
+
+
+@router.post("/embeddings")
+async def embeddings(request: Request, body: EmbeddingsRequest):
+    """The older form of /api/embed: one text; an empty one gets an empty embedding (as Ollama answers)."""
+    service: Service = request.app.state.service
+    service.check_model(body.model)
+    if not body.prompt:
+        return {"embedding": []}
+    vectors = await service.embed([service.embedding_tokens(body.prompt, truncate=True)])
+    return {"embedding": embedding_list(vectors[0], None)}
 
 
 @cache
@@ -203,7 +353,8 @@ async def show(request: Request, body: ShowRequest):
     template = GGUFFile(service.model_path).metadata.get("tokenizer.chat_template", "")
     entry = _entry(service)
     return {"modelfile": f"FROM {service.model_path}\n", "parameters": "", "template": template,
-            "details": details, "model_info": info, "capabilities": ["completion"],
+            "details": details, "model_info": info,
+            "capabilities": ["completion"] + (["tools"] if takes_tools(service.engine.tokenizer.chat_template) else []),
             "modified_at": entry["modified_at"]}
 
 

@@ -1,7 +1,8 @@
-"""The gateway's HTTP face: OpenAI and Ollama APIs, the live dashboard at /, Prometheus /metrics.
+"""The gateway's HTTP face: OpenAI, Ollama and Anthropic APIs, the live dashboard at /, Prometheus /metrics.
 
-Errors come in the shape of the API that was called: OpenAI's `{"error": {"message", "type", "code"}}`
-under /v1, Ollama's `{"error": "..."}` elsewhere.
+Errors come in the shape of the API that was called: Anthropic's `{"type": "error", "error": {"type",
+"message"}}` under /v1/messages, OpenAI's `{"error": {"message", "type", "code"}}` elsewhere under /v1,
+Ollama's `{"error": "..."}` elsewhere.
 """
 
 import asyncio
@@ -19,20 +20,25 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 
 from duskpool import __version__
-from duskpool.api import DEFAULT_PORT, ollama, openai
+from duskpool.api import DEFAULT_PORT, anthropic, ollama, openai
 from duskpool.api.service import Overloaded, RequestError, Service
 from duskpool.cluster.gateway import RouteError
+from duskpool.engine.runner import EmbeddingsUnsupported
 from duskpool.models import ContextOverflowError
 
 MAX_BODY_BYTES = 4 * 2**20  # far above any prompt a context holds
 DASHBOARD_PERIOD_S = 1.0
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 
 
 def error_response(request: Request, status: int, message: str, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    if request.url.path.startswith("/v1"):
+    if request.url.path.startswith("/v1/messages"):
+        body = {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+    elif request.url.path.startswith("/v1"):
         body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "code": code,
                           "param": None}}
     else:
@@ -42,7 +48,8 @@ def error_response(request: Request, status: int, message: str, code: str | None
 
 class Gatekeeper:
     """In front of the app (plain ASGI, so that a client's disconnect still reaches the handlers):
-    - with `check_key`, every request but the dashboard page needs `Authorization: Bearer KEY`;
+    - with `check_key`, every request but the dashboard page needs `Authorization: Bearer KEY` (or
+      `x-api-key: KEY`, as Anthropic's clients send it);
     - the whole body is read first, and one over `limit` bytes is refused with 413, whether or not the
       client declared its length;
     - every body is read as JSON, whatever its label."""
@@ -54,6 +61,8 @@ class Gatekeeper:
         if self.check_key is None or request.url.path == "/":
             return True
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if not key and request.headers.get("x-api-key"):
+            scheme, key = "bearer", request.headers["x-api-key"]
         if request.url.path.startswith("/dashboard/") and not key:  # EventSource cannot send headers
             scheme, key = "bearer", request.query_params.get("key", "")
         return scheme.lower() == "bearer" and self.check_key(key.strip())
@@ -62,10 +71,10 @@ class Gatekeeper:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if not self._authorized(Request(scope)):
-            response = error_response(Request(scope), 401, "missing or wrong API key (send Authorization: "
-                                      "Bearer KEY)", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+            response = error_response(Request(scope), 401, "missing or wrong API key (send Authorization: Bearer "
+                                      "KEY, or x-api-key: KEY)", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
-        # `curl -d` and some clients label JSON as a form; both APIs read the body as JSON
+        # `curl -d` and some clients label JSON as a form; the APIs read the body as JSON
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + \
             [(b"content-type", b"application/json")]
         declared = dict(scope["headers"]).get(b"content-length")
@@ -112,6 +121,7 @@ def create_app(service: Service, check_key: Callable[[str], bool] | None = None)
     app.state.service = service
     app.include_router(openai.router)
     app.include_router(ollama.router)
+    app.include_router(anthropic.router)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError):
@@ -129,6 +139,10 @@ def create_app(service: Service, check_key: Callable[[str], bool] | None = None)
     @app.exception_handler(ContextOverflowError)
     async def context_overflow(request: Request, e: ContextOverflowError):
         return error_response(request, 400, str(e), "context_length_exceeded")
+
+    @app.exception_handler(EmbeddingsUnsupported)
+    async def no_embeddings(request: Request, e: EmbeddingsUnsupported):
+        return error_response(request, 501, str(e), "embeddings_unsupported")
 
     @app.exception_handler(ValueError)
     async def bad_value(request: Request, e: ValueError):

@@ -12,17 +12,21 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import prometheus_client as prom
 import psutil
+import torch
 
 from duskpool import __version__
+from duskpool.api.tools import ToolFormat, tool_format
 from duskpool.cluster.gateway import Gateway
-from duskpool.engine.generate import GenerationParams, GenerationStats
+from duskpool.engine.generate import GenerationParams, GenerationStats, Piece
+from duskpool.engine.grammar import Grammar, Vocabulary
 from duskpool.engine.runner import Engine
+from duskpool.engine.tokenizer import render_chat_with_tools
 
 NODE_POLL_S = 2.0  # how often the dashboard's view of the nodes is refreshed
 
@@ -74,6 +78,10 @@ class Metrics:
         self.weight_bytes = prom.Gauge("duskpool_weight_bytes_sent", "weight bytes streamed to nodes", registry=r)
         self.hidden_bytes = prom.Gauge("duskpool_hidden_bytes_sent", "hidden-state bytes sent by the gateway",
                                        registry=r)
+        self.mask_latency = prom.Histogram("duskpool_grammar_mask_seconds",
+                                           "computing a structured-output token mask, per generated token", registry=r,
+                                           buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1))
+        self.embedded = prom.Counter("duskpool_embedded_inputs", "texts embedded", registry=r)
 
 
 @dataclass
@@ -111,6 +119,12 @@ async def _prepend(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator
 def _route_views(gateway: Gateway) -> list[NodeView]:
     """A fresh (not yet polled) view of each stage of the gateway's current route."""
     return [NodeView(s.node_id, s.address, (s.start, s.stop)) for s in gateway.route]
+
+
+def _template_message(message: dict) -> dict:
+    """A message as chat templates read it: text content, and tool calls and results (transformers' keys)."""
+    flat = {"role": message.get("role", "user"), "content": _text(message.get("content"))}
+    return flat | {k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k) is not None}
 
 
 def _text(content) -> str:
@@ -160,16 +174,37 @@ class Service:
             raise RequestError(404, f"model {name!r} not found; this server has {self.model_name!r}",
                                "model_not_found")
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """The chat template applied to messages whose content may be a string or a list of text parts."""
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The chat template applied to messages whose content may be a string or a list of text parts, and
+        to tool definitions (OpenAI's shape) when there are any."""
         if not messages:
             raise RequestError(400, "messages must not be empty", "invalid_request")
-        flat = [{"role": m.get("role", "user"), "content": _text(m.get("content"))} for m in messages]
+        flat = [_template_message(m) for m in messages]
+        if tools:
+            self.tool_format()
+        tokenizer = self.engine.tokenizer
         try:
-            text = self.engine.tokenizer.render_chat(flat)
+            text = render_chat_with_tools(tokenizer, flat, tools) if tools else tokenizer.render_chat(flat)
         except Exception as e:  # noqa: BLE001 - a template may reject an order of roles
             raise RequestError(400, f"the model's chat template rejected the messages: {e}", "invalid_request") from e
         return self.text_prompt(text)
+
+    def tool_format(self) -> ToolFormat:
+        """How the model writes tool calls; a 400 naming it when its template takes no tools (as Ollama says)."""
+        fmt = tool_format(self.engine.tokenizer.chat_template)
+        if fmt is None:
+            raise RequestError(400, f"{self.model_name} does not support tools (its chat template takes none)",
+                               "tools_unsupported")
+        return fmt
+
+    async def vocabulary(self) -> Vocabulary:
+        """The engine's vocabulary for structured output and logprobs; built off the loop the first time."""
+        return await asyncio.to_thread(lambda: self.engine.vocabulary)
+
+    async def grammar(self, build: Callable[[Vocabulary], Grammar]) -> Grammar:
+        """`build(vocabulary)`, off the loop (compiling a large schema takes a while); a bad one is a 400."""
+        vocabulary = await self.vocabulary()
+        return await asyncio.to_thread(build, vocabulary)
 
     def text_prompt(self, text: str) -> list[int]:
         try:
@@ -298,8 +333,43 @@ class Service:
             per_token = stats.decode_seconds / stats.generated_tokens
             for _ in range(stats.generated_tokens):
                 self.metrics.token_latency.observe(per_token)
+        if stats.masks:
+            for _ in range(stats.masks):
+                self.metrics.mask_latency.observe(stats.mask_seconds / stats.masks)
         self.total_tokens += stats.generated_tokens
         self._recent.append((time.monotonic(), stats.generated_tokens))
+
+    # --- embeddings -----------------------------------------------------------------------------
+    def embedding_tokens(self, text: str | list[int], truncate: bool) -> list[int]:
+        """The ids to embed: a text's, or ids given as they are; cut to the context when `truncate`."""
+        if isinstance(text, str):
+            tokens = self.text_prompt(text)
+        else:
+            vocab = self.engine.tokenizer.vocab_size
+            if any(not 0 <= t < vocab for t in text):
+                raise RequestError(400, f"token ids must be in [0, {vocab})", "invalid_request")
+            tokens = list(text)
+        if not tokens:
+            raise RequestError(400, "an input to embed is empty", "invalid_request")
+        context = self.engine.context_length
+        if len(tokens) > context:
+            if not truncate:
+                raise RequestError(400, f"an input has {len(tokens)} tokens; this model's context holds {context}",
+                                   "context_length_exceeded")
+            tokens = tokens[:context]
+        return tokens
+
+    async def embed(self, inputs: list[list[int]]) -> list[torch.Tensor]:
+        """One unit vector per input (the engine's mean-pooled final hidden state), computed in a slot."""
+        await self._admit()
+        try:
+            vectors = await asyncio.to_thread(lambda: [self.engine.embed(tokens) for tokens in inputs])
+        finally:
+            self._slots.release()
+        self.total_requests += 1
+        self.metrics.embedded.inc(len(inputs))
+        self.metrics.prompt_tokens.inc(sum(len(t) for t in inputs))
+        return vectors
 
     # --- the dashboard's picture ----------------------------------------------------------------
     def _initial_nodes(self) -> list[NodeView]:
@@ -393,11 +463,22 @@ class Service:
         self._stop.set()
 
 
-async def collect(request, pieces: AsyncIterator[str], poll_s: float = 0.25) -> str:
-    """The whole answer, for a non-streaming request; a client that hangs up (`request.is_disconnected()`)
-    stops the generation just as a streaming one does."""
-    async def join() -> str:
-        return "".join([piece async for piece in pieces])
+def embedding_list(vector: torch.Tensor, dimensions: int | None) -> list[float]:
+    """A unit vector as a list, cut to its first `dimensions` and scaled back to unit length."""
+    if dimensions is not None:
+        if dimensions > vector.shape[0]:
+            raise RequestError(400, f"dimensions must be at most {vector.shape[0]}, this model's", "invalid_request")
+        vector = vector[:dimensions]
+        vector = vector / vector.norm().clamp_min(1e-12)
+    return vector.tolist()
+
+
+async def collect(request, pieces: AsyncIterator[str], poll_s: float = 0.25) -> Piece:
+    """The whole answer (with its tokens' logprobs, when asked for), for a non-streaming request; a client
+    that hangs up (`request.is_disconnected()`) stops the generation just as a streaming one does."""
+    async def join() -> Piece:
+        parts = [piece async for piece in pieces]
+        return Piece("".join(parts), tuple(t for p in parts for t in getattr(p, "tokens", ())))
 
     task = asyncio.create_task(join())
     try:
