@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from duskpool.models.base import ContextOverflowError, KVCache, ModelSpec, Ops, Span, SpanModel
+from duskpool.models.gemma3 import Gemma3
 from duskpool.models.llama import Llama
+from duskpool.models.qwen2 import Qwen2
+from duskpool.models.qwen3 import Qwen3
 from duskpool.weights.gguf import ModelFileError, PackedTensor
 from duskpool.weights.progress import Progress
 
@@ -24,6 +27,9 @@ def register(architecture: str, family: type[Span]) -> None:
 
 register("llama", Llama)
 register("mistral", Llama)
+register("qwen2", Qwen2)
+register("qwen3", Qwen3)
+register("gemma3", Gemma3)
 
 
 class ModelFile(Protocol):

@@ -47,6 +47,10 @@ class LlamaConfig:
     def attention_scale(self) -> float:
         return 1 / math.sqrt(self.head_dim)
 
+    def layer(self, index: int) -> "LlamaConfig":
+        """The choices of layer `index` (a family whose layers differ, like Gemma 3's, overrides this)."""
+        return self
+
     @classmethod
     def from_gguf(cls, meta: dict[str, Any]) -> "LlamaConfig":
         arch = meta.get("general.architecture")
@@ -72,10 +76,12 @@ class LlamaConfig:
             else get("vocab_size"),
             dim=dim, n_layers=get("block_count"), n_heads=n_heads,
             n_kv_heads=get("attention.head_count_kv", n_heads),
-            head_dim=get("rope.dimension_count", dim // n_heads), ffn_dim=get("feed_forward_length"),
+            head_dim=get("attention.key_length", get("rope.dimension_count", dim // n_heads)),
+            ffn_dim=get("feed_forward_length"),
             norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(get("rope.freq_base", 10000.0)), context_length=get("context_length", 4096),
             rope_linear_factor=factor if scaling == "linear" else 1.0, rope_llama3=llama3,
+            sliding_window=meta.get(f"{arch}.attention.sliding_window") or None,  # when the file says so
         )
 
 
@@ -120,10 +126,12 @@ class MLP:
 
 
 class Block:
+    attention_class = Attention
+
     def __init__(self, config: LlamaConfig, ops: Ops, w: dict[str, PackedTensor]):
         self.ops, self.eps = ops, config.norm_eps
         self.attn_norm, self.ffn_norm = ops.vector(w["attn_norm"]), ops.vector(w["ffn_norm"])
-        self.attention, self.mlp = Attention(config, ops, w), MLP(config, ops, w)
+        self.attention, self.mlp = self.attention_class(config, ops, w), MLP(config, ops, w)
 
     def __call__(self, x: Array, rope: Any, cache: KVCache, layer: int, start: int) -> Array:
         h = x + self.attention(self.ops.rms_norm(x, self.attn_norm, self.eps), rope, cache, layer, start)
@@ -137,22 +145,24 @@ class Llama(Span):
     """
 
     config_class = LlamaConfig
+    block_class = Block
+    block_tensors = BLOCK  # our name for each weight of a block -> its GGUF name
 
     def __init__(self, spec: ModelSpec, config: LlamaConfig, layers: range, w: dict[str, PackedTensor], ops: Ops,
                  embed: bool, head: bool):
         super().__init__(spec, layers, ops, config.n_kv_heads, config.head_dim)
         self.config = config
-        self.blocks = [Block(config, ops, self.block_weights(w, i)) for i in layers]
+        self.blocks = [self.block_class(config.layer(i), ops, self.block_weights(w, i)) for i in layers]
         self.embedding = ops.embedding(w[TOKEN_EMBEDDING]) if embed else None
         self.norm = ops.vector(w[OUTPUT_NORM]) if head else None
         self.output = ops.linear([w[OUTPUT] if OUTPUT in w else w[TOKEN_EMBEDDING]]) if head else None
         factors = w[ROPE_FREQS].data.view(np.float32) if ROPE_FREQS in w else None
         self.rope_freqs = rope_frequencies(config, factors)
 
-    @staticmethod
-    def block_weights(w: dict[str, PackedTensor], layer: int) -> dict[str, PackedTensor]:
+    @classmethod
+    def block_weights(cls, w: dict[str, PackedTensor], layer: int) -> dict[str, PackedTensor]:
         """Our name for each weight of block `layer` (biases, where the file has them, as b*)."""
-        ours = {name: w[f"blk.{layer}.{theirs}.weight"] for name, theirs in BLOCK.items()}
+        ours = {name: w[f"blk.{layer}.{theirs}.weight"] for name, theirs in cls.block_tensors.items()}
         for name in ("q", "k", "v"):
             if f"blk.{layer}.attn_{name}.bias" in w:
                 ours[f"b{name}"] = w[f"blk.{layer}.attn_{name}.bias"]
@@ -162,7 +172,7 @@ class Llama(Span):
     def tensors_for(cls, config: LlamaConfig, layers: range, embed: bool, head: bool,
                     present: Iterable[str]) -> list[str]:
         present = set(present)
-        wanted = [f"blk.{i}.{theirs}.weight" for i in layers for theirs in BLOCK.values()]
+        wanted = [f"blk.{i}.{theirs}.weight" for i in layers for theirs in cls.block_tensors.values()]
         if config.qkv_bias:
             wanted += [f"blk.{i}.attn_{x}.bias" for i in layers for x in "qkv"]
         if embed or (head and OUTPUT not in present):
