@@ -1,0 +1,211 @@
+"""MLX decode speed on Llama-3-shaped GGUFs with random 4-bit weights, against the weight-bytes roofline.
+
+    python benchmarks/mlx_decode.py --shape 8b [--layers N] [--dir /tmp] [--tokens 64]
+
+Writes the model with gguf's writer (Q4_0 matrices, float32 norms; no tokenizer: the steps are fed their own
+greedy tokens), loads it with the MLX backend and times decode steps (embedding, every layer, the head, the
+logits back to the sampler). The roofline is the bytes MLX reads per token (its 4-bit weights and float16
+scales and biases) over the copy bandwidth measured in the same run. Variants, on the same loaded weights:
+
+- `step`: a decode step as a node and the single-process engine run it.
+- `async`: the same with mx.async_eval after each layer's attention (the GPU starts while Python builds the MLP).
+- `matmuls`: only the step's quantized matmuls, chained in one graph: what the kernels alone reach.
+Each prints the Python graph-building time and the time spent waiting for the device.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import duskpool.backends.mlx as mlx_backend  # noqa: E402
+from duskpool.backends import load_span  # noqa: E402
+from duskpool.weights.gguf import GGUFFile  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+SHAPES = {  # Llama-3's configs
+    "8b": dict(dim=4096, layers=32, heads=32, kv_heads=8, ffn=14336, vocab=128256),
+    "70b": dict(dim=8192, layers=80, heads=64, kv_heads=8, ffn=28672, vocab=128256),
+    "tiny": dict(dim=512, layers=4, heads=8, kv_heads=2, ffn=1024, vocab=2048),
+}
+
+
+def write_model(path: Path, dim: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int) -> Path:
+    """A Llama-3-shaped GGUF with random Q4_0 matrices (every matrix a view of one random buffer: the writer
+    holds them all until it writes)."""
+    rng = np.random.default_rng(0)
+    largest = max(vocab, ffn) * max(dim, ffn) // 32 * 18
+    noise = rng.integers(0, 256, largest, dtype=np.uint8)
+    d = np.frombuffer(np.float16(0.004).tobytes(), np.uint8)  # |w| up to 0.03: activations stay finite
+    noise.reshape(-1, 18)[:, :2] = d
+    head_dim = dim // heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(8192)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(500000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+
+    def matrix(name: str, rows: int, cols: int) -> None:
+        w.add_tensor(name, noise[:rows * cols // 32 * 18].reshape(rows, cols // 32 * 18), raw_dtype=Q.Q4_0)
+
+    ones = np.ones(dim, dtype=np.float32)
+    matrix("token_embd.weight", vocab, dim)
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        matrix(f"blk.{i}.attn_q.weight", dim, dim)
+        matrix(f"blk.{i}.attn_k.weight", kv_heads * head_dim, dim)
+        matrix(f"blk.{i}.attn_v.weight", kv_heads * head_dim, dim)
+        matrix(f"blk.{i}.attn_output.weight", dim, dim)
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        matrix(f"blk.{i}.ffn_gate.weight", ffn, dim)
+        matrix(f"blk.{i}.ffn_up.weight", ffn, dim)
+        matrix(f"blk.{i}.ffn_down.weight", dim, ffn)
+    w.add_tensor("output_norm.weight", ones)
+    matrix("output.weight", vocab, dim)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def copy_bandwidth(nbytes: int) -> float:
+    """Bytes per second an elementwise copy moves (read + write) on MLX's device."""
+    a = mx.zeros((nbytes // 2 // 4096, 4096), dtype=mx.float16)
+    mx.eval(a)
+    timings = []
+    for _ in range(6):
+        started = time.perf_counter()
+        b = a + 1  # reads and writes nbytes
+        mx.eval(b)
+        timings.append(time.perf_counter() - started)
+        del b
+    return 2 * nbytes / min(timings[1:])
+
+
+def weight_bytes(model) -> int:
+    """What MLX reads per decode step: every layer's matrices and the head (one embedding row: nothing)."""
+    total = sum(linear.nbytes for block in model.blocks
+                for linear in (block.attention.wqkv, block.attention.wo, block.mlp.w_gate_up, block.mlp.w_down))
+    return total + model.output.nbytes
+
+
+def decode(model, tokens: int, prompt_tokens: int = 8) -> dict:
+    cache = model.new_cache(prompt_tokens + tokens + 1)
+    token = int(np.argmax(model.head(model.forward_span(model.embed(list(range(1, prompt_tokens + 1))), cache, 0))
+                          [-1].numpy()))
+    build, wait, total = [], [], []
+    for position in range(prompt_tokens, prompt_tokens + tokens):
+        started = time.perf_counter()
+        hidden = model.forward_span(model.embed([token]), cache, position)
+        out = model.output(model.ops.rms_norm(hidden, model.norm, model.config.norm_eps))
+        built = time.perf_counter()
+        logits = model.ops.logits(out)
+        done = time.perf_counter()
+        token = int(logits[-1].argmax())
+        build.append(built - started)
+        wait.append(done - built)
+        total.append(done - started)
+    return {"ms_per_token": 1000 * statistics.median(total), "build_ms": 1000 * statistics.median(build),
+            "wait_ms": 1000 * statistics.median(wait)}
+
+
+def matmuls_only(model, tokens: int) -> dict:
+    """The step's quantized matmuls alone, chained (each input from the last output) in one graph."""
+    dim = model.spec.dim
+    x = mx.random.normal((1, dim)).astype(mx.float16) * 0.1
+
+    def step(x: mx.array) -> mx.array:
+        for block in model.blocks:
+            a = block.attention.wqkv(x)[:, :dim]
+            x = block.attention.wo(a)
+            g = block.mlp.w_gate_up(x)
+            x = block.mlp.w_down(g[:, :g.shape[1] // 2]) * 0.1
+        return model.output(x)
+
+    mx.eval(step(x))
+    timings = []
+    for _ in range(tokens):
+        started = time.perf_counter()
+        mx.eval(step(x))
+        timings.append(time.perf_counter() - started)
+    return {"ms_per_token": 1000 * statistics.median(timings)}
+
+
+def with_async_attention():
+    """Patch the backend's attention to start the layer so far on the device as soon as it is built."""
+    plain = mlx_backend.attention
+
+    def attention(*args, **kwargs):
+        out = plain(*args, **kwargs)
+        mx.async_eval(out)
+        return out
+
+    mlx_backend.attention = attention
+    return lambda: setattr(mlx_backend, "attention", plain)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="8b")
+    parser.add_argument("--layers", type=int, help="fewer layers than the shape's (same layer size)")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp"))
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    shape = dict(SHAPES[args.shape], **({"layers": args.layers} if args.layers else {}))
+    path = args.dir / f"llama3-{args.shape}-{shape['layers']}l-q4_0.gguf"
+    report: dict = {"shape": args.shape, **shape, "device": mlx_backend.device(), "mlx": mx.__version__}
+    if not path.exists():
+        started = time.perf_counter()
+        write_model(path, **shape)
+        report["write_s"] = time.perf_counter() - started
+    report["file_bytes"] = path.stat().st_size
+    report["copy_GBps"] = copy_bandwidth(4 << 30 if mlx_backend.available() else 256 << 20) / 1e9
+    print(json.dumps(report), flush=True)
+
+    mx.reset_peak_memory()
+    started = time.perf_counter()
+    model = load_span(GGUFFile(path), backend_name="mlx")
+    report["load_s"] = time.perf_counter() - started
+    report["active_bytes"], report["peak_bytes"] = mx.get_active_memory(), mx.get_peak_memory()
+    nbytes = weight_bytes(model)
+    report["weight_bytes_per_token"] = nbytes
+    roofline = report["copy_GBps"] * 1e9 / nbytes
+    report["roofline_tok_s"] = roofline
+    print(json.dumps(report), flush=True)
+
+    variants = {}
+    decode(model, 4)  # warm-up: kernels compiled, graphs cached
+    variants["step"] = decode(model, args.tokens)
+    restore = with_async_attention()
+    decode(model, 4)
+    variants["async"] = decode(model, args.tokens)
+    restore()
+    variants["matmuls"] = matmuls_only(model, args.tokens)
+    for name, figures in variants.items():
+        figures["tok_s"] = 1000 / figures["ms_per_token"]
+        figures["of_roofline"] = figures["tok_s"] / roofline
+        print(f"{name:8s} " + " ".join(f"{k}={v:.3f}" for k, v in figures.items()), flush=True)
+    report["variants"] = variants
+    print(json.dumps(report), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
