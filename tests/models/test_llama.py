@@ -11,7 +11,8 @@ from duskpool.models import ContextOverflowError
 from duskpool.weights.gguf import GGUFFile
 from tests.conftest import Q
 
-ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+             Q.IQ4_NL, Q.IQ4_XS]
 
 
 def reference_model(path: Path):

@@ -50,7 +50,7 @@ def test_matmul_and_rows_match_gguf(qtype, threads):
     assert torch.equal(w.dequantize(), torch.from_numpy(reference).float())
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.F32], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.IQ4_NL, Q.F32], ids=lambda q: q.name)
 def test_kernel_path_for_every_small_m(qtype, threads):
     # M below GEMM_MIN_ROWS goes through dp_matmul (tiles of 4 weight rows x 1 row of x, 2 x 2 or
     # 1 x 4, and a tail of single rows), with odd sizes

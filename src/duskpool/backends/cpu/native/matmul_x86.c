@@ -1,8 +1,9 @@
 // The AVX2/FMA kernels of dp_matmul, built where the compiler targets both (-march=native on such a
 // CPU). For the few rows of a decode step each weight row is read once and dotted with every row of
-// x block by block: d * sum(q * x) (+ m * sum(x) for the types with a min, with sum(x) per 32 taken
-// once per call by matmul.c). Q4_0, Q4_1 and Q8_0 have tile kernels (several weight rows at once),
-// the other types row kernels; F16 needs F16C. The lookups at the end are what matmul.c calls.
+// x block by block: d * sum(q * x) (+ m * sum(x) for the types with a min, with sum(x) per 32 values,
+// 16 for Q2_K, taken once per call by matmul.c). Q4_0, Q4_1, Q8_0 and IQ4_NL have tile kernels (several
+// weight rows at once), the other types row kernels; F16 needs F16C. The lookups at the end are what
+// matmul.c calls.
 #include "native.h"
 
 #ifdef DP_AVX2
@@ -273,6 +274,169 @@ DP_INLINE void q6_k_rows(const uint8_t *w, int64_t K, const float *x, const floa
     ACC_OUT
 }
 
+// Q2_K and Q3_K: in each half of 128 values, value 32 j + l (l < 32) has its two low bits at bit 2j
+// of the half's qs[l], and the 32 form sub-blocks 2j and 2j + 1 of 16 values (each its own scale).
+// lo_bits: the 8 bytes qs[8k .. 8k + 7] of a half as int32 lanes. ds: the 16 sub-block scales as floats.
+DP_INLINE __m256 low2(const __m256i lo_bits, const int j) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(lo_bits, 2 * j), _mm256_set1_epi32(3)));
+}
+
+// acc += ds[is] * (q0, q1) . x[0 .. 15] + ds[is + 1] * (q2, q3) . x[16 .. 31], for the 32 values at x
+DP_INLINE void two_subblocks(__m256 q0, __m256 q1, __m256 q2, __m256 q3, const float *ds, const int is,
+                             __m256 *restrict acc, const float *x, int64_t K, const int MB) {
+    const __m256 da = _mm256_broadcast_ss(ds + is), db = _mm256_broadcast_ss(ds + is + 1);
+    for (int m = 0; m < MB; m++) {
+        const float *xq = x + m * K;
+        __m256 s0 = FMA(q1, ld(xq + 8), _mm256_mul_ps(q0, ld(xq)));
+        __m256 s1 = FMA(q3, ld(xq + 24), _mm256_mul_ps(q2, ld(xq + 16)));
+        acc[m] = FMA(s1, db, FMA(s0, da, acc[m]));
+    }
+}
+
+// The 16 bytes of v as two vectors of 8 floats (is_signed: the bytes are int8)
+DP_INLINE void bytes16(const __m128i v, __m256 *lo, __m256 *hi, const int is_signed) {
+    const __m128i v8 = _mm_unpackhi_epi64(v, v);
+    *lo = _mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v));
+    *hi = _mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(v8) : _mm256_cvtepu8_epi32(v8));
+}
+
+// Q2_K: scales[16] (4-bit scale, 4-bit min above it), qs[64], d, dmin: d * sc * q - dmin * mn per
+// sub-block of 16. The mins' part, dmin * sum_s mn_s * (sum of x over sub-block s), takes the sums
+// of x per 16 from matmul.c and goes into the same accumulator.
+DP_INLINE void q2_k_rows(const uint8_t *w, int64_t K, const float *x, const float *sx, float *out, const int MB) {
+    ACC_DECL
+    float ds[16];
+    for (int64_t sb = 0; sb < K / 256; sb++, w += 84) {
+        const __m128 dm = half2(w + 80);
+        const __m256 d = _mm256_broadcastss_ps(dm), dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+        const __m128i sc = _mm_loadu_si128((const __m128i *)w), nib = _mm_set1_epi8(15);
+        __m256 s0, s1, mn0, mn1;
+        bytes16(_mm_and_si128(sc, nib), &s0, &s1, 0);
+        bytes16(_mm_and_si128(_mm_srli_epi16(sc, 4), nib), &mn0, &mn1, 0);
+        _mm256_storeu_ps(ds, _mm256_mul_ps(d, s0));
+        _mm256_storeu_ps(ds + 8, _mm256_mul_ps(d, s1));
+        mn0 = _mm256_mul_ps(dmin, mn0), mn1 = _mm256_mul_ps(dmin, mn1);
+        for (int m = 0; m < MB; m++) {
+            const float *s = sx + m * (K / 16) + sb * 16;
+            acc1[m] = _mm256_fnmadd_ps(mn1, ld(s + 8), _mm256_fnmadd_ps(mn0, ld(s), acc1[m]));
+        }
+        for (int half = 0; half < 2; half++) {
+            const uint8_t *q = w + 16 + 32 * half;
+            const __m256i r0 = u8x8(q), r1 = u8x8(q + 8), r2 = u8x8(q + 16), r3 = u8x8(q + 24);
+            const float *xh = x + sb * 256 + 128 * half;
+            two_subblocks(low2(r0, 0), low2(r1, 0), low2(r2, 0), low2(r3, 0), ds, 8 * half + 0, acc0, xh, K, MB);
+            two_subblocks(low2(r0, 1), low2(r1, 1), low2(r2, 1), low2(r3, 1), ds, 8 * half + 2, acc1, xh + 32, K, MB);
+            two_subblocks(low2(r0, 2), low2(r1, 2), low2(r2, 2), low2(r3, 2), ds, 8 * half + 4, acc0, xh + 64, K, MB);
+            two_subblocks(low2(r0, 3), low2(r1, 3), low2(r2, 3), low2(r3, 3), ds, 8 * half + 6, acc1, xh + 96, K, MB);
+        }
+    }
+    ACC_OUT
+}
+
+// The 32 bytes of v (int8) as four vectors of 8 floats
+DP_INLINE void bytes32(const __m256i v, __m256 *q0, __m256 *q1, __m256 *q2, __m256 *q3) {
+    bytes16(_mm256_castsi256_si128(v), q0, q1, 1);
+    bytes16(_mm256_extracti128_si256(v, 1), q2, q3, 1);
+}
+
+// Q3_K: hmask[32], qs[64], scales[12], d: d * (sc - 32) * (q - 4) per sub-block of 16, where q's
+// two low bits are as Q2_K's and its third is bit 4 half + j of hmask[l]. The 3-bit codes of 32
+// values are put together in bytes (shifts of 16-bit lanes, masked per byte), then widened.
+DP_INLINE void q3_k_pair(const __m256i qs, const __m256i hm, const int half, const int j, const float *ds,
+                         __m256 *restrict acc, const float *x, int64_t K, const int MB) {
+    const int bit = 4 * half + j;  // moved to bit 2
+    const __m256i h = bit >= 2 ? _mm256_srli_epi16(hm, bit - 2) : _mm256_slli_epi16(hm, 2 - bit);
+    const __m256i q = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qs, 2 * j), _mm256_set1_epi8(3)),
+                                      _mm256_and_si256(h, _mm256_set1_epi8(4)));
+    __m256 q0, q1, q2, q3;
+    bytes32(_mm256_sub_epi8(q, _mm256_set1_epi8(4)), &q0, &q1, &q2, &q3);
+    two_subblocks(q0, q1, q2, q3, ds, 8 * half + 2 * j, acc, x + 128 * half + 32 * j, K, MB);
+}
+
+DP_INLINE void q3_k_rows(const uint8_t *w, int64_t K, const float *x, const float *sx, float *out, const int MB) {
+    (void)sx;
+    ACC_DECL
+    float ds[16];
+    for (int64_t sb = 0; sb < K / 256; sb++, w += 110) {
+        uint8_t sc[16];
+        scales_q3_k(w + 96, sc);
+        const __m256 d = _mm256_set1_ps(f16(w + 108));
+        __m256 s0, s1;
+        bytes16(_mm_sub_epi8(_mm_loadu_si128((const __m128i *)sc), _mm_set1_epi8(32)), &s0, &s1, 1);
+        _mm256_storeu_ps(ds, _mm256_mul_ps(d, s0));
+        _mm256_storeu_ps(ds + 8, _mm256_mul_ps(d, s1));
+        const __m256i hm = _mm256_loadu_si256((const __m256i *)w);
+        const float *xs = x + sb * 256;
+        for (int half = 0; half < 2; half++) {
+            const __m256i qs = _mm256_loadu_si256((const __m256i *)(w + 32 + 32 * half));
+            q3_k_pair(qs, hm, half, 0, ds, acc0, xs, K, MB);
+            q3_k_pair(qs, hm, half, 1, ds, acc1, xs, K, MB);
+            q3_k_pair(qs, hm, half, 2, ds, acc0, xs, K, MB);
+            q3_k_pair(qs, hm, half, 3, ds, acc1, xs, K, MB);
+        }
+    }
+    ACC_OUT
+}
+
+// IQ4_NL and IQ4_XS: 32 values from 16 bytes of 4-bit codes (low nibbles the first 16, high the
+// next), each code looked up in iq4_values with one byte shuffle per 16
+DP_INLINE void iq4_vecs(const uint8_t *qs, __m256 *q0, __m256 *q1, __m256 *q2, __m256 *q3) {
+    const __m128i table = _mm_loadu_si128((const __m128i *)iq4_values), nib = _mm_set1_epi8(15);
+    const __m128i b = _mm_loadu_si128((const __m128i *)qs);
+    bytes16(_mm_shuffle_epi8(table, _mm_and_si128(b, nib)), q0, q1, 1);
+    bytes16(_mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(b, 4), nib)), q2, q3, 1);
+}
+
+// IQ4_NL: d, qs[16] per block of 32: d * iq4_values[code]. A tile, as Q8_0.
+DP_INLINE void iq4_nl_tile(const uint8_t *w, int64_t rb, int64_t K, const float *x, const float *sx, float *out,
+                           const int R, const int MB) {
+    (void)sx;
+    const int64_t nb = K / 32;
+    __m256 acc[4];
+    for (int i = 0; i < R * MB; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        prefetch_ahead(w + b * R * 18, R * rb, R * 18);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = w + r * rb + b * 18;
+            __m256 q0, q1, q2, q3;
+            iq4_vecs(blk + 2, &q0, &q1, &q2, &q3);
+            const __m256 d = _mm256_broadcastss_ps(half2(blk));
+            for (int m = 0; m < MB; m++) acc[r * MB + m] = FMA(dot32(q0, q1, q2, q3, x + m * K + b * 32), d, acc[r * MB + m]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) out[r * MAX_MB + m] = hsum8(acc[r * MB + m]);
+}
+
+// IQ4_XS: d, scales_h, scales_l[4], qs[128]: IQ4_NL's codes in 8 sub-blocks of 32, each scaled by
+// d * (its 6-bit scale - 32); the 8 scales are unpacked together (scale_iq4_xs for one)
+DP_INLINE void iq4_xs_sub(const uint8_t *w, int64_t sb, const int ib, const float *dl, ACC_ARGS, const float *x, int64_t K, const int MB) {
+    (void)macc;
+    __m256 q0, q1, q2, q3;
+    iq4_vecs(w + 8 + 16 * ib, &q0, &q1, &q2, &q3);
+    const __m256 d = _mm256_broadcast_ss(dl + ib);
+    for (int m = 0; m < MB; m++) acc[m] = FMA(dot32(q0, q1, q2, q3, x + m * K + sb * 256 + 32 * ib), d, acc[m]);
+}
+
+DP_INLINE void iq4_xs_rows(const uint8_t *w, int64_t K, const float *x, const float *sx, float *out, const int MB) {
+    (void)sx;
+    ACC_DECL
+    float dl[8];
+    const __m256i lo_shift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), hi_shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    for (int64_t sb = 0; sb < K / 256; sb++, w += 136) {
+        int32_t lo; uint16_t hi; memcpy(&lo, w + 4, 4); memcpy(&hi, w + 2, 2);
+        const __m256i l = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(lo), lo_shift), _mm256_set1_epi32(15));
+        const __m256i h = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(hi), hi_shift), _mm256_set1_epi32(3));
+        const __m256i ls = _mm256_sub_epi32(_mm256_or_si256(l, _mm256_slli_epi32(h, 4)), _mm256_set1_epi32(32));
+        _mm256_storeu_ps(dl, _mm256_mul_ps(_mm256_set1_ps(f16(w)), _mm256_cvtepi32_ps(ls)));
+        for (int ib = 0; ib < 8; ib += 2) {
+            iq4_xs_sub(w, sb, ib, dl, acc0, macc0, x, K, MB);
+            iq4_xs_sub(w, sb, ib + 1, dl, acc1, macc1, x, K, MB);
+        }
+    }
+    ACC_OUT
+}
+
 // F32, F16 (with F16C), BF16: 32 values at a time, then the tail
 DP_INLINE __m256 float8(const uint8_t *p, const int type) {
     if (type == F32) return _mm256_loadu_ps((const float *)p);
@@ -332,11 +496,15 @@ DP_INLINE void float_rows(const uint8_t *w, int64_t K, const float *x, const flo
 TILE_KERNEL(tile_q4_0, q4_tile(w, rb, K, x, sx, out, RC, MBC, 0))
 TILE_KERNEL(tile_q4_1, q4_tile(w, rb, K, x, sx, out, RC, MBC, 1))
 TILE_KERNEL(tile_q8_0, q8_0_tile(w, rb, K, x, sx, out, RC, MBC))
+TILE_KERNEL(tile_iq4_nl, iq4_nl_tile(w, rb, K, x, sx, out, RC, MBC))
 ROW_KERNEL(rows_q5_0, q5_rows(w, K, x, sx, out, MBC, 0))
 ROW_KERNEL(rows_q5_1, q5_rows(w, K, x, sx, out, MBC, 1))
+ROW_KERNEL(rows_q2_k, q2_k_rows(w, K, x, sx, out, MBC))
+ROW_KERNEL(rows_q3_k, q3_k_rows(w, K, x, sx, out, MBC))
 ROW_KERNEL(rows_q4_k, q4_k_rows(w, K, x, sx, out, MBC))
 ROW_KERNEL(rows_q5_k, q5_k_rows(w, K, x, sx, out, MBC))
 ROW_KERNEL(rows_q6_k, q6_k_rows(w, K, x, sx, out, MBC))
+ROW_KERNEL(rows_iq4_xs, iq4_xs_rows(w, K, x, sx, out, MBC))
 ROW_KERNEL(rows_f32, float_rows(w, K, x, sx, out, MBC, F32))
 ROW_KERNEL(rows_bf16, float_rows(w, K, x, sx, out, MBC, BF16))
 #ifdef __F16C__
@@ -348,6 +516,7 @@ tile_kernel tiled_kernel(int type) {
     case Q4_0: return tile_q4_0;
     case Q4_1: return tile_q4_1;
     case Q8_0: return tile_q8_0;
+    case IQ4_NL: return tile_iq4_nl;
     default: return NULL;
     }
 }
@@ -356,9 +525,12 @@ row_kernel row_kernel_for(int type) {
     switch (type) {
     case Q5_0: return rows_q5_0;
     case Q5_1: return rows_q5_1;
+    case Q2_K: return rows_q2_k;
+    case Q3_K: return rows_q3_k;
     case Q4_K: return rows_q4_k;
     case Q5_K: return rows_q5_k;
     case Q6_K: return rows_q6_k;
+    case IQ4_XS: return rows_iq4_xs;
     case F32: return rows_f32;
     case BF16: return rows_bf16;
 #ifdef __F16C__
