@@ -10,7 +10,8 @@ DEFAULT_NODE_PORT = 7471
 
 def _add_state_dir_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", default=None, metavar="DIR",
-                        help="the pool's state: CA, members, tokens (default: $DUSKPOOL_HOME/pool, ~/.duskpool/pool)")
+                        help="the pool's state: CA, members, tokens (default: $DUSKPOOL_HOME/pool, else pool/ in the "
+                             "state directory: ~/.local/state/duskpool; on macOS ~/Library/Application Support)")
 
 
 def _add_security_flags(parser: argparse.ArgumentParser) -> None:
@@ -154,14 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--port", type=int, default=DEFAULT_NODE_PORT,
                       help=f"port to listen on; 0 picks a free one (default: {DEFAULT_NODE_PORT})")
     node.add_argument("--cache-dir", default=None, help="where received weights are kept "
-                      "(default: ~/.cache/duskpool/node)")
+                      "(default: node/ in the cache directory: ~/.cache/duskpool, on macOS ~/Library/Caches/duskpool)")
     node.add_argument("--memory-limit", default=None, metavar="SIZE",
                       help="most memory to lend, e.g. 8G or 512M (default: what is free)")
     node.add_argument("--no-announce", action="store_true", help="do not announce this node by mDNS")
     node.add_argument("--join", default=None, metavar="TOKEN@HOST:PORT",
                       help="join the pool of the gateway at HOST:PORT with a token from its `duskpool token`")
     node.add_argument("--identity", default=None, metavar="DIR",
-                      help="this node's certificate and key (default: $DUSKPOOL_HOME/node, ~/.duskpool/node)")
+                      help="this node's certificate and key "
+                           "(default: $DUSKPOOL_HOME/node, else node/ in the state directory)")
     node.add_argument("--insecure", action="store_true",
                       help="plaintext, unauthenticated links (debugging only)")
     lend = node.add_argument_group("lending (when this machine serves the pool)")

@@ -2,7 +2,6 @@
 commands share with them: where the pool's state is, and the gateway's identity in it."""
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,9 @@ INSECURE_WARNING = ("duskpool: WARNING: --insecure: links between machines are p
 
 def home() -> Path:
     """Where duskpool keeps its state: the pool's CA and members (gateway), the node's identity."""
-    return Path(os.environ.get("DUSKPOOL_HOME") or Path.home() / ".duskpool").expanduser()
+    from duskpool import paths
+
+    return paths.state_dir()
 
 
 def state_dir(args: argparse.Namespace) -> Path:

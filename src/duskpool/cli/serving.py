@@ -31,10 +31,11 @@ def _messages(args: argparse.Namespace) -> list[dict[str, str]]:
 
 def _set_threads(args: argparse.Namespace) -> None:
     from duskpool.backends import backend
+    from duskpool.idle import performance_cores
 
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be >= 1")
-    backend().set_threads(args.threads or min(os.cpu_count() or 1, 8))
+    backend().set_threads(args.threads or min(performance_cores(), 8))  # efficiency cores slow every step down
 
 
 def _answer(engine, args: argparse.Namespace) -> int:

@@ -17,14 +17,14 @@ from typing import IO, Any
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from duskpool import paths
 from duskpool.weights.gguf import GGUFFile, ModelFileError, PackedTensor, TensorInfo
 
 HASH_CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "duskpool"
+    return paths.cache_dir()
 
 
 def config_metadata(file: GGUFFile) -> dict[str, Any]:

@@ -16,6 +16,8 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+from duskpool import paths
+
 SOURCES = sorted(Path(__file__).parent.glob("*.c"))  # compiled together into one library
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math", "-fno-math-errno",
@@ -23,8 +25,7 @@ FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-signed-zeros", "-fa
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "duskpool" / "kernels"
+    return paths.cache_dir() / "kernels"
 
 
 def _compile(sources: list[Path], target: Path) -> bool:
