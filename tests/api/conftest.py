@@ -1,10 +1,14 @@
-"""A live HTTP server (real uvicorn, real sockets) on a 3-node local swarm, shared by the API tests."""
+"""A live HTTP server (real uvicorn, real sockets) on a 3-node local swarm, shared by the API tests; and a
+tiny random-weight model whose chat template takes tools, served in-process."""
 
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import uvicorn
 
@@ -12,7 +16,11 @@ from duskpool.api.server import create_app
 from duskpool.api.service import Service
 from duskpool.cluster.gateway import Gateway
 from duskpool.cluster.swarm import LocalSwarm
+from duskpool.engine.runner import LocalEngine
 from duskpool.weights.catalog import BUNDLED_NAME
+from tests.conftest import write_tiny_llama
+
+TOOL_MODEL = "tiny-tools"
 
 
 @contextmanager
@@ -59,3 +67,69 @@ def service(gateway, bundled_model):
 def base_url(service):
     with live_server(service) as url:
         yield url
+
+
+# --- a tiny random-weight model whose chat template takes tools --------------------------------------
+# Qwen 2.5's template (tools in the system turn, calls in <tool_call> tags, results in <tool_response> tags),
+# its default system prompt shortened.
+TOOL_TEMPLATE = (Path(__file__).parent / "qwen2.5-tools.jinja").read_text()
+CONTROL, USER_DEFINED = 3, 4
+SPECIAL = [("<|endoftext|>", CONTROL), ("<|im_start|>", CONTROL), ("<|im_end|>", CONTROL),
+           ("<tool_call>", USER_DEFINED), ("</tool_call>", USER_DEFINED),
+           ("<tool_response>", USER_DEFINED), ("</tool_response>", USER_DEFINED)]
+
+
+def byte_vocabulary() -> list[str]:
+    """The 256 single bytes, spelled in GPT-2's byte alphabet (a byte-level BPE with no merges)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def write_tiny_chat_llama(path: Path, template: str | None = TOOL_TEMPLATE, seed: int = 0) -> Path:
+    """A random-weight tiny Llama (float32) with a byte-level vocabulary, ChatML's control tokens and, when
+    given, a chat template: a real model file, only its words are noise."""
+    tokens = byte_vocabulary() + [t for t, _ in SPECIAL]
+    types = [1] * 256 + [k for _, k in SPECIAL]
+    bare = write_tiny_llama(path.with_suffix(".bare.gguf"), gguf.GGMLQuantizationType.F32, layers=2, dim=64,
+                            heads=4, kv_heads=2, ffn=128, vocab=len(tokens), seed=seed)
+    reader = gguf.GGUFReader(bare)
+    writer = gguf.GGUFWriter(str(path), reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if not field.name.startswith("GGUF.") and field.name not in ("general.architecture", "llama.context_length"):
+            writer.add_key_value(field.name, field.contents(), field.types[0],
+                                 field.types[-1] if len(field.types) > 1 else None)
+    writer.add_context_length(2048)  # a byte per token: a prompt with tools is ~500 tokens
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(tokens.index("<|endoftext|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_add_bos_token(False)
+    if template is not None:
+        writer.add_chat_template(template)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    bare.unlink()
+    return path
+
+
+@pytest.fixture(scope="package")
+def tool_model(tmp_path_factory) -> Path:
+    return write_tiny_chat_llama(tmp_path_factory.mktemp("tiny-tools") / "tiny-tools.gguf")
+
+
+@pytest.fixture(scope="package")
+def tool_engine(tool_model) -> LocalEngine:
+    return LocalEngine.load(tool_model)
+
+
+@pytest.fixture(scope="package")
+def tool_url(tool_engine, tool_model) -> Iterator[str]:
+    service = Service(tool_engine, TOOL_MODEL, tool_model)
+    with live_server(service) as url:
+        yield url
+    service.close()

@@ -24,7 +24,7 @@ import jinja2.meta
 from jinja2.ext import loopcontrols
 
 from duskpool.engine.generate import TokenLogprob
-from duskpool.engine.grammar import Grammar, Vocabulary
+from duskpool.engine.grammar import JSON_OPTIONS, Grammar, Vocabulary
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,12 @@ def call_grammar(vocabulary: Vocabulary, fmt: ToolFormat, tools: list[dict]) -> 
                 "required": ["name", fmt.arguments], "additionalProperties": False}
 
     schemas = [one(t) for t in tools]
-    schema = json.dumps(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
+    schema = json.dumps((schemas[0] if len(schemas) == 1 else {"anyOf": schemas}) | {"x-guidance": JSON_OPTIONS})
     if fmt is TAGGED:
-        body = f'"{fmt.open}\\n" %json {schema} "\\n{fmt.close}"'
+        body = f'{vocabulary.literal(fmt.open)} "\\n" %json {schema} "\\n" {vocabulary.literal(fmt.close)}'
     elif fmt is MISTRAL:
-        body = f'"[" %json {schema} "]"'
+        marker = vocabulary.literal("[TOOL_CALLS]")
+        body = (marker if marker.startswith("<[") else "") + f' "[" %json {schema} "]"'
     else:
         body = f"%json {schema}"
     return vocabulary.lark(f"start: {body}\n")

@@ -5,6 +5,7 @@ llguidance (what llama.cpp and vLLM use) computes the masks, from our own tokeni
 the gateway, so the pipeline of nodes never knows a request was constrained.
 """
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,14 @@ class Vocabulary:
         if self.ll.is_special_token(token):
             return self.tokenizer.tokens[token].encode()
         return self.ll.decode_bytes([token])
+
+    def literal(self, text: str) -> str:
+        """`text` as a Lark grammar writes it: a token llguidance counts as special (a control token, or one
+        shaped like one, as `<tool_call>`) by its id, since the model writes it as that token; else a string."""
+        ids = self.tokenizer.encode(text, add_special=False)
+        if len(ids) == 1 and self.ll.is_special_token(ids[0]):
+            return f"<[{ids[0]}]>"
+        return json.dumps(text)
 
     def grammar(self, source: str, what: str) -> "Grammar":
         """`source`: a grammar in llguidance's form (from `LLMatcher.grammar_from_*`); `what` names it in errors."""
