@@ -146,6 +146,19 @@ def matmuls_only(model, tokens: int) -> dict:
     return {"ms_per_token": 1000 * statistics.median(timings)}
 
 
+def check(model, path: Path) -> dict:
+    """The logits of one prefill on MLX against the CPU backend's on the same file."""
+    tokens = list(range(1, 9))
+    ours = model.head(model.forward_span(model.embed(tokens), model.new_cache(8), 0))
+    cpu = load_span(GGUFFile(path), backend_name="cpu")
+    theirs = cpu.head(cpu.forward_span(cpu.embed(tokens), cpu.new_cache(8), 0))
+    top = [len(set(a.topk(5).indices.tolist()) & set(b.topk(5).indices.tolist()))
+           for a, b in zip(ours, theirs, strict=True)]
+    return {"max_abs_diff": float((ours - theirs).abs().max()), "max_abs_logit": float(theirs.abs().max()),
+            "argmax_equal": int((ours.argmax(-1) == theirs.argmax(-1)).sum()), "of": len(tokens),
+            "top5_overlap": top}
+
+
 def with_async_attention():
     """Patch the backend's attention to start the layer so far on the device as soon as it is built."""
     plain = mlx_backend.attention
@@ -166,6 +179,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--check", action="store_true",
+                        help="also compare a prefill's logits with the CPU backend's (float16 on a GPU vs float32)")
     args = parser.parse_args()
     shape = dict(SHAPES[args.shape], **({"layers": args.layers} if args.layers else {}))
     path = args.dir / f"llama3-{args.shape}-{shape['layers']}l-q4_0.gguf"
@@ -189,6 +204,9 @@ def main() -> None:
     report["roofline_tok_s"] = roofline
     print(json.dumps(report), flush=True)
 
+    if args.check:
+        report["check"] = check(model, path)
+        print(json.dumps(report["check"]), flush=True)
     variants = {}
     decode(model, 4)  # warm-up: kernels compiled, graphs cached
     variants["step"] = decode(model, args.tokens)
