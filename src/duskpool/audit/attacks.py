@@ -3,8 +3,9 @@
 Prefix side (the node sees h = layers[0, d)(embed(prompt)) and wants the prompt's tokens):
 - `nearest`: each vocabulary token pushed alone through layers [0, d) (`propagate`), the observed state's
   nearest row by cosine. At d = 0 that is the embedding table itself.
-- `Inverter`: a ridge-regression map from hidden states at depth d back to the embedding space, fitted on
-  the attacker's own text, decoded by the nearest embedding row (the learned inverter of the papers).
+- `Inverter`: a ridge-regression map from hidden states at depth d, in context, to the tokens' states alone
+  (the table `nearest` searches), fitted on the attacker's own text, decoded by the nearest row (the
+  learned inverter of the papers: it learns what the context adds and takes it away).
 - `sipit`: SipIt's search (arXiv 2510.15511), position by position: given the prefix recovered so far, the
   candidate token whose hidden state reproduces the observed one. Candidates come ranked from the two
   above, so its reach is bounded by how many it may try.
@@ -14,7 +15,7 @@ answer, i.e. the gateway's next token): `head` read off h directly (the logit le
 the last layer (a tuned lens, `Inverter` again), or after running the public last layers itself.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -52,15 +53,27 @@ def nearest(observed: torch.Tensor, table: torch.Tensor, k: int) -> torch.Tensor
 
 
 class Inverter:
-    """A ridge-regression map x [N, dim] -> y [N, out], on standardized features with a bias."""
+    """A ridge-regression map x [N, dim] -> y [N, out] on standardized features with a bias; the ridge is the
+    one of `RIDGES` that best predicts a fifth of the attacker's own data from the rest."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3):
+    RIDGES = (1e-6, 1e-4, 1e-2, 1.0)
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
         x, y = x.double(), y.double()
         self.mean, self.scale = x.mean(0), x.std(0).clamp_min(1e-6)
         features = self._features(x)
+        order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
+        fit, check = order[x.shape[0] // 5:], order[:x.shape[0] // 5]
+        errors = {r: float((features[check] @ self._solve(features[fit], y[fit], r) - y[check]).pow(2).mean())
+                  for r in self.RIDGES}
+        self.ridge = min(errors, key=errors.get)
+        self.weight = self._solve(features, y, self.ridge)
+
+    @staticmethod
+    def _solve(features: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
         gram = features.T @ features
         gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-        self.weight = torch.linalg.solve(gram, features.T @ y)
+        return torch.linalg.solve(gram, features.T @ y)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         z = (x.double() - self.mean) / self.scale
@@ -107,15 +120,9 @@ def sipit(tokens: Sequence[int], observed: torch.Tensor, ranked: torch.Tensor, k
     return recovered
 
 
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=-1)
-
-
 def through(layers: Sequence[SpanModel], hidden: torch.Tensor) -> torch.Tensor:
     """One sequence's hidden states [T, dim] through `layers` (a node running layers it was not lent)."""
     for layer in layers:
         hidden = layer.forward_span(hidden, layer.new_cache(hidden.shape[0]), 0)
     return hidden
 
-
-Attack = Callable[[torch.Tensor], torch.Tensor]

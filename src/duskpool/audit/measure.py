@@ -30,24 +30,27 @@ TOLERANCE = 1e-3  # SipIt: a candidate within this relative distance of the obse
 
 
 def run_audit(model: str | Path | None = None, max_prefix: int = DEFAULT_MAX_PREFIX,
-              max_suffix: int = DEFAULT_MAX_SUFFIX, *, held_out: Sequence[Sequence[int]] | None = None,
+              max_suffix: int | None = DEFAULT_MAX_SUFFIX, *, held_out: Sequence[Sequence[int]] | None = None,
               training: Sequence[Sequence[int]] | None = None, candidates: int = DEFAULT_CANDIDATES,
               corpus_tokens: int = CORPUS_TOKENS, random_sequences: int = RANDOM_SEQUENCES,
               wire_dtype: str = "float32", progress: Callable[[str], None] | None = None) -> AuditReport:
-    """Token recovery per attacker at privacy-prefix depths 0..max_prefix and suffix depths 0..max_suffix.
+    """Token recovery per attacker at privacy-prefix depths 0..max_prefix and suffix depths 0..max_suffix
+    (None: no suffix side, and only the first max_prefix layers are run).
 
     `model`: a GGUF file (the bundled model by default). `held_out` / `training`: token id sequences to
     attack / to fit the attackers on, instead of the shipped prompts and corpus (a model without a tokenizer
     gets random ids). `wire_dtype`: how hidden states cross the network (the gateway sends float32).
     """
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     say = progress or (lambda message: None)
     file = GGUFFile(Path(model) if model is not None else bundled_model_path())
     ops = CandidateOps()
     edge = load_model(file, ops, range(0), embed=True, head=True)
     spec = edge.spec
     L, V = spec.n_layers, spec.vocab_size
-    K, S = max(0, min(max_prefix, L)), max(0, min(max_suffix, L))
+    K = max(0, min(max_prefix, L))
+    S = None if max_suffix is None else max(0, min(max_suffix, L))
+    last = L if S is not None else K  # the layers the sequences go through
     notes = [f"attackers know the public weights of every layer; SipIt tries the top {candidates} candidates of "
              "the other two attackers, so a token ranked lower by both is out of its reach",
              "chat-template tokens are public: not scored, and taken as known by SipIt"]
@@ -70,21 +73,21 @@ def run_audit(model: str | Path | None = None, max_prefix: int = DEFAULT_MAX_PRE
     noise = texts.random_sequences(V, random_sequences, WINDOW, seed=3)  # vocabulary coverage (prefix side)
 
     say(f"hidden states of {len(samples)} held-out and {len(corpus) + len(noise)} training sequences "
-        f"through {L} layers")
-    keep = set(range(K + 1)) | set(range(L - S, L + 1))
+        f"through {last} layers")
+    keep = set(range(K + 1)) | (set(range(L - S, L + 1)) if S is not None else set())
     held = _Depths([edge.embed(s.tokens) for s in samples], keep)
     own = _Depths([edge.embed(s) for s in corpus], keep)
     rand = _Depths([edge.embed(s) for s in noise], set(range(K + 1)))
     prefix_layers: list[SpanModel] = []
     suffix_layers: list[SpanModel] = []
-    for i in range(L):
+    for i in range(last):
         layer = load_model(file, ops, range(i, i + 1), embed=False, head=False)
         held.step(layer, i + 1)
         own.step(layer, i + 1)
         if i < K:
             rand.step(layer, i + 1)
             prefix_layers.append(layer)
-        if i >= L - S:
+        if S is not None and i >= L - S:
             suffix_layers.append(layer)
 
     def wire(h: torch.Tensor) -> torch.Tensor:  # what the node receives: the bytes the gateway sends
@@ -102,16 +105,15 @@ def run_audit(model: str | Path | None = None, max_prefix: int = DEFAULT_MAX_PRE
     vocab = attacks.embedding_table(edge, V)
     tables = attacks.propagate(vocab, prefix_layers, ops)
     table = vocab
+    train_tokens = torch.tensor([t for s in corpus + noise for t in s])
     for d in range(K + 1):
         if d:
             say(f"prefix depth {d}: the vocabulary through layer {d - 1}")
             table = next(tables)
         observed = wire(torch.cat(held.at[d]))
         ranked = {"nearest": attacks.nearest(observed, table, candidates)}
-        train_x = torch.cat(own.at[d] + rand.at[d])
-        train_y = vocab[torch.tensor([t for s in corpus + noise for t in s])]
-        inverter = attacks.Inverter(train_x, train_y)
-        ranked["learned"] = attacks.nearest(inverter(observed), vocab, candidates)
+        inverter = attacks.Inverter(torch.cat(own.at[d] + rand.at[d]), table[train_tokens])
+        ranked["learned"] = attacks.nearest(inverter(observed), table, candidates)
         say(f"prefix depth {d}: SipIt")
         merged = _interleave(ranked["nearest"], ranked["learned"], candidates)
         guesses = {name: r[:, 0] for name, r in ranked.items()}
@@ -127,10 +129,24 @@ def run_audit(model: str | Path | None = None, max_prefix: int = DEFAULT_MAX_PRE
                                  "text": tokenizer.decode(guess[scored[:len(samples[0].scored)]].tolist())})
 
     suffix_rows = []
+    if S is not None:
+        suffix_rows = _suffix(S, held, own, suffix_layers, edge, wire, scored)
+    return AuditReport(
+        model=spec.name, architecture=spec.architecture, n_layers=L, vocab_size=V, rows=rows,
+        suffix_rows=suffix_rows, tokens=len(scored), secret_tokens=len(secret), sequences=len(samples),
+        training_tokens=sum(map(len, corpus + noise)), candidates=candidates, wire_dtype=wire_dtype,
+        seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu_started, notes=notes,
+        examples=examples)
+
+
+def _suffix(S: int, held: "_Depths", own: "_Depths", suffix_layers: list[SpanModel], edge: SpanModel,
+            wire: Callable[[torch.Tensor], torch.Tensor], scored: torch.Tensor) -> list[dict]:
+    """Suffix depths 0..S: how often the node before the gateway's last s layers gets the answer's token."""
+    L = edge.spec.n_layers
+    rows = []
     answer = edge.head(torch.cat(held.at[L])).argmax(-1)  # the gateway's greedy next token at each position
     own_last = torch.cat(own.at[L])
     for s in range(S + 1):
-        say(f"suffix depth {s}")
         observed = [wire(h) for h in held.at[L - s]]
         lens = attacks.Inverter(torch.cat(own.at[L - s]), own_last)
         public = [attacks.through(suffix_layers[len(suffix_layers) - s:], h) for h in observed]
@@ -138,14 +154,9 @@ def run_audit(model: str | Path | None = None, max_prefix: int = DEFAULT_MAX_PRE
                    "tuned-lens": edge.head(lens(torch.cat(observed))).argmax(-1),
                    "public-layers": edge.head(torch.cat(public)).argmax(-1)}
         for name, guess in guesses.items():
-            suffix_rows.append({"depth": s, "attacker": name,
-                                "recovery": float((guess[scored] == answer[scored]).float().mean())})
-
-    return AuditReport(
-        model=spec.name, architecture=spec.architecture, n_layers=L, vocab_size=V, rows=rows,
-        suffix_rows=suffix_rows, tokens=len(scored), secret_tokens=len(secret), sequences=len(samples),
-        training_tokens=sum(map(len, corpus + noise)), candidates=candidates, wire_dtype=wire_dtype,
-        seconds=time.perf_counter() - started, notes=notes, examples=examples)
+            rows.append({"depth": s, "attacker": name,
+                         "recovery": float((guess[scored] == answer[scored]).float().mean())})
+    return rows
 
 
 class _Depths:

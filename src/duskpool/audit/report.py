@@ -24,7 +24,8 @@ class AuditReport:
     training_tokens: int  # the attackers' own text: corpus + random sequences
     candidates: int  # SipIt's budget per position
     wire_dtype: str
-    seconds: float
+    seconds: float  # wall-clock time of the audit
+    cpu_seconds: float  # compute time of its process (the wall-clock time, on a machine running nothing else)
     notes: list[str] = field(default_factory=list)  # what was subsampled, what was assumed
     examples: list[dict[str, Any]] = field(default_factory=list)  # {"depth", "attacker", "text"} recovered
 
@@ -43,7 +44,8 @@ class AuditReport:
             f"{self.model} ({self.architecture}, {self.n_layers} layers, vocabulary {self.vocab_size}): "
             f"{self.tokens} held-out tokens in {self.sequences} sequences ({self.secret_tokens} of PINs and "
             f"passwords), attackers fitted on {self.training_tokens} tokens of their own, SipIt trying up to "
-            f"{self.candidates} candidates a position, hidden states as {self.wire_dtype}; {self.seconds:.0f} s",
+            f"{self.candidates} candidates a position, hidden states as {self.wire_dtype}; "
+            f"{self.seconds:.0f} s ({self.cpu_seconds:.0f} s of CPU)",
             "",
             "prompt tokens a node recovers, by privacy prefix (layers the gateway keeps first)",
             _grid(self.rows, "recovery", secrets=any(r["secret_recovery"] is not None for r in self.rows)),

@@ -1,0 +1,88 @@
+"""The privacy audit: its attacks work where they must, and its numbers come from the model it is given."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from duskpool.audit import attacks, run_audit
+from duskpool.audit.candidates import CandidateOps
+from duskpool.models import load_model
+from duskpool.weights.gguf import GGUFFile
+from tests.conftest import write_tiny_llama
+
+ATTACKERS = {"nearest", "learned", "sipit"}
+
+
+def tiny(tmp_path: Path, seed: int, layers: int = 3) -> Path:
+    return write_tiny_llama(tmp_path / f"tiny-{seed}.gguf", Q.Q8_0, layers=layers, seed=seed)
+
+
+@pytest.mark.slow
+def test_at_depth_0_nearest_neighbour_recovers_the_prompt(bundled_model: Path):
+    """Depth 0 hands nodes the embedding rows themselves: the table lookup must read the prompt back."""
+    report = run_audit(bundled_model, max_prefix=0, max_suffix=None, corpus_tokens=256, random_sequences=1)
+    assert report.tokens > 100 and report.secret_tokens > 0
+    nearest = report.recovery(0, "nearest")
+    assert nearest >= 0.95, f"nearest neighbour recovered {nearest:.0%} of the embedded prompt's tokens"
+    assert {r["attacker"] for r in report.rows} == ATTACKERS
+    pin_prompt = next(e["text"] for e in report.examples if e["attacker"] == "nearest")
+    assert "4921" in pin_prompt, f"the PIN is not in what the attacker read back: {pin_prompt!r}"
+
+
+def test_two_models_give_two_tables(tmp_path: Path):
+    """Nothing is written in: a different model (random weights, another seed) gives different numbers."""
+    held = [list(range(3, 40, 3)), [7, 1, 500, 22, 9, 9, 310, 64, 2, 77, 120, 33]]
+    tables = []
+    for seed in (0, 1):
+        report = run_audit(tiny(tmp_path, seed), max_prefix=3, max_suffix=1, held_out=held, candidates=8)
+        assert {(r["depth"], r["attacker"]) for r in report.rows} == {(d, a) for d in range(4) for a in ATTACKERS}
+        assert all(0 <= r["recovery"] <= 1 for r in report.rows + report.suffix_rows)
+        assert report.tokens == sum(map(len, held))
+        tables.append([(r["depth"], r["attacker"], r["recovery"]) for r in report.rows + report.suffix_rows])
+    assert tables[0] != tables[1], f"two different models gave the same table: {tables[0]}"
+
+
+def test_the_report_is_one_json_object_with_rows(tmp_path: Path):
+    report = run_audit(tiny(tmp_path, 0, layers=2), max_prefix=1, max_suffix=1, candidates=4)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert [set(r) >= {"depth", "attacker", "recovery"} for r in data["rows"]] == [True] * 6
+    assert {r["depth"] for r in data["suffix_rows"]} == {0, 1}
+    assert "nearest" in report.table() and "public-layers" in report.table()
+
+
+def test_alternative_rows_are_each_one_decode_step_after_the_prefix(tmp_path: Path):
+    """CandidateOps: a batch of candidates at position p equals decoding each of them alone after the prefix."""
+    ops = CandidateOps()
+    model = load_model(GGUFFile(tiny(tmp_path, 0)), ops)
+    cache = model.new_cache(16)
+    model.forward_span(model.embed([5, 17, 300, 41]), cache, 0)
+    candidates = [3, 99, 250, 7, 511]
+    one_by_one = torch.cat([model.forward_span(model.embed([c]), cache, 4) for c in candidates])
+    with ops.alternatives():
+        batched = model.forward_span(model.embed(candidates), cache, 4)
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-4)
+    alone = torch.cat([model.forward_span(model.embed([c]), model.new_cache(1), 0) for c in candidates])
+    torch.testing.assert_close(next(attacks.propagate(model.embed(candidates), [model], ops)), alone,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_sipit_inverts_exactly_when_the_token_is_among_its_candidates(tmp_path: Path):
+    ops = CandidateOps()
+    file = GGUFFile(tiny(tmp_path, 0))
+    edge = load_model(file, ops, range(0), embed=True, head=False)
+    layers = [load_model(file, ops, range(i, i + 1), embed=False, head=False) for i in range(3)]
+    tokens = [12, 400, 400, 3, 77, 256, 1]
+    observed = attacks.through(layers, edge.embed(tokens))
+    decoys = torch.randint(0, 512, (len(tokens), 16), generator=torch.Generator().manual_seed(0))
+    ranked = torch.cat([decoys[:, :9], torch.tensor(tokens)[:, None], decoys[:, 9:]], dim=1)  # truth 10th
+    assert attacks.sipit(tokens, observed, ranked, set(), edge, layers, ops, tolerance=1e-3) == tokens
+
+
+def test_the_plot_is_a_png(tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    report = run_audit(tiny(tmp_path, 0, layers=2), max_prefix=1, max_suffix=1, candidates=4)
+    path = report.plot(tmp_path / "audit.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
