@@ -91,16 +91,18 @@ static void dequantize_row(int type, const uint8_t *restrict x, float *restrict 
         return;
     case IQ4_NL:
         for (int64_t b = 0; b < K / 32; b++, x += 18, y += 32) {
-            float d = f16(x); const uint8_t *qs = x + 2;
-            for (int j = 0; j < 16; j++) { y[j] = d * iq4_values[qs[j] & 0xF]; y[j + 16] = d * iq4_values[qs[j] >> 4]; }
+            float d = f16(x), t[16]; const uint8_t *qs = x + 2;
+            for (int i = 0; i < 16; i++) t[i] = d * iq4_values[i];  // the block's 16 values, then lookups
+            for (int j = 0; j < 16; j++) { y[j] = t[qs[j] & 0xF]; y[j + 16] = t[qs[j] >> 4]; }
         }
         return;
     case IQ4_XS:  // d, scales_h, scales_l[4], qs[128]: IQ4_NL's codes in 8 sub-blocks of 32 with 6-bit scales
         for (int64_t b = 0; b < K / 256; b++, x += 136) {
             float d = f16(x); const uint8_t *qs = x + 8;
             for (int ib = 0; ib < 8; ib++, qs += 16, y += 32) {
-                float dl = d * (scale_iq4_xs(x, ib) - 32);
-                for (int j = 0; j < 16; j++) { y[j] = dl * iq4_values[qs[j] & 0xF]; y[j + 16] = dl * iq4_values[qs[j] >> 4]; }
+                float dl = d * (scale_iq4_xs(x, ib) - 32), t[16];
+                for (int i = 0; i < 16; i++) t[i] = dl * iq4_values[i];
+                for (int j = 0; j < 16; j++) { y[j] = t[qs[j] & 0xF]; y[j + 16] = t[qs[j] >> 4]; }
             }
         }
         return;
