@@ -15,6 +15,7 @@ Each prints the Python graph-building time and the time spent waiting for the de
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -27,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import duskpool.backends.mlx as mlx_backend  # noqa: E402
+from duskpool.backends.mlx import quant  # noqa: E402
 from duskpool.backends import load_span  # noqa: E402
 from duskpool.weights.gguf import GGUFFile  # noqa: E402
 
@@ -127,7 +129,7 @@ def decode(model, tokens: int, prompt_tokens: int = 8) -> dict:
 def matmuls_only(model, tokens: int) -> dict:
     """The step's quantized matmuls alone, chained (each input from the last output) in one graph."""
     dim = model.spec.dim
-    x = mx.random.normal((1, dim)).astype(mx.float16) * 0.1
+    x = mx.random.normal((1, dim)).astype(quant.COMPUTE) * 0.1
 
     def step(x: mx.array) -> mx.array:
         for block in model.blocks:
@@ -179,12 +181,16 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--residual", choices=["float32", "float16"], default="float32",
+                        help="the residual stream's type (the backend's default: float32)")
     parser.add_argument("--check", action="store_true",
                         help="also compare a prefill's logits with the CPU backend's (float16 on a GPU vs float32)")
     args = parser.parse_args()
     shape = dict(SHAPES[args.shape], **({"layers": args.layers} if args.layers else {}))
     path = args.dir / f"llama3-{args.shape}-{shape['layers']}l-q4_0.gguf"
-    report: dict = {"shape": args.shape, **shape, "device": mlx_backend.device(), "mlx": mx.__version__}
+    quant.RESIDUAL = getattr(mx, args.residual)
+    report: dict = {"shape": args.shape, **shape, "device": mlx_backend.device(), "mlx": mx.__version__,
+                    "residual": args.residual, "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")}}
     if not path.exists():
         started = time.perf_counter()
         write_model(path, **shape)

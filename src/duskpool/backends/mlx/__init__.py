@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
+from duskpool.backends.mlx import quant
 from duskpool.backends.mlx.cache import KVCache
 from duskpool.backends.mlx.ops import attention, gated, rms_norm, rope, rotations
 from duskpool.backends.mlx.quant import (
@@ -39,8 +40,8 @@ def linear(parts: list[PackedTensor], bias: list[PackedTensor] | None = None) ->
 
 
 def vector(tensor: PackedTensor) -> mx.array:
-    """A norm's weight or a bias: float32 [n]."""
-    values = mx.array(reference(tensor).reshape(-1))
+    """A norm's weight or a bias [n], in the residual stream's type."""
+    values = mx.array(reference(tensor).reshape(-1)).astype(quant.RESIDUAL)
     evaluate(values)
     return values
 
@@ -65,7 +66,7 @@ def to_bytes(hidden: mx.array, dtype: str) -> bytes:
 def from_bytes(data: bytes, tokens: int, dim: int, dtype: str) -> mx.array:
     ours, theirs = WIRE_DTYPES[dtype]
     hidden = mx.array(np.frombuffer(data, dtype=theirs).reshape(tokens, dim))
-    hidden = (hidden.view(mx.bfloat16) if ours == mx.bfloat16 else hidden).astype(mx.float32)
+    hidden = (hidden.view(mx.bfloat16) if ours == mx.bfloat16 else hidden).astype(quant.RESIDUAL)
     finite = mx.all(mx.isfinite(hidden))
     evaluate(hidden, finite)
     if not finite.item():

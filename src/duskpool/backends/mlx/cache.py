@@ -2,6 +2,7 @@
 
 import mlx.core as mx
 
+from duskpool.backends.mlx.ops import by_head
 from duskpool.backends.mlx.quant import COMPUTE, evaluate
 from duskpool.models.base import ContextOverflowError
 
@@ -24,8 +25,8 @@ class KVCache:
                                        f"context of {self.capacity} tokens")
         i = layer - self.layers.start
         keys, values = self.k[i], self.v[i]
-        keys[:, start:end] = k.transpose(1, 0, 2).astype(COMPUTE)  # in place: the buffer has no other reader
-        values[:, start:end] = v.transpose(1, 0, 2).astype(COMPUTE)
+        keys[:, start:end] = by_head(k).astype(COMPUTE)  # in place: the buffer has no other reader
+        values[:, start:end] = by_head(v).astype(COMPUTE)
         return keys[:, :end], values[:, :end]
 
     def clear(self) -> None:

@@ -32,9 +32,19 @@ def rope(heads: mx.array, rotations: tuple[int, mx.array], pairing: str) -> mx.a
     if pairing not in ("adjacent", "halves"):
         raise ValueError(f"RoPE pairing {pairing!r} is not 'adjacent' or 'halves'")
     start, periods = rotations
-    rotated = mx.fast.rope(heads.transpose(1, 0, 2), 2 * periods.shape[0], traditional=pairing == "adjacent",
+    rotated = mx.fast.rope(by_head(heads), 2 * periods.shape[0], traditional=pairing == "adjacent",
                            base=None, scale=1.0, offset=start, freqs=periods)  # over [n, T, head_dim]
-    return rotated.transpose(1, 0, 2)
+    return by_token(rotated)
+
+
+def by_head(x: mx.array) -> mx.array:
+    """[T, n, d] -> [n, T, d]; one token's is a reshape (no copy, no kernel on a decode step)."""
+    return x.reshape(x.shape[1], 1, x.shape[2]) if x.shape[0] == 1 else x.transpose(1, 0, 2)
+
+
+def by_token(x: mx.array) -> mx.array:
+    """[n, T, d] -> [T, n, d]."""
+    return x.reshape(1, x.shape[0], x.shape[2]) if x.shape[1] == 1 else x.transpose(1, 0, 2)
 
 
 def attention(q: mx.array, keys: mx.array, values: mx.array, start: int, scale: float,
@@ -50,9 +60,9 @@ def attention(q: mx.array, keys: mx.array, values: mx.array, start: int, scale: 
     elif T > 1:
         query, key = mx.arange(start, start + T)[:, None], mx.arange(start + T)[None, :]
         mask = (query >= key) & (query - key < window)
-    out = mx.fast.scaled_dot_product_attention(q.astype(keys.dtype).transpose(1, 0, 2)[None], keys[None],
-                                               values[None], scale=scale, mask=mask)
-    return out[0].transpose(1, 0, 2)
+    out = mx.fast.scaled_dot_product_attention(by_head(q.astype(keys.dtype))[None], keys[None], values[None],
+                                               scale=scale, mask=mask)
+    return by_token(out[0])
 
 
 @mx.compile
