@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import duskpool.backends.mlx as mlx_backend  # noqa: E402
-from duskpool.backends.mlx import quant  # noqa: E402
 from duskpool.backends import load_span  # noqa: E402
+from duskpool.backends.mlx import quant  # noqa: E402
 from duskpool.weights.gguf import GGUFFile  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
