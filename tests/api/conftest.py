@@ -1,8 +1,10 @@
 """A live HTTP server (real uvicorn, real sockets) on a 3-node local swarm, shared by the API tests; and a
 tiny random-weight model whose chat template takes tools, served in-process."""
 
+import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,11 +88,50 @@ def byte_vocabulary() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
+def learn_merges(corpus: str, n: int) -> list[tuple[str, str]]:
+    """Byte-level BPE merges learned from `corpus` (at most n, most frequent pair first), so that a prompt
+    like the corpus takes a few hundred tokens rather than one per byte."""
+    alphabet = byte_vocabulary()
+    words = Counter(tuple(alphabet[b] for b in w.encode()) for w in re.findall(r" ?\w+| ?[^\s\w]+|\s+", corpus))
+    merges: list[tuple[str, str]] = []
+    for _ in range(n):
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        merges.append((a, b))
+        merged = Counter()
+        for word, count in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i:i + 2] == (a, b):
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return merges
+
+
+CORPUS = (TOOL_TEMPLATE + ' {"type": "function", "function": {"name": "get_weather", "description": "The weather '
+          'forecast for a city", "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": '
+          '["Paris", "Tokyo", "Lima"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}, "required": ["city", '
+          '"days"]}}} What will the weather be in Paris?')
+
+
 def write_tiny_chat_llama(path: Path, template: str | None = TOOL_TEMPLATE, seed: int = 0) -> Path:
-    """A random-weight tiny Llama (float32) with a byte-level vocabulary, ChatML's control tokens and, when
+    """A random-weight tiny Llama (float32) with a byte-level BPE vocabulary, ChatML's control tokens and, when
     given, a chat template: a real model file, only its words are noise."""
     tokens = byte_vocabulary() + [t for t, _ in SPECIAL]
     types = [1] * 256 + [k for _, k in SPECIAL]
+    merges = [(a, b) for a, b in learn_merges(CORPUS, 250) if a + b not in tokens]
+    tokens += list(dict.fromkeys(a + b for a, b in merges))
+    types += [1] * (len(tokens) - len(types))
     bare = write_tiny_llama(path.with_suffix(".bare.gguf"), gguf.GGMLQuantizationType.F32, layers=2, dim=64,
                             heads=4, kv_heads=2, ffn=128, vocab=len(tokens), seed=seed)
     reader = gguf.GGUFReader(bare)
@@ -104,7 +145,7 @@ def write_tiny_chat_llama(path: Path, template: str | None = TOOL_TEMPLATE, seed
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges([])
+    writer.add_token_merges([f"{a} {b}" for a, b in merges])
     writer.add_bos_token_id(tokens.index("<|endoftext|>"))
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_add_bos_token(False)

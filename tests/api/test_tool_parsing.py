@@ -40,6 +40,7 @@ def test_tagged_calls_reassemble_in_any_split(chunk):
         ("get_weather", {"city": "Paris", "when": {"day": 2}}, {"city": "Paris", "when": {"day": 2}}),
         ("get_time", {}, {})]
     assert len({c.id for c in answer.calls}) == 2
+    assert answer.calls[0].arguments == '{"city": "Paris", "when": {"day": 2}}', "the JSON text as the model wrote it"
 
 
 def test_tagged_arguments_stream_before_the_call_ends():

@@ -213,7 +213,8 @@ class CallParser:
             elif self._state == "head":
                 end = self._buffer.find(close)
                 head = HEAD.match(self._buffer)
-                if head and (end < 0 or head.end() <= end):
+                # the head is taken once the arguments have begun (so the space before them is not theirs)
+                if head and head.end() < len(self._buffer) and (end < 0 or head.end() <= end):
                     events.append(self._start(json.loads(f'"{head.group(1)}"')))
                     self._buffer, self._sent, self._state = self._buffer[head.end():], 0, "args"
                 elif end >= 0 or final:  # no streamable head: the block parsed whole, or kept as text
