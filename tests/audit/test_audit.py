@@ -41,16 +41,9 @@ def test_two_models_give_two_tables(tmp_path: Path):
         assert {(r["depth"], r["attacker"]) for r in report.rows} == {(d, a) for d in range(4) for a in ATTACKERS}
         assert all(0 <= r["recovery"] <= 1 for r in report.rows + report.suffix_rows)
         assert report.tokens == sum(map(len, held))
+        assert "nearest" in report.table() and "public-layers" in report.table()
         tables.append([(r["depth"], r["attacker"], r["recovery"]) for r in report.rows + report.suffix_rows])
     assert tables[0] != tables[1], f"two different models gave the same table: {tables[0]}"
-
-
-def test_the_report_is_one_json_object_with_rows(tmp_path: Path):
-    report = run_audit(tiny(tmp_path, 0, layers=2), max_prefix=1, max_suffix=1, candidates=4)
-    data = json.loads(json.dumps(report.to_dict()))
-    assert [set(r) >= {"depth", "attacker", "recovery"} for r in data["rows"]] == [True] * 6
-    assert {r["depth"] for r in data["suffix_rows"]} == {0, 1}
-    assert "nearest" in report.table() and "public-layers" in report.table()
 
 
 def test_alternative_rows_are_each_one_decode_step_after_the_prefix(tmp_path: Path):
@@ -81,8 +74,21 @@ def test_sipit_inverts_exactly_when_the_token_is_among_its_candidates(tmp_path: 
     assert attacks.sipit(tokens, observed, ranked, set(), edge, layers, ops, tolerance=1e-3) == tokens
 
 
-def test_the_plot_is_a_png(tmp_path: Path):
-    pytest.importorskip("matplotlib")
-    report = run_audit(tiny(tmp_path, 0, layers=2), max_prefix=1, max_suffix=1, candidates=4)
-    path = report.plot(tmp_path / "audit.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_duskpool_audit_prints_one_json_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from duskpool.cli.main import main
+
+    plot = tmp_path / "audit.png"
+    argv = ["audit", "--model", str(tiny(tmp_path, 0, layers=2)), "--max-prefix", "1", "--max-suffix", "1", "--json"]
+    assert main(argv + (["--plot", str(plot)] if _has_matplotlib() else [])) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {(r["depth"], r["attacker"]) for r in report["rows"]} == {(d, a) for d in (0, 1) for a in ATTACKERS}
+    assert {r["depth"] for r in report["suffix_rows"]} == {0, 1}
+    assert not _has_matplotlib() or plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

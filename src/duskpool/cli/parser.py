@@ -241,4 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(plan)
     _add_route_flags(plan)
     plan.set_defaults(handler=pool.cmd_plan)
+
+    audit = commands.add_parser(
+        "audit", help="measure how much of a prompt a node could recover, at each privacy prefix",
+        description="Push held-out prompts (a PIN and passwords among them) through the model as the gateway "
+                    "would, and hand the hidden states each node would receive to attackers that know the "
+                    "public model: nearest neighbour, a learned inverter, SipIt's search. Prints the share of "
+                    "prompt tokens each recovers for privacy prefixes 0..K, and of answer tokens for privacy "
+                    "suffixes 0..S. docs/privacy.md says what it covers and what it does not.")
+    audit.add_argument("--model", "-m", default=None,
+                       help="a GGUF file, or a name `duskpool models` lists "
+                            "(default: the bundled SmolLM2-135M-Instruct)")
+    audit.add_argument("--max-prefix", type=int, default=None, metavar="K",
+                       help="audit privacy prefixes 0..K (default: 4)")
+    audit.add_argument("--max-suffix", type=int, default=None, metavar="S",
+                       help="audit privacy suffixes 0..S (default: 2)")
+    audit.add_argument("--json", action="store_true",
+                       help="print one JSON object: rows of {depth, attacker, recovery}, suffix_rows, notes")
+    audit.add_argument("--plot", default=None, metavar="PATH",
+                       help="also draw the results as a PNG (needs matplotlib: pip install 'duskpool[audit]')")
+    audit.set_defaults(handler=pool.cmd_audit)
     return parser

@@ -1,4 +1,4 @@
-"""Commands on the pool and this machine: init, token, nodes, key, service, models, plan; and what the serving
+"""Commands on the pool and this machine: init, token, nodes, key, service, models, plan, audit; and what the serving
 commands share with them: where the pool's state is, and the gateway's identity in it."""
 
 import argparse
@@ -144,4 +144,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     placement = planner.with_replicas(planner.plan(profile, GATEWAY_PROFILE, nodes, config), profile, nodes,
                                       args.replicas, config)
     print(planner.explain(placement, profile, GATEWAY_PROFILE, nodes, config))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from duskpool.audit import DEFAULT_MAX_PREFIX, DEFAULT_MAX_SUFFIX, run_audit
+    from duskpool.weights.catalog import resolve_model
+
+    prefix = DEFAULT_MAX_PREFIX if args.max_prefix is None else args.max_prefix
+    suffix = DEFAULT_MAX_SUFFIX if args.max_suffix is None else args.max_suffix
+    if min(prefix, suffix) < 0:
+        raise ValueError("--max-prefix and --max-suffix must be >= 0")
+    started = time.monotonic()
+    report = run_audit(resolve_model(args.model), prefix, suffix,
+                       progress=lambda step: print(f"duskpool audit: {time.monotonic() - started:4.0f} s: {step}",
+                                                   file=sys.stderr, flush=True))
+    if args.plot:
+        print(f"duskpool audit: plot written to {report.plot(args.plot)}", file=sys.stderr)
+    print(json.dumps(report.to_dict()) if args.json else report.table())
     return 0
