@@ -58,7 +58,7 @@ class Vocabulary:
             raise GrammarError("a JSON schema must be an object")
         try:
             source = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever llguidance says of a schema, it is the schema's fault
             raise GrammarError(f"the JSON schema cannot be used: {e}") from None
         return self.grammar(source, "JSON schema")
 
@@ -93,8 +93,8 @@ class Constraint:
         self._check()
 
     def _check(self) -> None:
-        if self.matcher.is_error():
-            raise RuntimeError(f"structured output failed: {self.matcher.get_error()}")
+        if self.matcher.is_error():  # e.g. a schema too complex for llguidance's limits at this point
+            raise GrammarError(f"structured output failed: {self.matcher.get_error().splitlines()[0]}")
 
     def allowed(self) -> torch.Tensor:
         """bool [vocab]: the tokens that keep the text within the grammar (the end tokens once it may end)."""
