@@ -1,9 +1,13 @@
-"""The generate loop on the bundled model: stop conditions, seeds, streaming, context bounds."""
+"""The generate loop on the bundled model: stop conditions, seeds, streaming, context bounds, logprobs, grammars."""
+
+import json
+import re
 
 import pytest
 import torch
 
 from duskpool.engine.generate import GenerationParams, GenerationStats
+from duskpool.engine.grammar import GrammarError
 from duskpool.engine.runner import LocalEngine
 from duskpool.engine.sampling import SamplingParams
 from duskpool.models import ContextOverflowError
@@ -82,3 +86,26 @@ def test_the_stop_string_that_ended_it_is_told(engine):
     stop = full.split()[3]
     _, stats = answer(engine, max_tokens=40, stop=["never-there", stop])
     assert stats.finish_reason == "stop" and stats.stop_string == stop
+
+
+def test_a_grammar_holds_the_answer_token_by_token(engine):
+    stats = GenerationStats()
+    grammar = engine.vocabulary.regex(r"(yes|no), because [a-z ]{1,30}\.")
+    text = "".join(engine.chat([{"role": "user", "content": "Is the sea salty?"}],
+                               GenerationParams(max_tokens=40, grammar=grammar), stats))
+    assert re.fullmatch(r"(yes|no), because [a-z ]{1,30}\.", text), text
+    assert stats.finish_reason == "stop" and stats.masks == stats.generated_tokens > 0 and stats.mask_seconds > 0
+
+    schema = {"type": "object", "properties": {"colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                                          "minItems": 1, "maxItems": 3}},
+              "required": ["colors"], "additionalProperties": False}
+    held = GenerationParams(max_tokens=40, grammar=engine.vocabulary.json_schema(schema))
+    answer = "".join(engine.chat(QUESTION, held))
+    assert set(json.loads(answer)) == {"colors"}
+
+
+def test_a_schema_llguidance_cannot_use_is_a_grammar_error(engine):
+    with pytest.raises(GrammarError, match="JSON schema"):
+        engine.vocabulary.json_schema({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})
+    with pytest.raises(GrammarError, match="regular expression"):
+        engine.vocabulary.regex("[a-")
