@@ -8,7 +8,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from duskpool.audit import attacks, run_audit
-from duskpool.audit.candidates import CandidateOps
+from duskpool.audit.batching import BatchOps
 from duskpool.models import load_model
 from duskpool.weights.gguf import GGUFFile
 from tests.conftest import write_tiny_llama
@@ -47,8 +47,8 @@ def test_two_models_give_two_tables(tmp_path: Path):
 
 
 def test_alternative_rows_are_each_one_decode_step_after_the_prefix(tmp_path: Path):
-    """CandidateOps: a batch of candidates at position p equals decoding each of them alone after the prefix."""
-    ops = CandidateOps()
+    """BatchOps: a batch of candidates at position p equals decoding each of them alone after the prefix."""
+    ops = BatchOps()
     model = load_model(GGUFFile(tiny(tmp_path, 0)), ops)
     cache = model.new_cache(16)
     model.forward_span(model.embed([5, 17, 300, 41]), cache, 0)
@@ -63,7 +63,7 @@ def test_alternative_rows_are_each_one_decode_step_after_the_prefix(tmp_path: Pa
 
 
 def test_sipit_inverts_exactly_when_the_token_is_among_its_candidates(tmp_path: Path):
-    ops = CandidateOps()
+    ops = BatchOps()
     file = GGUFFile(tiny(tmp_path, 0))
     edge = load_model(file, ops, range(0), embed=True, head=False)
     layers = [load_model(file, ops, range(i, i + 1), embed=False, head=False) for i in range(3)]
@@ -92,3 +92,13 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_packed_sequences_are_each_computed_alone(tmp_path: Path):
+    ops = BatchOps()
+    model = load_model(GGUFFile(tiny(tmp_path, 0)), ops)
+    sequences = [[5, 17, 300, 41], [9], [100, 200, 300, 400, 500, 1, 2]]
+    alone = torch.cat([attacks.through([model], model.embed(s)) for s in sequences])
+    with ops.packed([len(s) for s in sequences]):
+        packed = model.forward_span(model.embed([t for s in sequences for t in s]), model.new_cache(12), 0)
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from duskpool.audit.candidates import CandidateOps
+from duskpool.audit.batching import BatchOps
 from duskpool.models import SpanModel
 
 CHUNK_ROWS = 2048  # vocabulary rows per batch when the table is pushed through a layer
@@ -31,7 +31,7 @@ def embedding_table(edge: SpanModel, vocab_size: int) -> torch.Tensor:
                       for a in range(0, vocab_size, CHUNK_ROWS)])
 
 
-def propagate(table: torch.Tensor, layers: Sequence[SpanModel], ops: CandidateOps) -> Iterator[torch.Tensor]:
+def propagate(table: torch.Tensor, layers: Sequence[SpanModel], ops: BatchOps) -> Iterator[torch.Tensor]:
     """The table [vocab, dim] after each of `layers` in turn, each row a token alone at position 0."""
     for layer in layers:
         cache = layer.new_cache(CHUNK_ROWS)
@@ -84,7 +84,7 @@ class Inverter:
 
 
 def sipit(tokens: Sequence[int], observed: torch.Tensor, ranked: torch.Tensor, known: set[int],
-          edge: SpanModel, layers: Sequence[SpanModel], ops: CandidateOps, tolerance: float) -> list[int]:
+          edge: SpanModel, layers: Sequence[SpanModel], ops: BatchOps, tolerance: float) -> list[int]:
     """The tokens recovered for one sequence from its hidden states `observed` [T, dim] after `layers`.
 
     Position by position, the candidates `ranked[t]` (best first) are tried in growing batches after the

@@ -1,6 +1,6 @@
 """`run_audit`: the hidden states each node would receive for held-out prompts, and what attackers recover.
 
-The model is loaded one layer at a time (`CandidateOps` under it, so attackers can batch their guesses);
+The model is loaded one layer at a time (`BatchOps` under it, so attackers can batch their guesses);
 the held-out prompts and the attackers' own text go through every layer once, and the states at the depths
 audited are kept. Then, for each privacy-prefix depth d = 0..K, the three prefix attackers, and for each
 privacy-suffix depth s = 0..S, the three suffix attackers (attacks.py says what each does).
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from duskpool.audit import attacks, texts
-from duskpool.audit.candidates import CandidateOps
+from duskpool.audit.batching import BatchOps
 from duskpool.audit.report import AuditReport
 from duskpool.engine.runner import load_tokenizer
 from duskpool.engine.tokenizer import Tokenizer
@@ -44,7 +44,7 @@ def run_audit(model: str | Path | None = None, max_prefix: int = DEFAULT_MAX_PRE
     started, cpu_started = time.perf_counter(), time.process_time()
     say = progress or (lambda message: None)
     file = GGUFFile(Path(model) if model is not None else bundled_model_path())
-    ops = CandidateOps()
+    ops = BatchOps()
     edge = load_model(file, ops, range(0), embed=True, head=True)
     spec = edge.spec
     L, V = spec.n_layers, spec.vocab_size
@@ -75,9 +75,9 @@ def run_audit(model: str | Path | None = None, max_prefix: int = DEFAULT_MAX_PRE
     say(f"hidden states of {len(samples)} held-out and {len(corpus) + len(noise)} training sequences "
         f"through {last} layers")
     keep = set(range(K + 1)) | (set(range(L - S, L + 1)) if S is not None else set())
-    held = _Depths([edge.embed(s.tokens) for s in samples], keep)
-    own = _Depths([edge.embed(s) for s in corpus], keep)
-    rand = _Depths([edge.embed(s) for s in noise], set(range(K + 1)))
+    held = _Depths([edge.embed(s.tokens) for s in samples], keep, ops)
+    own = _Depths([edge.embed(s) for s in corpus], keep, ops)
+    rand = _Depths([edge.embed(s) for s in noise], set(range(K + 1)), ops)
     prefix_layers: list[SpanModel] = []
     suffix_layers: list[SpanModel] = []
     for i in range(last):
@@ -160,16 +160,19 @@ def _suffix(S: int, held: "_Depths", own: "_Depths", suffix_layers: list[SpanMod
 
 
 class _Depths:
-    """Sequences' hidden states pushed layer by layer; `at[d]`: the states after layers [0, d), if kept."""
+    """Sequences pushed layer by layer, packed into one batch; `at[d]`: each one's states after layers [0, d),
+    for the depths in `keep`."""
 
-    def __init__(self, states: list[torch.Tensor], keep: set[int]):
-        self.current, self.keep = states, keep
+    def __init__(self, states: list[torch.Tensor], keep: set[int], ops: BatchOps):
+        self.lengths, self.keep, self.ops = [h.shape[0] for h in states], keep, ops
+        self.current = torch.cat(states)
         self.at: dict[int, list[torch.Tensor]] = {0: states} if 0 in keep else {}
 
     def step(self, layer: SpanModel, depth: int) -> None:
-        self.current = [attacks.through([layer], h) for h in self.current]
+        with self.ops.packed(self.lengths):
+            self.current = layer.forward_span(self.current, layer.new_cache(self.current.shape[0]), 0)
         if depth in self.keep:
-            self.at[depth] = self.current
+            self.at[depth] = list(self.current.split(self.lengths))
 
 
 def _interleave(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
