@@ -102,15 +102,3 @@ def test_a_tied_head_shares_the_embedding_table():
     rows = np.array(table.rows([3, 0, 47]))
     assert np.array_equal(rows, quant.reference(tensor)[[3, 0, 47]])
 
-
-def test_a_weight_too_large_for_cudas_matrix_vector_kernel_is_cut_into_pieces(monkeypatch):
-    monkeypatch.setattr(quant, "QMV_LIMIT", 1024)  # (16384 on CUDA; here small enough to cut both ways)
-    parts = [packed(Q.Q4_0, 1536, 2048, seed=5), packed(Q.Q8_0, 64, 2048, seed=6)]
-    linear = quant.Linear([quant.convert(p) for p in parts])
-    assert [type(p).__name__ for p in linear.parts] == ["ColumnPieces", "ColumnPieces", "ColumnPieces"]
-    assert all(piece.shape[0] <= 1024 and stop - start <= 1024 for part in linear.parts
-               for start, stop, piece in part.pieces)
-    x = np.random.default_rng(7).standard_normal((2, 2048)).astype(np.float32)
-    theirs = x @ np.concatenate([quant.reference(p) for p in parts]).T
-    ours = np.array(linear(mx.array(x)).astype(mx.float32))
-    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())

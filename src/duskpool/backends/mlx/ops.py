@@ -2,12 +2,18 @@
 
 The residual stream stays float32 (what the CPU backend computes in); on a GPU, projections, RoPE, the cache and
 attention run in float16, the type the quantized weights' scales are kept in (quant.COMPUTE says why not on the CPU).
+
+A step is lazy: the family's calls build a graph that runs when its bytes or logits are asked for. Building it
+costs Python time per op (2.4 ms of a 10 ms Llama-3-8B step on an H200), so each layer's attention starts the
+graph so far on the device (mx.async_eval) and the building of the rest overlaps it (+40% tok/s there).
 """
 
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
+
+from duskpool.backends.mlx.quant import EVAL_LOCK
 
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
@@ -62,6 +68,8 @@ def attention(q: mx.array, keys: mx.array, values: mx.array, start: int, scale: 
         mask = (query >= key) & (query - key < window)
     out = mx.fast.scaled_dot_product_attention(by_head(q.astype(keys.dtype))[None], keys[None], values[None],
                                                scale=scale, mask=mask)
+    with EVAL_LOCK:  # the device starts on the layers so far while Python builds the rest of the step
+        mx.async_eval(out)
     return by_token(out[0])
 
 

@@ -56,13 +56,6 @@ def input_type(weight: mx.Dtype) -> mx.Dtype:
 # The residual stream's type: hidden states between layers, norms' weights (set before a load).
 RESIDUAL = mx.float32
 
-# MLX's CUDA backend multiplies one row by a quantized matrix with its matrix-vector kernel only up to 16384
-# outputs and 16384 inputs (backend/cuda/quantized/quantized.cpp; past that, its sm90 GEMM, several times
-# slower at one row): larger weights are cut at load into pieces that fit, whose outputs are joined (rows)
-# or summed (inputs).
-QMV_LIMIT = 16384 if mx.default_device().type == mx.gpu and mx.cuda.is_available() else None
-
-
 # MLX evaluates from one thread at a time here: a node's gRPC threads each build and run their steps
 EVAL_LOCK = threading.RLock()
 
@@ -212,60 +205,6 @@ class Quantized:
         return Quantized(*(mx.concatenate([getattr(p, f) for p in parts]) for f in ("w", "scales", "biases")),
                          parts[0].bits)
 
-    def rows_between(self, start: int, stop: int) -> "Quantized":
-        return Quantized(*(mx.contiguous(a[start:stop]) for a in self.arrays()), self.bits)
-
-    def columns_between(self, start: int, stop: int) -> "Quantized":
-        words = slice(start * self.bits // 32, stop * self.bits // 32)
-        groups = slice(start // GROUP, stop // GROUP)
-        return Quantized(mx.contiguous(self.w[:, words]), mx.contiguous(self.scales[:, groups]),
-                         mx.contiguous(self.biases[:, groups]), self.bits)
-
-
-@dataclass
-class ColumnPieces:
-    """A weight cut along its inputs: y = sum of x[:, start:stop] @ piece.T."""
-
-    pieces: list[tuple[int, int, Quantized]]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.pieces[0][2].shape[0], self.pieces[-1][1]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for _, _, p in self.pieces)
-
-    def arrays(self) -> list[mx.array]:
-        return [a for _, _, p in self.pieces for a in p.arrays()]
-
-    def __call__(self, x: mx.array) -> mx.array:
-        out = None
-        for start, stop, piece in self.pieces:
-            y = piece(x[:, start:stop])
-            out = y if out is None else out + y
-        return out
-
-
-def fitted(weight: "Weight", limit: int | None) -> list["Weight"]:
-    """`weight` as pieces of at most `limit` outputs and inputs (row blocks, in order; each maybe cut along
-    its inputs into pieces whose outputs add up)."""
-    rows, cols = weight.shape
-    if limit is None or not isinstance(weight, Quantized) or (rows <= limit and cols <= limit):
-        return [weight]
-    n_rows, n_cols = -(-rows // limit), -(-cols // limit)
-    row_step = -(-rows // n_rows // GROUP) * GROUP
-    col_step = -(-cols // n_cols // 512) * 512  # the matrix-vector kernel's fast path wants 512-multiples
-    blocks = []
-    for r in range(0, rows, row_step):
-        block = weight.rows_between(r, min(rows, r + row_step))
-        if cols > limit:
-            block = ColumnPieces([(c, min(cols, c + col_step), block.columns_between(c, min(cols, c + col_step)))
-                                  for c in range(0, cols, col_step)])
-        blocks.append(block)
-    evaluate(*[a for b in blocks for a in b.arrays()])
-    return blocks
-
 
 @dataclass
 class Dense:
@@ -301,7 +240,7 @@ class Dense:
         return Dense(mx.concatenate([p.w for p in parts]))
 
 
-Weight = Quantized | Dense | ColumnPieces
+Weight = Quantized | Dense
 
 
 def _matrix_shape(tensor: PackedTensor) -> tuple[int, int]:
@@ -378,9 +317,8 @@ class Linear:
     """y = x @ W.T (+ b) over one or more weights whose outputs are concatenated (fused q|k|v, gate|up).
 
     Parts of the same form are joined into one weight at load, so a fused projection is one matmul; a
-    mixed checkpoint (Q4_K_M's Q6_K value weights) keeps one matmul per form, and on CUDA a weight past
-    QMV_LIMIT is cut to fit. Each part takes and gives `input_type` of its weight's type (float16 for
-    quantized weights on a GPU, float32 on the CPU).
+    mixed checkpoint (Q4_K_M's Q6_K value weights) keeps one matmul per form. Each part takes and gives
+    `input_type` of its weight's type (float16 for quantized weights on a GPU, float32 on the CPU).
     """
 
     def __init__(self, parts: list[Weight], bias: mx.array | None = None):
@@ -394,7 +332,6 @@ class Linear:
             run.append(part)
         self.parts.append(run[0] if len(run) == 1 else type(run[0]).concatenate(run))
         evaluate(*[a for p in self.parts for a in p.arrays()])
-        self.parts = [piece for part in self.parts for piece in fitted(part, QMV_LIMIT)]
         self.in_features = parts[0].shape[1]
         self.out_features = sum(p.shape[0] for p in self.parts)
 
