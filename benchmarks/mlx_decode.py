@@ -8,7 +8,8 @@ logits back to the sampler). The roofline is the bytes MLX reads per token (its 
 scales and biases) over the copy bandwidth measured in the same run. Variants, on the same loaded weights:
 
 - `step`: a decode step as a node and the single-process engine run it.
-- `async`: the same with mx.async_eval after each layer's attention (the GPU starts while Python builds the MLP).
+- `sync`: the same without the backend's mx.async_eval after each layer's attention (the whole graph is built,
+  then run).
 - `matmuls`: only the step's quantized matmuls, chained in one graph: what the kernels alone reach.
 Each prints the Python graph-building time and the time spent waiting for the device.
 """
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import duskpool.backends.mlx as mlx_backend  # noqa: E402
 from duskpool.backends import load_span  # noqa: E402
-from duskpool.backends.mlx import quant  # noqa: E402
+from duskpool.backends.mlx import ops, quant  # noqa: E402
 from duskpool.weights.gguf import GGUFFile  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -161,19 +162,6 @@ def check(model, path: Path) -> dict:
             "top5_overlap": top}
 
 
-def with_async_attention():
-    """Patch the backend's attention to start the layer so far on the device as soon as it is built."""
-    plain = mlx_backend.attention
-
-    def attention(*args, **kwargs):
-        out = plain(*args, **kwargs)
-        mx.async_eval(out)
-        return out
-
-    mlx_backend.attention = attention
-    return lambda: setattr(mlx_backend, "attention", plain)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="8b")
@@ -216,10 +204,10 @@ def main() -> None:
     variants = {}
     decode(model, 4)  # warm-up: kernels compiled, graphs cached
     variants["step"] = decode(model, args.tokens)
-    restore = with_async_attention()
+    ops.ASYNC = False
     decode(model, 4)
-    variants["async"] = decode(model, args.tokens)
-    restore()
+    variants["sync"] = decode(model, args.tokens)
+    ops.ASYNC = True
     variants["matmuls"] = matmuls_only(model, args.tokens)
     for name, figures in variants.items():
         figures["tok_s"] = 1000 / figures["ms_per_token"]

@@ -15,6 +15,8 @@ import numpy as np
 
 from duskpool.backends.mlx.quant import EVAL_LOCK
 
+ASYNC = True  # start each layer on the device from its attention (see above)
+
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     # x: [T, dim]
@@ -68,8 +70,9 @@ def attention(q: mx.array, keys: mx.array, values: mx.array, start: int, scale: 
         mask = (query >= key) & (query - key < window)
     out = mx.fast.scaled_dot_product_attention(by_head(q.astype(keys.dtype))[None], keys[None], values[None],
                                                scale=scale, mask=mask)
-    with EVAL_LOCK:  # the device starts on the layers so far while Python builds the rest of the step
-        mx.async_eval(out)
+    if ASYNC:
+        with EVAL_LOCK:  # the device starts on the layers so far while Python builds the rest of the step
+            mx.async_eval(out)
     return by_token(out[0])
 
 
