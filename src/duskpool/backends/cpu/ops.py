@@ -75,7 +75,9 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: 
     T, H, d = q.shape
     if scale is not None and scale != 1 / math.sqrt(d):
         q = q * (scale * math.sqrt(d))  # the kernels scale by 1/sqrt(d)
-    if window is not None and T == 1 and start + 1 > window:  # one query: its window is a slice of the cache
+    if window is not None and start + T <= window:  # every query sees every position: the window changes nothing
+        window = None
+    if window is not None and T == 1:  # one query: its window is a slice of the cache
         keys, values, start = keys[:, start + 1 - window:], values[:, start + 1 - window:], window - 1
         window = None
     lib = native.library() if use_c else None
