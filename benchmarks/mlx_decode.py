@@ -2,8 +2,8 @@
 
     python benchmarks/mlx_decode.py --shape 8b [--layers N] [--dir /tmp] [--tokens 64]
 
-Writes the model with gguf's writer (Q4_0 matrices, float32 norms; no tokenizer: the steps are fed their own
-greedy tokens), loads it with the MLX backend and times decode steps (embedding, every layer, the head, the
+Writes the model with gguf's writer (Q4_0 matrices, float32 norms, a made-up vocabulary; the steps are fed
+their own greedy tokens), loads it with the MLX backend and times decode steps (embedding, every layer, the head, the
 logits back to the sampler). The roofline is the bytes MLX reads per token (its 4-bit weights and float16
 scales and biases) over the copy bandwidth measured in the same run. Variants, on the same loaded weights:
 
@@ -61,6 +61,11 @@ def write_model(path: Path, dim: int, layers: int, heads: int, kv_heads: int, ff
     w.add_rope_freq_base(500000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
+    # a byte-level vocabulary of made-up tokens (no merges): enough for a gateway to load the file
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
 
     def matrix(name: str, rows: int, cols: int) -> None:
         w.add_tensor(name, noise[:rows * cols // 32 * 18].reshape(rows, cols // 32 * 18), raw_dtype=Q.Q4_0)
@@ -84,6 +89,10 @@ def write_model(path: Path, dim: int, layers: int, heads: int, kv_heads: int, ff
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def model_path(directory: Path, shape: str, layers: int) -> Path:
+    return directory / f"llama3-{shape}-{layers}l-q4_0.gguf"
 
 
 def copy_bandwidth(nbytes: int) -> float:
@@ -175,7 +184,7 @@ def main() -> None:
                         help="also compare a prefill's logits with the CPU backend's (float16 on a GPU vs float32)")
     args = parser.parse_args()
     shape = dict(SHAPES[args.shape], **({"layers": args.layers} if args.layers else {}))
-    path = args.dir / f"llama3-{args.shape}-{shape['layers']}l-q4_0.gguf"
+    path = model_path(args.dir, args.shape, shape["layers"])
     quant.RESIDUAL = getattr(mx, args.residual)
     report: dict = {"shape": args.shape, **shape, "device": mlx_backend.device(), "mlx": mx.__version__,
                     "residual": args.residual, "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")}}
