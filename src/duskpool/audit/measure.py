@@ -26,7 +26,10 @@ DEFAULT_MAX_SUFFIX = 2
 DEFAULT_CANDIDATES = 64
 CORPUS_TOKENS = 1536  # of the 2,974 in corpus.txt (SmolLM2's tokenizer): the subsample, for time
 RANDOM_SEQUENCES, WINDOW = 8, 128  # the attackers' random token sequences, and their text's window
-TOLERANCE = 1e-3  # SipIt: a candidate within this relative distance of the observed state is the token
+# SipIt takes a candidate whose state is this close (relative L2) to the observed one without trying more: the
+# true token's is within 1e-6 in float32, another's 3e-2 or more (SmolLM2, depths 1-4; the first position, which
+# every later one attends to, is the closest call); 16-bit wire formats round by up to 4e-3
+TOLERANCE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 1e-2}
 
 
 def run_audit(model: str | Path | None = None, max_prefix: int = DEFAULT_MAX_PREFIX,
@@ -46,30 +49,14 @@ def run_audit(model: str | Path | None = None, max_prefix: int = DEFAULT_MAX_PRE
     file = GGUFFile(Path(model) if model is not None else bundled_model_path())
     ops = BatchOps()
     edge = load_model(file, ops, range(0), embed=True, head=True)
-    spec = edge.spec
-    L, V = spec.n_layers, spec.vocab_size
+    L, V = edge.spec.n_layers, edge.spec.vocab_size
     K = max(0, min(max_prefix, L))
     S = None if max_suffix is None else max(0, min(max_suffix, L))
     last = L if S is not None else K  # the layers the sequences go through
     notes = [f"attackers know the public weights of every layer; SipIt tries the top {candidates} candidates of "
-             "the other two attackers, so a token ranked lower by both is out of its reach",
-             "chat-template tokens are public: not scored, and taken as known by SipIt"]
-
+             "the other two attackers, so a token ranked lower by both is out of its reach"]
     tokenizer = _tokenizer(file)
-    if held_out is not None:
-        samples = [texts.Sample(list(s), list(range(len(s))), []) for s in held_out]
-    elif tokenizer is not None:
-        samples = texts.held_out(tokenizer)
-    else:
-        samples = texts.random_samples(V, 4, 32, seed=1)
-        notes.append("the model has no tokenizer: held-out and training sequences are random token ids")
-    if training is not None:
-        corpus = [list(s) for s in training]
-    elif tokenizer is not None:
-        corpus = texts.windows(tokenizer.encode(texts.corpus()), WINDOW, corpus_tokens)
-        notes.append(f"subsample: the attackers' text is the first {sum(map(len, corpus))} tokens of corpus.txt")
-    else:
-        corpus = texts.random_sequences(V, 8, 64, seed=2)
+    samples, corpus = _texts(tokenizer, V, held_out, training, corpus_tokens, notes)
     noise = texts.random_sequences(V, random_sequences, WINDOW, seed=3)  # vocabulary coverage (prefix side)
 
     say(f"hidden states of {len(samples)} held-out and {len(corpus) + len(noise)} training sequences "
@@ -93,10 +80,10 @@ def run_audit(model: str | Path | None = None, max_prefix: int = DEFAULT_MAX_PRE
     def wire(h: torch.Tensor) -> torch.Tensor:  # what the node receives: the bytes the gateway sends
         return ops.from_bytes(ops.to_bytes(h, wire_dtype), h.shape[0], h.shape[1], wire_dtype)
 
-    truth = torch.tensor([t for s in samples for t in s.tokens])
     offsets = [sum(len(s.tokens) for s in samples[:i]) for i in range(len(samples))]
     scored = torch.tensor([o + p for o, s in zip(offsets, samples, strict=True) for p in s.scored])
     secret = torch.tensor([o + p for o, s in zip(offsets, samples, strict=True) for p in s.secret], dtype=torch.long)
+    truth = torch.tensor([t for s in samples for t in s.tokens])
 
     def score(guess: torch.Tensor, positions: torch.Tensor) -> float | None:
         return float((guess[positions] == truth[positions]).float().mean()) if len(positions) else None
@@ -104,39 +91,55 @@ def run_audit(model: str | Path | None = None, max_prefix: int = DEFAULT_MAX_PRE
     rows, examples = [], []
     vocab = attacks.embedding_table(edge, V)
     tables = attacks.propagate(vocab, prefix_layers, ops)
-    table = vocab
     train_tokens = torch.tensor([t for s in corpus + noise for t in s])
     for d in range(K + 1):
-        if d:
-            say(f"prefix depth {d}: the vocabulary through layer {d - 1}")
-            table = next(tables)
+        say(f"prefix depth {d}" + (f": the vocabulary through layer {d - 1}" if d else ""))
+        table = next(tables) if d else vocab
         observed = wire(torch.cat(held.at[d]))
         ranked = {"nearest": attacks.nearest(observed, table, candidates)}
         inverter = attacks.Inverter(torch.cat(own.at[d] + rand.at[d]), table[train_tokens])
         ranked["learned"] = attacks.nearest(inverter(observed), table, candidates)
-        say(f"prefix depth {d}: SipIt")
         merged = _interleave(ranked["nearest"], ranked["learned"], candidates)
         guesses = {name: r[:, 0] for name, r in ranked.items()}
-        guesses["sipit"] = torch.tensor([
-            t for s, o in zip(samples, offsets, strict=True) for t in attacks.sipit(
-                s.tokens, observed[o:o + len(s.tokens)], merged[o:o + len(s.tokens)],
-                set(range(len(s.tokens))) - set(s.scored), edge, prefix_layers[:d], ops, TOLERANCE)])
+        guesses["sipit"] = torch.tensor([t for s, o in zip(samples, offsets, strict=True) for t in attacks.sipit(
+            s.tokens, observed[o:o + len(s.tokens)], merged[o:o + len(s.tokens)], set(range(len(s.tokens))) -
+            set(s.scored), edge, prefix_layers[:d], ops, TOLERANCE[wire_dtype])])
         for name, guess in guesses.items():
             rows.append({"depth": d, "attacker": name, "recovery": score(guess, scored),
                          "secret_recovery": score(guess, secret)})
-            if tokenizer is not None and samples[0].secret:
+            if tokenizer is not None and samples[0].secret:  # what the attacker read of the PIN's prompt
                 examples.append({"depth": d, "attacker": name,
                                  "text": tokenizer.decode(guess[scored[:len(samples[0].scored)]].tolist())})
 
-    suffix_rows = []
-    if S is not None:
-        suffix_rows = _suffix(S, held, own, suffix_layers, edge, wire, scored)
+    suffix_rows = _suffix(S, held, own, suffix_layers, edge, wire, scored) if S is not None else []
     return AuditReport(
-        model=spec.name, architecture=spec.architecture, n_layers=L, vocab_size=V, rows=rows,
+        model=edge.spec.name, architecture=edge.spec.architecture, n_layers=L, vocab_size=V, rows=rows,
         suffix_rows=suffix_rows, tokens=len(scored), secret_tokens=len(secret), sequences=len(samples),
         training_tokens=sum(map(len, corpus + noise)), candidates=candidates, wire_dtype=wire_dtype,
         seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu_started, notes=notes,
         examples=examples)
+
+
+def _texts(tokenizer: Tokenizer | None, vocab_size: int, held_out: Sequence[Sequence[int]] | None,
+           training: Sequence[Sequence[int]] | None, corpus_tokens: int,
+           notes: list[str]) -> tuple[list[texts.Sample], list[list[int]]]:
+    """The sequences attacked and the attackers' own text, as given, else the shipped ones, else random ids."""
+    if held_out is not None:
+        samples = [texts.Sample(list(s), list(range(len(s))), []) for s in held_out]
+    elif tokenizer is not None:
+        samples = texts.held_out(tokenizer)
+        notes.append("chat-template tokens are public: not scored, and taken as known by SipIt")
+    else:
+        samples = texts.random_samples(vocab_size, 4, 32, seed=1)
+        notes.append("the model has no tokenizer: held-out and training sequences are random token ids")
+    if training is not None:
+        corpus = [list(s) for s in training]
+    elif tokenizer is not None:
+        corpus = texts.windows(tokenizer.encode(texts.corpus()), WINDOW, corpus_tokens)
+        notes.append(f"subsample: the attackers' text is the first {sum(map(len, corpus))} tokens of corpus.txt")
+    else:
+        corpus = texts.random_sequences(vocab_size, 8, 64, seed=2)
+    return samples, corpus
 
 
 def _suffix(S: int, held: "_Depths", own: "_Depths", suffix_layers: list[SpanModel], edge: SpanModel,
