@@ -94,3 +94,34 @@ def test_an_ended_session_leaves_nothing_in_memory(tmp_path):
     node.sessions["s"] = Session("peer", 16, caches={("m", 0, 2): cache})
     assert node.end_session("s") and "s" not in node.sessions
     assert torch.count_nonzero(cache.k) == 0 and torch.count_nonzero(cache.v) == 0
+
+
+class RecordedAssertion:
+    """Stands in for the Mac's sleep assertion (tests/idle/test_awake.py checks the real IOKit calls)."""
+
+    error = None
+
+    def __init__(self):
+        self.held = False
+
+    def acquire(self) -> bool:
+        self.held = True
+        return True
+
+    def release(self) -> None:
+        self.held = False
+
+
+def test_the_machine_is_kept_awake_while_lent_and_let_sleep_once_handed_back(node):
+    node.awake = RecordedAssertion()
+    t = 1000.0
+    node.update_lending(AWAY, t)
+    assert node.awake.held, "lent: the machine must not idle-sleep under a request"
+    node.sessions["a"] = Session("peer", 64)
+    assert node.update_lending(BACK, t + 2).lending is Lending.DRAINING and node.awake.held  # finishing its work
+    node.end_session("a")
+    assert node.update_lending(BACK, t + 4).lending is Lending.UNAVAILABLE and not node.awake.held
+    node.update_lending(AWAY, t + 10)
+    assert node.update_lending(AWAY, t + 45).lending is Lending.AVAILABLE and node.awake.held
+    node.close()
+    assert not node.awake.held

@@ -24,7 +24,7 @@ from duskpool.cluster import transfer, wire
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.transport import Pusher, Pushers, deliver_stream, forward_stream, start_server
-from duskpool.idle import Lending, LendPolicy, LendState, MachineState, probe, step
+from duskpool.idle import Lending, LendPolicy, LendState, MachineState, SleepAssertion, probe, step
 from duskpool.models import KVCache, SpanModel
 from duskpool.security import NodeIdentity, peer_fingerprint, peer_is_gateway
 from duskpool.weights.progress import Progress
@@ -60,6 +60,8 @@ class NodeService(pb_grpc.NodeServicer):
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.memory_limit = memory_limit
         self.node_id = node_id or f"{platform.node()}-{uuid.uuid4().hex[:6]}"
+        self.awake = SleepAssertion(f"duskpool node {self.node_id}: serving the pool")  # held while lent
+        self._told_awake_error: str | None = None
         self.spans: dict[tuple[str, int, int], SpanModel] = {}
         self.span_bytes: dict[tuple[str, int, int], int] = {}
         self.sessions: dict[str, Session] = {}
@@ -243,6 +245,11 @@ class NodeService(pb_grpc.NodeServicer):
             in_flight = len(self.sessions)
         old, new = self.lend_state, step(self.lend_state, machine, now, in_flight, self.policy)
         self.lend_state = new
+        if new.lending is Lending.UNAVAILABLE:
+            self.awake.release()
+        elif not self.awake.acquire() and self.awake.error != self._told_awake_error:  # a Mac may sleep mid-request
+            self._told_awake_error = self.awake.error
+            print(f"duskpool node: cannot keep this machine awake while lent: {self.awake.error}", file=sys.stderr)
         if new.lending is not old.lending:
             status = "SERVING" if new.lending is Lending.AVAILABLE else "NOT_SERVING"
             self.health.set("", getattr(health_pb2.HealthCheckResponse, status))
@@ -272,6 +279,7 @@ class NodeService(pb_grpc.NodeServicer):
             self.end_session(sid)
 
     def close(self) -> None:
+        self.awake.release()
         self._next_nodes.close()
         self._sinks.close()
 

@@ -34,7 +34,8 @@ KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 1000), ("grpc.keepalive_timeout_
 GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)] + KEEPALIVE_OPTIONS
 # servers must accept pings that often (by default they allow one per 5 minutes without data, then hang up)
-SERVER_OPTIONS = GRPC_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 500),
+# so_reuseport off: by default a second server binds a port that a first one holds, and steals half its calls
+SERVER_OPTIONS = GRPC_OPTIONS + [("grpc.so_reuseport", 0), ("grpc.http2.min_ping_interval_without_data_ms", 500),
                                  ("grpc.http2.max_ping_strikes", 0)]
 
 # what start_server registers, by the servicer's base class
