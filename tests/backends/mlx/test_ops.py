@@ -71,10 +71,13 @@ def test_hidden_states_cross_the_wire_as_the_cpu_backend_writes_them(dtype):
     assert torch.equal(as_torch(mlx_backend.from_bytes(data, 3, 576, dtype)), cpu.from_bytes(data, 3, 576, dtype))
 
 
-def test_a_hidden_state_with_nan_is_refused():
-    data = np.full((1, 8), np.nan, dtype=np.float32).tobytes()
-    with pytest.raises(ValueError, match="NaN"):
-        mlx_backend.from_bytes(data, 1, 8, "float32")
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_hidden_state_that_is_not_finite_is_refused(dtype, bad):
+    hidden = torch.ones(2, 8)
+    hidden[1, 3] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        mlx_backend.from_bytes(cpu.to_bytes(hidden, dtype), 2, 8, dtype)
 
 
 def test_the_cache_is_written_in_place_and_read_up_to_the_end():
