@@ -40,7 +40,7 @@ LEND_POLL_S = 2.0  # how often the node looks whether its owner is back
 
 @dataclass
 class Session:
-    peer: str  # who opened it (certificate fingerprint, or address without TLS): sessions are counted per peer
+    peer: str  # who opened it (certificate fingerprint, or host without TLS): only it may send the session more
     context: int
     caches: dict[tuple[str, int, int], KVCache] = field(default_factory=dict)
     filled: dict[tuple[str, int, int], int] = field(default_factory=dict)  # positions written, per span
@@ -64,6 +64,7 @@ class NodeService(pb_grpc.NodeServicer):
         self._told_awake_error: str | None = None
         self.spans: dict[tuple[str, int, int], SpanModel] = {}
         self.span_bytes: dict[tuple[str, int, int], int] = {}
+        self.span_manifests: dict[tuple[str, int, int], pb.SpanManifest] = {}  # what each span was loaded from
         self.sessions: dict[str, Session] = {}
         self.ms_per_layer = 0.0
         self.weight_bytes_received = 0  # total over the node's life: a warm cache keeps it at 0
@@ -102,10 +103,18 @@ class NodeService(pb_grpc.NodeServicer):
 
     # --- LoadSpan ---------------------------------------------------------------------------------
     def LoadSpan(self, request_iterator: Iterator[pb.LoadSpanRequest], context) -> Iterator[pb.LoadSpanReply]:
-        """The span's manifest in, the tensors the store lacks out, then those tensors in: the span serves."""
+        """The span's manifest in, the tensors the store lacks out, then those tensors in: the span serves.
+        Only the gateway loads spans, and a span once loaded is never replaced: the same manifest again is
+        answered at once (nothing to send), another one for the same layers of the same model refused."""
+        self._require_gateway(context, "load spans")
         manifest = transfer.read_manifest(request_iterator, context)
         span_bytes = sum(t.nbytes for t in manifest.tensors)
         key = (manifest.model_hash, manifest.start, manifest.stop)
+        if key in self.spans:
+            self._check_same_span(key, manifest, context)
+            yield pb.LoadSpanReply(missing=[])
+            yield pb.LoadSpanReply(ready=True, received_bytes=0, ms_per_layer=self.ms_per_layer)
+            return
         if key not in self.spans and self.memory_limit is not None and span_bytes > self.free_bytes():
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"span needs {span_bytes / 1e9:.2f} GB, this node has {self.free_bytes() / 1e9:.2f} GB free")
@@ -118,8 +127,11 @@ class NodeService(pb_grpc.NodeServicer):
         model = backends.load_span(transfer.stored_model(self.store, manifest), range(manifest.start, manifest.stop),
                                    embed=False, head=False, backend_name=self.backend.NAME)
         with self._lock:
+            if key in self.spans:  # loaded meanwhile by another call
+                self._check_same_span(key, manifest, context)
             self.spans[key] = model
             self.span_bytes[key] = span_bytes
+            self.span_manifests[key] = manifest
         with self._compute:
             self.ms_per_layer = model.ms_per_layer()
         print(f"duskpool node: serving layers [{manifest.start}, {manifest.stop}) of model "
@@ -127,12 +139,23 @@ class NodeService(pb_grpc.NodeServicer):
               file=sys.stderr, flush=True)
         yield pb.LoadSpanReply(ready=True, received_bytes=received, ms_per_layer=self.ms_per_layer)
 
+    def _check_same_span(self, key: tuple[str, int, int], manifest: pb.SpanManifest, context) -> None:
+        if self.span_manifests.get(key) != manifest:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"layers [{key[1]}, {key[2]}) of model {key[0][:12]} are loaded here already, with other "
+                          "tensors: a loaded span is never replaced")
+
+    def _require_gateway(self, context, what: str) -> None:
+        """Abort the call unless the pool's gateway makes it (any member may send hidden states, not commands)."""
+        if self.identity is not None and not peer_is_gateway(context):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"only the gateway may {what}")
+
     # --- Forward ----------------------------------------------------------------------------------
     def Forward(self, request_iterator: Iterator[pb.ForwardRequest], context) -> Iterator[pb.Result]:
         """Every message is checked against its session before any compute; a bad one gets an error Result
         (its own, not the stream's: one stream carries many sessions) and the node goes on serving. Results
         go to the request's sink; only a request whose route or sink cannot be trusted is answered here."""
-        peer = peer_fingerprint(context) or context.peer()
+        peer = peer_fingerprint(context) or context.peer().rpartition(":")[0]  # without TLS: its host
         for request in request_iterator:
             try:
                 check_route(request)
@@ -165,6 +188,8 @@ class NodeService(pb_grpc.NodeServicer):
             session = self.sessions.get(request.session_id)
             if session is None:
                 session = self._open_session(request, peer)
+            elif session.peer != peer:  # bound to who opened it: the gateway, or the route's previous node
+                raise ValueError(f"session {request.session_id[:12]} belongs to another sender")
             if session.context != request.context:
                 raise ValueError(f"session {request.session_id[:12]} has a context of {session.context}, "
                                  f"not {request.context}")
@@ -221,6 +246,7 @@ class NodeService(pb_grpc.NodeServicer):
 
     # --- sessions ---------------------------------------------------------------------------------
     def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionReply:
+        self._require_gateway(context, "end sessions")
         return pb.EndSessionReply(existed=self.end_session(request.session_id))
 
     def end_session(self, session_id: str) -> bool:
@@ -233,8 +259,7 @@ class NodeService(pb_grpc.NodeServicer):
         return True
 
     def SetRevoked(self, request: pb.RevokedList, context) -> pb.RevokedReply:
-        if self.identity is not None and not peer_is_gateway(context):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "only the gateway may revoke members")
+        self._require_gateway(context, "revoke members")
         self.revoked = frozenset(request.fingerprints)
         return pb.RevokedReply()
 

@@ -1,0 +1,168 @@
+"""Attacks on a real local pool over mutual TLS, by a member holding an ordinary certificate of the pool
+(made here, as `duskpool join` would give one): each is refused, and the pool's answers stay what they were."""
+
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from queue import Empty, SimpleQueue
+
+import grpc
+import pytest
+import torch
+
+from duskpool.cluster import wire
+from duskpool.cluster.gateway import Gateway, RemoteSession
+from duskpool.cluster.node import NodeService
+from duskpool.cluster.proto import duskpool_pb2 as pb
+from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
+from duskpool.cluster.transport import open_channel, start_server
+from duskpool.security import NodeIdentity, local_pool
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Name a fruit."
+STEPS = 6
+
+
+class Pool:
+    """Two in-process nodes serving over mTLS, a gateway over them, and an attacker's member certificate."""
+
+    def __init__(self, root: Path, model: Path):
+        self.local = local_pool(2, root=root / "pool", address=None)
+        self.attacker: NodeIdentity = self.local.pool.issue_identity("mallory")
+        self.nodes = [NodeService(root / f"node-{i}", identity=identity)
+                      for i, identity in enumerate(self.local.nodes)]
+        self.servers = [start_server(node, "127.0.0.1", 0, node.identity, lambda fp, n=node: fp in n.revoked)
+                        for node in self.nodes]
+        self.addresses = [f"127.0.0.1:{port}" for _, port in self.servers]
+        self.gateway = Gateway.start(model, self.addresses, identity=self.local.gateway, pool=self.local.pool,
+                                     context_length=128, even_split=True, progress=False)
+        self.prompt = self.gateway.tokenizer.encode(
+            self.gateway.tokenizer.render_chat([{"role": "user", "content": PROMPT}]))
+        self.answer = self.greedy()
+
+    def greedy(self, attack: Callable[[RemoteSession], None] | None = None) -> list[int]:
+        """STEPS greedy tokens of PROMPT; `attack(session)` runs after the second step, mid-generation."""
+        session = self.gateway.open_session(len(self.prompt) + STEPS)
+        try:
+            tokens, position, step_input = [], 0, self.prompt
+            for i in range(STEPS):
+                logits = session.forward(step_input, position)
+                position += len(step_input)
+                tokens.append(int(torch.argmax(logits)))
+                step_input = tokens[-1:]
+                if i == 1 and attack is not None:
+                    attack(session)
+            return tokens
+        finally:
+            session.close()
+
+    def stub(self, address: str, identity: NodeIdentity) -> pb_grpc.NodeStub:
+        return pb_grpc.NodeStub(open_channel(address, identity))
+
+    def close(self) -> None:
+        self.gateway.close()
+        for (server, _), node in zip(self.servers, self.nodes, strict=True):
+            server.stop(grace=0)
+            node.close()
+        self.local.close()
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, bundled_model) -> Iterator[Pool]:
+    pool = Pool(tmp_path_factory.mktemp("attacks"), bundled_model)
+    yield pool
+    pool.close()
+
+
+class Sink(pb_grpc.SinkServicer):
+    """The attacker's own sink: whatever a node sends it (a stolen hidden state, or its refusal)."""
+
+    def __init__(self):
+        self.delivered: SimpleQueue = SimpleQueue()
+
+    def Deliver(self, request_iterator, context):
+        for result in request_iterator:
+            self.delivered.put(result)
+        return pb.Delivered()
+
+
+def denied(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value.code()
+
+
+# --- authority: only the gateway commands a node ------------------------------------------------------
+def test_a_member_cannot_load_a_span(pool):
+    """The real manifest with one tensor zeroed, sent by a member: refused before anything is read."""
+    address = pool.addresses[0]
+    span = pool.gateway.route[0].span
+    manifest = pb.SpanManifest()
+    manifest.CopyFrom(pool.gateway.weights.manifests[span])
+    entry = manifest.tensors[0]
+    zeros = bytes(entry.nbytes)
+    entry.sha256 = hashlib.sha256(zeros).hexdigest()
+
+    def requests():
+        yield pb.LoadSpanRequest(manifest=manifest)
+        yield pb.LoadSpanRequest(chunk=pb.TensorChunk(sha256=entry.sha256, offset=0, data=zeros))
+
+    stub = pool.stub(address, pool.attacker)
+    assert denied(lambda: list(stub.LoadSpan(requests(), timeout=30))) == grpc.StatusCode.PERMISSION_DENIED
+    assert pool.greedy() == pool.answer
+
+
+def test_a_loaded_span_is_never_replaced_in_place(pool):
+    """Even the gateway's certificate cannot swap the tensors of a span a node serves; the same manifest is
+    answered at once (nothing to send), a different one refused."""
+    address = pool.addresses[0]
+    span = pool.gateway.route[0].span
+    real = pool.gateway.weights.manifests[span]
+    stub = pool.stub(address, pool.local.gateway)
+    replies = list(stub.LoadSpan(iter([pb.LoadSpanRequest(manifest=real)]), timeout=30))
+    assert [list(r.missing) for r in replies if not r.ready] == [[]] and replies[-1].ready
+
+    changed = pb.SpanManifest()
+    changed.CopyFrom(real)
+    changed.tensors[0].sha256 = hashlib.sha256(b"other").hexdigest()
+    code = denied(lambda: list(stub.LoadSpan(iter([pb.LoadSpanRequest(manifest=changed)]), timeout=30)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert pool.greedy() == pool.answer
+
+
+def test_a_member_cannot_end_another_session(pool):
+    def end(session: RemoteSession) -> None:
+        for address in pool.addresses:
+            stub = pool.stub(address, pool.attacker)
+            code = denied(lambda s=stub: s.EndSession(pb.EndSessionRequest(session_id=session.id), timeout=5))
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert all(session.id in node.sessions for node in pool.nodes)
+
+    assert pool.greedy(end) == pool.answer
+    assert not pool.gateway.recoveries  # the session was never cut off
+
+
+def test_a_member_cannot_write_into_or_read_from_another_session(pool):
+    """Knowing a live session's id, a member sends its own hidden state at position 0 (to overwrite the KV
+    cache) with its own sink (to read the output): each node refuses, and the session's answer is unchanged."""
+    sink = Sink()
+    sink_server, port = start_server(sink, "127.0.0.1", 0, pool.attacker, lambda fp: False)
+
+    def overwrite(session: RemoteSession) -> None:
+        for stage in session.route:
+            hidden = wire.to_wire(pool.gateway.prefix_model, torch.randn(len(pool.prompt), pool.gateway.spec.dim))
+            request = pb.ForwardRequest(session_id=session.id, step=99, position=0, context=session.capacity,
+                                        hidden=hidden, model_hash=pool.gateway.model_hash,
+                                        route=wire.stages_to_wire((stage,)), sink=f"127.0.0.1:{port}")
+            list(pool.stub(stage.address, pool.attacker).Forward(iter([request]), timeout=10))
+            result = sink.delivered.get(timeout=10)
+            assert result.WhichOneof("outcome") == "error" and "another sender" in result.error, result
+
+    try:
+        assert pool.greedy(overwrite) == pool.answer
+        with pytest.raises(Empty):
+            sink.delivered.get(timeout=0.2)
+    finally:
+        sink_server.stop(grace=0)
+    assert not pool.gateway.recoveries
