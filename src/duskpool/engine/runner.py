@@ -4,7 +4,7 @@ cluster's gateway is the same interface over a route of nodes."""
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -95,15 +95,6 @@ class Engine:
         return torch.nn.functional.normalize(total / len(tokens), dim=0).float()
 
 
-def final_norm(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's last norm (what its head applies before the output projection), without the projection.
-    A family that names it `final_norm` is asked; otherwise the RMS norm Llama-shaped families hold as
-    `norm` (`SpanModel` has no such method yet: models/ owns that protocol)."""
-    if callable(getattr(model, "final_norm", None)):
-        return model.final_norm(hidden)
-    return model.ops.rms_norm(hidden, model.norm, model.config.norm_eps)
-
-
 class LocalSession:
     def __init__(self, model: SpanModel, capacity: int):
         self.model, self.cache = model, model.new_cache(capacity)
@@ -113,7 +104,7 @@ class LocalSession:
         return self.model.head(hidden[-1:])[0]
 
     def final_hidden(self, tokens: list[int], start: int) -> torch.Tensor:
-        return final_norm(self.model, self.model.forward_span(self.model.embed(tokens), self.cache, start))
+        return self.model.final_norm(self.model.forward_span(self.model.embed(tokens), self.cache, start))
 
     def close(self) -> None:
         self.cache.clear()
@@ -137,4 +128,4 @@ class LocalEngine(Engine):
 
 
 __all__ = ["DEFAULT_CONTEXT", "EmbeddingsUnsupported", "Engine", "HiddenSession", "LocalEngine", "LocalSession",
-           "Session", "final_norm"]
+           "Session"]

@@ -6,8 +6,12 @@
   variants as parameters (RoPE pairing, attention scale and window, activation, projection bias), so a
   family that differs from Llama in one choice sets a config field instead of forking a kernel.
 - `SpanModel`: the contract the engine and the cluster drive. `Span` implements it for every family
-  from the family's `embed`, `forward_span` and `head`; the rest (caches, wire bytes, the speed probe)
+  from the family's `embed`, `forward` and `head`; the rest (caches, wire bytes, the speed probe)
   is the backend's.
+- `Batch`: the sessions one forward computes together (continuous batching). Their rows go through every
+  projection and MLP as one matrix; `Batch` is the one place they are split, for what each session has of
+  its own: its positions (RoPE) and its KV cache (attention). A family hands it q, k, v and gets the
+  attention back, so a family file never loops over sessions.
 """
 
 import time
@@ -52,6 +56,9 @@ class KVCache(Protocol):
     def clear(self) -> None:
         """Zero the buffers, so nothing of the session outlives it."""
 
+    def truncate(self, length: int) -> None:
+        """Zero positions length.. (a rejected speculative draft leaves no trace)."""
+
 
 class Embedding(Protocol):
     def rows(self, tokens: Sequence[int]) -> Array:
@@ -91,6 +98,9 @@ class Ops(Protocol):
     def gated(self, gate_up: Array, activation: str) -> Array:
         """act(gate) * up for gate_up [T, 2F] = [gate | up]; `activation`: "silu" or "gelu_tanh"."""
 
+    def concat(self, parts: list[Array]) -> Array:
+        """The arrays one after the other along their first axis (the rows of a batch's sessions)."""
+
     # what the backend owns
     def new_cache(self, layers: range, n_kv_heads: int, head_dim: int, capacity: int) -> KVCache: ...
 
@@ -115,6 +125,9 @@ class SpanModel(Protocol):
     def forward_span(self, hidden: Array, cache: KVCache, start: int) -> Array:
         """hidden [T, dim] at positions start..start+T through every layer held."""
 
+    def final_norm(self, hidden: Array) -> Array:
+        """The norm the head applies before its projection (the states embeddings are pooled from)."""
+
     def head(self, hidden: Array) -> torch.Tensor:
         """hidden [T, dim] -> logits [T, vocab]."""
 
@@ -131,8 +144,55 @@ class SpanModel(Protocol):
         """Measured time of one decode step through one layer (the planner's speed estimate)."""
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One session's rows of a batch: positions start..start+length, attending over its own `cache`."""
+    cache: KVCache
+    start: int
+    length: int
+
+
+class Batch:
+    """The sessions of one forward: their rows concatenated [rows, ...] in the order of `segments`.
+
+    Everything row-wise (projections, norms, the MLP) runs over all rows at once; `rope` and `attention`
+    split them here, each session with its own positions and KV cache. One session is the plain path."""
+
+    def __init__(self, ops: Ops, segments: Sequence[Segment]):
+        self.ops, self.segments = ops, list(segments)
+        self.rows = sum(s.length for s in self.segments)
+        self._rotations: dict[int, list[Any]] = {}  # per RoPE frequency table (Gemma 3 has two), per session
+
+    def split(self, x: Array) -> list[Array]:
+        """x [rows, ...] -> each session's rows."""
+        parts, first = [], 0
+        for segment in self.segments:
+            parts.append(x[first:first + segment.length])
+            first += segment.length
+        return parts
+
+    def rope(self, heads: Array, freqs: np.ndarray, pairing: str) -> Array:
+        """heads [rows, n, head_dim], each session's rotated by its own positions (see Ops.rope)."""
+        rotations = self._rotations.get(id(freqs))
+        if rotations is None:
+            rotations = self._rotations[id(freqs)] = [self.ops.rotations(s.start, s.length, freqs)
+                                                      for s in self.segments]
+        if len(self.segments) == 1:
+            return self.ops.rope(heads, rotations[0], pairing)
+        return self.ops.concat([self.ops.rope(part, r, pairing) for part, r in zip(self.split(heads), rotations)])
+
+    def attention(self, layer: int, q: Array, k: Array, v: Array, scale: float, window: int | None) -> Array:
+        """Each session's k, v [T, Hk, d] stored in its cache, then its queries q [T, H, d] attend over the
+        keys and values it holds (Ops.attention). Returns [rows, H, d]."""
+        out = []
+        for segment, q_part, k_part, v_part in zip(self.segments, self.split(q), self.split(k), self.split(v)):
+            keys, values = segment.cache.update(layer, segment.start, k_part, v_part)
+            out.append(self.ops.attention(q_part, keys, values, segment.start, scale, window))
+        return out[0] if len(out) == 1 else self.ops.concat(out)
+
+
 class Span:
-    """`SpanModel` for any family: a family subclasses it and writes `__init__`, `embed`, `forward_span`
+    """`SpanModel` for any family: a family subclasses it and writes `__init__`, `embed`, `forward`
     and `head` against `self.ops`; its class methods name its config and its tensors."""
 
     config_class: ClassVar[type]
@@ -149,6 +209,16 @@ class Span:
     def tensors_for(cls, config: Any, layers: range, embed: bool, head: bool, present: Iterable[str]) -> list[str]:
         """The tensors a span of `layers` (with the embedding and/or head) reads; `present`: the file's."""
         raise NotImplementedError
+
+    def forward(self, hidden: Array, batch: Batch) -> Array:
+        """hidden [batch.rows, dim] through every layer held (the family's)."""
+        raise NotImplementedError
+
+    def forward_span(self, hidden: Array, cache: KVCache, start: int) -> Array:
+        return self.forward(hidden, Batch(self.ops, [Segment(cache, start, hidden.shape[0])]))
+
+    def forward_batch(self, hidden: Array, segments: Sequence[Segment]) -> Array:
+        return self.forward(hidden, Batch(self.ops, segments))
 
     def new_cache(self, capacity: int) -> KVCache:
         return self.ops.new_cache(self.layers, self.n_kv_heads, self.head_dim, capacity)

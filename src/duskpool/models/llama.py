@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from duskpool.models.base import Array, KVCache, ModelSpec, Ops, Span
+from duskpool.models.base import Array, Batch, ModelSpec, Ops, Span
 from duskpool.weights.gguf import ModelFileError, PackedTensor
 
 TOKEN_EMBEDDING = "token_embd.weight"
@@ -106,13 +106,12 @@ class Attention:
         bias = [w["bq"], w["bk"], w["bv"]] if config.qkv_bias else None
         self.wqkv, self.wo = ops.linear([w["wq"], w["wk"], w["wv"]], bias), ops.linear([w["wo"]])
 
-    def __call__(self, x: Array, rope: Any, cache: KVCache, layer: int, start: int) -> Array:
-        c, T = self.config, x.shape[0]
+    def __call__(self, x: Array, batch: Batch, layer: int, rope_freqs: np.ndarray) -> Array:
+        c, T = self.config, x.shape[0]  # x: [T, dim], the rows of every session in the batch
         H, Hk = c.n_heads, c.n_kv_heads
         heads = self.wqkv(x).reshape(T, H + 2 * Hk, c.head_dim)  # q | k | v heads of each token
-        qk = self.ops.rope(heads[:, :H + Hk], rope, c.rope_pairing)  # q and k heads rotate alike
-        keys, values = cache.update(layer, start, qk[:, H:], heads[:, H + Hk:])
-        out = self.ops.attention(qk[:, :H], keys, values, start, c.attention_scale, c.sliding_window)
+        qk = batch.rope(heads[:, :H + Hk], rope_freqs, c.rope_pairing)  # q and k heads rotate alike
+        out = batch.attention(layer, qk[:, :H], qk[:, H:], heads[:, H + Hk:], c.attention_scale, c.sliding_window)
         return self.wo(out.reshape(T, H * c.head_dim))
 
 
@@ -133,8 +132,8 @@ class Block:
         self.attn_norm, self.ffn_norm = ops.vector(w["attn_norm"]), ops.vector(w["ffn_norm"])
         self.attention, self.mlp = self.attention_class(config, ops, w), MLP(config, ops, w)
 
-    def __call__(self, x: Array, rope: Any, cache: KVCache, layer: int, start: int) -> Array:
-        h = x + self.attention(self.ops.rms_norm(x, self.attn_norm, self.eps), rope, cache, layer, start)
+    def __call__(self, x: Array, batch: Batch, layer: int, rope_freqs: np.ndarray) -> Array:
+        h = x + self.attention(self.ops.rms_norm(x, self.attn_norm, self.eps), batch, layer, rope_freqs)
         return h + self.mlp(self.ops.rms_norm(h, self.ffn_norm, self.eps))
 
 
@@ -184,13 +183,15 @@ class Llama(Span):
     def embed(self, tokens: Sequence[int]) -> Array:
         return self.embedding.rows(tokens)  # [T] -> [T, dim]
 
-    def forward_span(self, hidden: Array, cache: KVCache, start: int) -> Array:
-        # hidden: [T, dim] at positions start..start+T
-        rope = self.ops.rotations(start, hidden.shape[0], self.rope_freqs)
+    def forward(self, hidden: Array, batch: Batch) -> Array:
+        # hidden: [T, dim], each session's rows at its own positions (models/base.py Batch)
         for layer, block in zip(self.layers, self.blocks, strict=True):
-            hidden = block(hidden, rope, cache, layer, start)
+            hidden = block(hidden, batch, layer, self.rope_freqs)
         return hidden
+
+    def final_norm(self, hidden: Array) -> Array:
+        return self.ops.rms_norm(hidden, self.norm, self.config.norm_eps)
 
     def head(self, hidden: Array) -> Array:
         # hidden: [T, dim] -> logits [T, vocab]
-        return self.ops.logits(self.output(self.ops.rms_norm(hidden, self.norm, self.config.norm_eps)))
+        return self.ops.logits(self.output(self.final_norm(hidden)))
