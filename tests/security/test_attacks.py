@@ -166,3 +166,24 @@ def test_a_member_cannot_write_into_or_read_from_another_session(pool):
     finally:
         sink_server.stop(grace=0)
     assert not pool.gateway.recoveries
+
+
+def test_the_sink_takes_a_hidden_state_only_from_the_steps_last_node(pool):
+    """A member not on the route, and a node of the route that is not its last, deliver a forged hidden state
+    for a step in flight: the step does not take it; the last node's own delivery it takes."""
+    gateway = pool.gateway
+    route = tuple(gateway.route)
+    forged = pb.Result(session_id="in-flight", step=1,
+                       hidden=wire.to_wire(gateway.prefix_model, torch.zeros(1, gateway.spec.dim)))
+    future = gateway.sink.expect("in-flight", 1, route)
+    try:
+        for identity in (pool.attacker, pool.local.nodes[0]):
+            with open_channel(gateway.sink_address, identity) as channel:
+                pb_grpc.SinkStub(channel).Deliver(iter([forged]), timeout=5)
+        assert not future.done() and gateway.sink.refused >= 2
+        with open_channel(gateway.sink_address, pool.local.nodes[1]) as channel:  # the route's last node
+            pb_grpc.SinkStub(channel).Deliver(iter([forged]), timeout=5)
+        assert future.result(timeout=5).data == forged.hidden.data
+    finally:
+        gateway.sink.forget("in-flight", 1)
+    assert pool.greedy() == pool.answer

@@ -18,7 +18,7 @@ failed step's logits: the generate loop never notices.
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -39,7 +39,7 @@ from duskpool.engine.generate import PREFILL_CHUNK
 from duskpool.engine.runner import DEFAULT_CONTEXT, Engine, load_tokenizer
 from duskpool.engine.tokenizer import Tokenizer
 from duskpool.models import ModelSpec, SpanModel
-from duskpool.security import NodeIdentity, PoolState
+from duskpool.security import NodeIdentity, PoolState, peer_fingerprint
 from duskpool.weights.gguf import GGUFFile
 
 STEP_TIMEOUT_S = 300.0  # a step still unanswered after this is an error (dead nodes are noticed far sooner)
@@ -58,15 +58,19 @@ class Recovery:
 
 class Sink(pb_grpc.SinkServicer):
     """Where every step ends: nodes deliver its Result here (the last node its hidden state, any node its
-    failure), and the step waiting for it wakes."""
+    failure), and the step waiting for it wakes. Over TLS a Result counts only from a node of its step's route:
+    a hidden state from the last one, an error from any (`fingerprint_at` says whose certificate is where)."""
 
     def __init__(self):
         self._pending: dict[tuple[str, int], tuple[Future, tuple[RouteStage, ...]]] = {}
         self._lock = threading.Lock()
+        self.fingerprint_at: Callable[[str], str | None] = lambda address: None
+        self.refused = 0  # Results from a sender not on their step's route
 
     def Deliver(self, request_iterator: Iterator[pb.Result], context) -> pb.Delivered:
+        sender = peer_fingerprint(context)  # None without TLS
         for result in request_iterator:
-            self.deliver(result)
+            self.deliver(result, sender)
         return pb.Delivered()
 
     def expect(self, session_id: str, step: int, stages: tuple[RouteStage, ...]) -> Future:
@@ -80,11 +84,17 @@ class Sink(pb_grpc.SinkServicer):
         with self._lock:
             self._pending.pop((session_id, step), None)
 
-    def deliver(self, result: pb.Result) -> None:
+    def deliver(self, result: pb.Result, sender: str | None = None) -> None:
+        """`sender`: the fingerprint of the node that sent it (None: a reply on the gateway's own stream)."""
         with self._lock:
             future, stages = self._pending.get((result.session_id, result.step), (None, ()))
         if future is None:
             return  # a step that gave up already (timed out, or failed through a node gone)
+        if sender is not None:
+            allowed = stages[-1:] if result.HasField("hidden") else stages
+            if sender not in [self.fingerprint_at(s.address) for s in allowed]:
+                self.refused += 1
+                return
         if result.HasField("hidden"):
             _settle(future, result=result.hidden)
         else:
@@ -172,6 +182,7 @@ class Gateway(Engine):
             raise
         members = Membership(clients, plan, model, config, weights, on_gone=sink.fail_through, identity=identity,
                              pool=pool, even=even_split, replicas=replicas)
+        sink.fingerprint_at = members.fingerprint_at
         gateway = cls(spec=spec, tokenizer=tokenizer, context_length=context_length, plan=plan,
                       members=members, weights=weights, prefix_model=prefix_model, suffix_model=suffix_model,
                       sink=sink, sink_server=sink_server, sink_address=f"{sink_host}:{port}", identity=identity,

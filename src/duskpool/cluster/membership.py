@@ -26,7 +26,7 @@ from duskpool.cluster.transfer import WeightSender
 from duskpool.cluster.transport import open_channel
 from duskpool.cluster.wire import DTYPE_BYTES
 from duskpool.models import ModelSpec
-from duskpool.security import NodeIdentity, PoolState
+from duskpool.security import NodeIdentity, PoolState, server_fingerprint
 
 REVOCATION_POLL_S = 5.0  # how soon nodes hear of a member revoked with `duskpool nodes revoke`
 PROBE_TIMEOUT_S = 2.0  # a node that does not answer a health check this fast is counted as gone
@@ -51,6 +51,12 @@ class NodeClient:
         except grpc.RpcError as e:
             raise RouteError(f"cannot reach node {address}: {e.details()}") from None
         self.rtt_ms = (time.perf_counter() - started) * 1000
+        # the certificate it serves with, which is also the one it sends with: the sink's check of who delivers
+        try:
+            self.fingerprint = server_fingerprint(address, identity) if identity is not None else None
+        except OSError as e:
+            self.channel.close()
+            raise RouteError(f"cannot reach node {address}: {e}") from None
 
     def close(self) -> None:
         self.channel.close()
@@ -360,6 +366,11 @@ class Membership:
                 # a node that did not hear it is told again next round
                 told = revoked if all([_tell_revoked(c, revoked) for c in self.clients]) else None
             time.sleep(REVOCATION_POLL_S)
+
+    def fingerprint_at(self, address: str) -> str | None:
+        """The certificate of the node the gateway knows at `address` (None: unknown, or no TLS)."""
+        client = self.client_at.get(address)
+        return client.fingerprint if client is not None else None
 
     def node_info(self, address: str, timeout: float = 2.0) -> pb.NodeInfo:
         return self.client_at[address].stub.Info(pb.InfoRequest(), timeout=timeout)

@@ -14,11 +14,13 @@ from duskpool.security.tls import (
     peer_fingerprint,
     peer_is_gateway,
     server_credentials,
+    server_fingerprint,
 )
 
 __all__ = [
     "CAMismatch", "GATEWAY_CHANNEL_OPTIONS", "GATEWAY_NAME", "JoinError", "JoinRefused", "JoinToken", "LocalPool",
     "Member", "NODE_CHANNEL_OPTIONS", "NODE_NAME", "NodeIdentity", "PoolState", "RevocationInterceptor",
     "add_join_service", "channel_credentials", "fingerprint", "join", "load_identity", "local_pool", "parse_token",
-    "peer_fingerprint", "peer_is_gateway", "save_identity", "server_credentials", "split_join_arg", "start_join_server",
+    "peer_fingerprint", "peer_is_gateway", "save_identity", "server_credentials", "server_fingerprint",
+    "split_join_arg", "start_join_server",
 ]

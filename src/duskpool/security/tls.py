@@ -7,13 +7,18 @@ TLS cannot know about, so servers add RevocationInterceptor.
 """
 
 import functools
+import hashlib
 import logging
+import socket
+import ssl
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 
-from duskpool.security.certs import GATEWAY_NAME, NODE_NAME, fingerprint
+from duskpool.security.certs import GATEWAY_NAME, NODE_NAME, fingerprint, write_private
 
 log = logging.getLogger("duskpool.security")
 
@@ -101,6 +106,25 @@ class RevocationInterceptor(grpc.ServerInterceptor):
         if revoked:
             log.warning("refused %s from %s: certificate %s is revoked", method, context.peer(), fp)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
+
+
+def server_fingerprint(address: str, identity, timeout: float = 5.0) -> str:
+    """The fingerprint of the certificate the pool member at `address` (HOST:PORT) shows, verified against the
+    pool's CA in a TLS handshake of our own (gRPC does not tell a client its server's certificate). `identity`
+    is ours (a NodeIdentity): members' servers want a client certificate."""
+    host, _, port = address.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cadata=identity.ca_pem.decode())
+    context.set_alpn_protocols(["h2"])
+    with tempfile.TemporaryDirectory(prefix="duskpool-tls-") as directory:  # ssl reads a key only from a file
+        cert, key = Path(directory) / "cert.pem", Path(directory) / "key.pem"
+        cert.write_bytes(identity.cert_pem)
+        write_private(key, identity.key_pem)
+        context.load_cert_chain(cert, key)
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw:
+        with context.wrap_socket(raw, server_hostname=NODE_NAME) as tls:
+            der = tls.getpeercert(binary_form=True)
+    return hashlib.sha256(der).hexdigest()
 
 
 def peer_is_gateway(context: grpc.ServicerContext) -> bool:
