@@ -60,21 +60,29 @@ def test_spans_chain_like_the_whole_model(tiny_llama):
     torch.testing.assert_close(chained, whole, rtol=1e-4, atol=1e-4 * whole.abs().max().item())
 
 
+def greedy(model, prompt: list[int], steps: int = 32) -> list[int]:
+    cache, tokens, position, step_input = model.new_cache(len(prompt) + steps), [], 0, prompt
+    for _ in range(steps):
+        logits = model.head(model.forward_span(model.embed(step_input), cache, position))
+        position += len(step_input)
+        tokens.append(int(torch.argmax(logits[-1])))
+        step_input = tokens[-1:]
+    return tokens
+
+
 @pytest.mark.slow
 def test_the_bundled_models_greedy_tokens_are_the_cpu_backends(bundled_model):
     file = GGUFFile(bundled_model)
     prompt = [1, 504, 3458, 282, 4195, 30, 1423, 314, 253, 1345]
+    assert greedy(load_span(file, backend_name="mlx"), prompt) == greedy(load_span(file, backend_name="cpu"), prompt)
 
-    def greedy(model) -> list[int]:
-        cache, tokens, position, step_input = model.new_cache(len(prompt) + 32), [], 0, prompt
-        for _ in range(32):
-            logits = model.head(model.forward_span(model.embed(step_input), cache, position))
-            position += len(step_input)
-            tokens.append(int(torch.argmax(logits[-1])))
-            step_input = tokens[-1:]
-        return tokens
 
-    assert greedy(load_span(file, backend_name="mlx")) == greedy(load_span(file, backend_name="cpu"))
+@pytest.mark.slow
+def test_gemma_3s_greedy_tokens_are_the_cpu_backends(gemma_model):
+    """Gemma 3 270M Q4_K_M: Q5_0 and Q8_0 exact, Q4_K with float16 scales, Q6_K to the nearest 6-bit groups."""
+    file = GGUFFile(gemma_model)
+    prompt = [2, 105, 2364, 107, 6974, 496, 6354, 236761, 106, 107, 105, 4368, 107]
+    assert greedy(load_span(file, backend_name="mlx"), prompt) == greedy(load_span(file, backend_name="cpu"), prompt)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
