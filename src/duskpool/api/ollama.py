@@ -268,8 +268,8 @@ async def generate(request: Request, body: GenerateRequest):
     service.check_model(body.model)
     if not body.prompt:
         return {"model": body.model, "created_at": _now(), "response": "", "done_reason": "load", "done": True}
-    if body.raw:  # the prompt as given, no template
-        prompt = service.text_prompt(body.prompt)
+    if body.raw or service.engine.tokenizer.chat_template is None:  # the prompt as given (as Ollama does for a
+        prompt = service.text_prompt(body.prompt)                     # base model, whose template is the prompt)
     else:
         system = [{"role": "system", "content": body.system}] if body.system else []
         prompt = service.chat_prompt(system + [{"role": "user", "content": body.prompt}])

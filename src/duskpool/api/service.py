@@ -183,6 +183,9 @@ class Service:
         if tools:
             self.tool_format()
         tokenizer = self.engine.tokenizer
+        if tokenizer.chat_template is None:
+            raise RequestError(400, f"{self.model_name} has no chat template (a base model): it completes raw text "
+                                    "only, through /v1/completions or /api/generate", "invalid_request")
         try:
             text = render_chat_with_tools(tokenizer, flat, tools) if tools else tokenizer.render_chat(flat)
         except Exception as e:  # noqa: BLE001 - a template may reject an order of roles

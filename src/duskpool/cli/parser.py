@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Diagnostics go to stderr.")
     run.add_argument("prompt", help="the user message; '-' reads it from stdin")
     run.add_argument("--system", default=None, help="a system message to put before the prompt")
+    run.add_argument("--raw", action="store_true",
+                     help="complete PROMPT as raw text, without the chat template (so always for a base model, "
+                          "which has none)")
     _add_model_flags(run)
     _add_threads_flag(run)
     _add_generation_flags(run)
@@ -103,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("prompt", nargs="?", default=None, help="the user message; '-' reads it from stdin")
     swarm.add_argument("--nodes", "-n", type=int, default=3, help="node processes to start (default: 3)")
     swarm.add_argument("--system", default=None, help="a system message to put before the prompt")
+    swarm.add_argument("--raw", action="store_true",
+                       help="complete PROMPT as raw text, without the chat template (so always for a base model, "
+                            "which has none)")
     _add_state_dir_flag(swarm)  # where API keys from `duskpool key create` are
     swarm.add_argument("--insecure", action="store_true",
                        help="plaintext links between the local nodes (debugging only; by default the swarm makes "
@@ -138,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--node", action="append", default=[], metavar="HOST:PORT",
                          help="a node to use (repeatable); without any, nodes are found by mDNS on the LAN")
     gateway.add_argument("--system", default=None, help="a system message to put before the prompt")
+    gateway.add_argument("--raw", action="store_true",
+                         help="complete PROMPT as raw text, without the chat template (so always for a base model, "
+                              "which has none)")
     gateway.add_argument("--join-port", type=int, default=DEFAULT_JOIN_PORT,
                          help=f"port where nodes join with a token (default: {DEFAULT_JOIN_PORT})")
     _add_security_flags(gateway)

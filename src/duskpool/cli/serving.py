@@ -42,8 +42,17 @@ def _answer(engine, args: argparse.Namespace) -> int:
     """Stream the answer to stdout, then one line of timing on stderr."""
     from duskpool.engine.generate import GenerationStats
 
-    stats = GenerationStats()
-    for piece in engine.chat(_messages(args), _generation_params(args), stats):
+    stats, params = GenerationStats(), _generation_params(args)
+    if args.raw or engine.tokenizer.chat_template is None:
+        if args.system:
+            raise ValueError("--system needs the chat template; a raw completion has none")
+        if not args.raw:
+            print("duskpool: this model has no chat template (a base model): completing the prompt as raw text",
+                  file=sys.stderr)
+        pieces = engine.generate(engine.tokenizer.encode(_read_prompt(args.prompt), add_special=True), params, stats)
+    else:
+        pieces = engine.chat(_messages(args), params, stats)
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
