@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from duskpool.cluster import wire
-from duskpool.cluster.gateway import Gateway, RemoteSession
+from duskpool.cluster.gateway import Gateway, RemoteSession, RouteError
 from duskpool.cluster.node import NodeService
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.transport import open_channel, start_server
 from duskpool.security import NodeIdentity, local_pool
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +29,7 @@ class Pool:
     """Two in-process nodes serving over mTLS, a gateway over them, and an attacker's member certificate."""
 
     def __init__(self, root: Path, model: Path):
+        self.root = root
         self.local = local_pool(2, root=root / "pool", address=None)
         self.attacker: NodeIdentity = self.local.pool.issue_identity("mallory")
         self.nodes = [NodeService(root / f"node-{i}", identity=identity)
@@ -187,3 +189,46 @@ def test_the_sink_takes_a_hidden_state_only_from_the_steps_last_node(pool):
     finally:
         gateway.sink.forget("in-flight", 1)
     assert pool.greedy() == pool.answer
+
+
+# --- revocation: a revoked member is out at once, and stays out -------------------------------------
+def test_a_revoked_members_open_stream_is_cut_and_a_restarted_node_remembers(pool, tmp_path):
+    """A member opens a Forward stream before it is revoked; the next message after the gateway's push is
+    refused on that same stream. The node kept the list: started again from its directory, it refuses too."""
+    node = pool.nodes[0]
+    outbox: SimpleQueue = SimpleQueue()
+    replies = pool.stub(pool.addresses[0], pool.attacker).Forward(iter(outbox.get, None), timeout=30)
+    outbox.put(pb.ForwardRequest(session_id="x"))  # no route: answered on the stream, to its sender
+    assert "route" in next(replies).error
+    pool.local.pool.revoke(pool.attacker.member_id)
+    try:
+        assert wait_for(lambda: pool.attacker.fingerprint in node.revoked, timeout=5)
+        outbox.put(pb.ForwardRequest(session_id="x"))
+        with pytest.raises(grpc.RpcError) as e:
+            next(replies)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        outbox.put(None)
+    restarted = NodeService(pool.root / "node-0")
+    try:
+        assert pool.attacker.fingerprint in restarted.revoked
+    finally:
+        restarted.close()
+    assert pool.greedy() == pool.answer
+
+
+def test_a_revoked_node_leaves_the_route_at_once_and_its_session_moves(pool):
+    """Runs last: it takes a node out of the module's pool. Revoked mid-generation, the node leaves the route
+    and the holders within the gateway's poll; the session moves to the other node and answers the same."""
+    revoked = pool.addresses[1]
+
+    def revoke(session: RemoteSession) -> None:
+        assert any(s.address == revoked for s in session.route)
+        pool.local.pool.revoke(pool.local.nodes[1].member_id)
+        assert wait_for(lambda: all(s.address != revoked for s in pool.gateway.route), timeout=5)
+        assert all(revoked not in holders for holders in pool.gateway.holders.values())
+
+    assert pool.greedy(revoke) == pool.answer
+    assert pool.gateway.recoveries and revoked not in {s.address for s in pool.gateway.recoveries[-1].route}
+    with pytest.raises(RouteError):
+        pool.gateway.add_node(revoked)  # it cannot come back by rejoining

@@ -28,7 +28,7 @@ from duskpool.cluster.wire import DTYPE_BYTES
 from duskpool.models import ModelSpec
 from duskpool.security import NodeIdentity, PoolState, server_fingerprint
 
-REVOCATION_POLL_S = 5.0  # how soon nodes hear of a member revoked with `duskpool nodes revoke`
+REVOCATION_POLL_S = 1.0  # how soon nodes hear of a member revoked with `duskpool nodes revoke` (one SQLite read)
 PROBE_TIMEOUT_S = 2.0  # a node that does not answer a health check this fast is counted as gone
 REJOIN_POLL_S = 3.0  # how often a node counted gone is asked whether it is back (a Wi-Fi blip, a busy CPU)
 REJOIN_GIVE_UP_S = 600.0  # after this long gone, an address is no longer asked
@@ -324,6 +324,9 @@ class Membership:
         lack some (spares first, up to 1 + replicas copies each) and otherwise waits as a spare. Returns
         the spans it now holds. A route that could not be rebuilt without it is rebuilt."""
         client = NodeClient(address, self.identity)
+        if self.pool is not None and client.fingerprint is not None and self.pool.is_revoked(client.fingerprint):
+            client.close()
+            raise RouteError(f"node {address} shows a revoked certificate")
         with self._lock:
             if self.client_at.get(address) in self.clients:  # known and live: nothing to do
                 client.close()
@@ -358,11 +361,14 @@ class Membership:
                     continue  # still gone
 
     def _push_revocations(self) -> None:
-        """Tell every node which certificates are revoked, now and whenever that changes."""
+        """Tell every node which certificates are revoked, now and whenever that changes; a revoked node leaves
+        the holders and the route at once (its steps in flight fail, and their sessions move)."""
         told: set[str] | None = None
         while not self.closing:
             revoked = self.pool.revoked_fingerprints()
             if revoked != told:
+                for client in [c for c in self.clients if c.fingerprint in revoked]:
+                    self._mark_gone(client, "its certificate was revoked")
                 # a node that did not hear it is told again next round
                 told = revoked if all([_tell_revoked(c, revoked) for c in self.clients]) else None
             time.sleep(REVOCATION_POLL_S)

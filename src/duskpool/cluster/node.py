@@ -5,6 +5,7 @@ its output: to the next stage of its route (ring), or after the last stage to th
 Result. A failure goes to the sink as a Result too. Weights arrive through `LoadSpan` (cluster/transfer.py).
 """
 
+import json
 import platform
 import signal
 import sys
@@ -28,7 +29,7 @@ from duskpool.idle import Lending, LendPolicy, LendState, MachineState, SleepAss
 from duskpool.models import KVCache, SpanModel
 from duskpool.security import NodeIdentity, peer_fingerprint, peer_is_gateway
 from duskpool.weights.progress import Progress
-from duskpool.weights.store import TensorStore
+from duskpool.weights.store import TensorStore, atomic_file
 
 SESSION_IDLE_SECONDS = 600  # a session nobody ended is freed after this long unused
 MAX_CONTEXT = 131072
@@ -40,7 +41,8 @@ LEND_POLL_S = 2.0  # how often the node looks whether its owner is back
 
 @dataclass
 class Session:
-    peer: str  # who opened it (certificate fingerprint, or host without TLS): only it may send the session more
+    peer: str  # who opened it (certificate fingerprint, or address without TLS); over TLS only it (or this node,
+    # when it holds two stages of the route) may send the session more
     context: int
     caches: dict[tuple[str, int, int], KVCache] = field(default_factory=dict)
     filled: dict[tuple[str, int, int], int] = field(default_factory=dict)  # positions written, per span
@@ -72,7 +74,9 @@ class NodeService(pb_grpc.NodeServicer):
         self._lock = threading.Lock()  # spans and sessions
         self._compute = threading.Lock()  # one forward at a time: the kernels use every core already
         self.identity = identity
-        self.revoked: frozenset[str] = frozenset()  # certificate fingerprints the gateway said are revoked
+        # certificate fingerprints the gateway said are revoked, kept across restarts
+        self.revoked_path = cache_dir / "revoked.json"
+        self.revoked: frozenset[str] = _read_revoked(self.revoked_path)
         # a stream to each next node, and one to each gateway's sink
         self._next_nodes = Pushers(identity, forward_stream, on_broken=self._on_next_node_lost)
         self._sinks = Pushers(identity, deliver_stream)
@@ -155,8 +159,10 @@ class NodeService(pb_grpc.NodeServicer):
         """Every message is checked against its session before any compute; a bad one gets an error Result
         (its own, not the stream's: one stream carries many sessions) and the node goes on serving. Results
         go to the request's sink; only a request whose route or sink cannot be trusted is answered here."""
-        peer = peer_fingerprint(context) or context.peer().rpartition(":")[0]  # without TLS: its host
+        peer = peer_fingerprint(context) or context.peer()
         for request in request_iterator:
+            if peer in self.revoked:  # revoked while its stream was open: checked per message
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
             try:
                 check_route(request)
             except ValueError as e:  # never sent along a route it cannot trust: back to the sender
@@ -188,7 +194,7 @@ class NodeService(pb_grpc.NodeServicer):
             session = self.sessions.get(request.session_id)
             if session is None:
                 session = self._open_session(request, peer)
-            elif session.peer != peer:  # bound to who opened it: the gateway, or the route's previous node
+            elif self.identity is not None and peer not in (session.peer, self.identity.fingerprint):
                 raise ValueError(f"session {request.session_id[:12]} belongs to another sender")
             if session.context != request.context:
                 raise ValueError(f"session {request.session_id[:12]} has a context of {session.context}, "
@@ -261,6 +267,8 @@ class NodeService(pb_grpc.NodeServicer):
     def SetRevoked(self, request: pb.RevokedList, context) -> pb.RevokedReply:
         self._require_gateway(context, "revoke members")
         self.revoked = frozenset(request.fingerprints)
+        with atomic_file(self.revoked_path) as f:
+            f.write(json.dumps(sorted(self.revoked)).encode())
         return pb.RevokedReply()
 
     def update_lending(self, machine: MachineState, now: float) -> LendState:
@@ -307,6 +315,16 @@ class NodeService(pb_grpc.NodeServicer):
         self.awake.release()
         self._next_nodes.close()
         self._sinks.close()
+
+
+def _read_revoked(path: Path) -> frozenset[str]:
+    """The revoked fingerprints a node kept; a list it cannot read is an error, not an empty list."""
+    if not path.exists():
+        return frozenset()
+    try:
+        return frozenset(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise RuntimeError(f"{path} is damaged ({e}); remove it, then the gateway sends the list again") from None
 
 
 def check_route(request: pb.ForwardRequest) -> None:
