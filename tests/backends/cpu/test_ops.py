@@ -26,6 +26,16 @@ def test_rope_on_strided_heads_in_place():
     assert torch.equal(ours[:, 12:], heads[:, 12:])
 
 
+@pytest.mark.parametrize("pairing", ["adjacent", "halves"])
+def test_partial_rotary_turns_only_the_rotated_dimensions(pairing):
+    heads = torch.randn(3, 6, 64)
+    freqs = 1 / 10000 ** (np.arange(0, 32, 2, dtype=np.float64) / 32)  # 32 of 64 dimensions rotate
+    turned = ops.rope(heads.clone(), ops.rotations(7, 3, freqs), pairing)
+    first = heads[..., :32].clone()
+    torch.testing.assert_close(turned[..., :32], ops.rope(first, ops.rotations(7, 3, freqs), pairing))
+    assert torch.equal(turned[..., 32:], heads[..., 32:])
+
+
 @pytest.mark.parametrize(("queries", "start"), [(1, 0), (1, 300), (3, 20), (4, 0)])
 def test_grouped_causal_attention(queries, start):
     keys, values = torch.randn(3, 512, 64), torch.randn(3, 512, 64)  # a cache of capacity 512

@@ -54,12 +54,14 @@ def rope(heads: torch.Tensor, rotations: tuple[torch.Tensor, torch.Tensor], pair
 
 
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_c: bool = True) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] in place; pairs are adjacent elements (llama.cpp's layout)."""
+    """Rotate x [T, heads, head_dim] in place; pairs are adjacent elements (llama.cpp's layout). Only the first
+    2 * cos.shape[1] dimensions of each head turn (partial rotary); the C path takes whole heads."""
     lib = native.library() if use_c else None
-    if lib is None or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
-        even, odd = x[..., 0::2].clone(), x[..., 1::2].clone()
+    rotated = 2 * cos.shape[1]
+    if lib is None or rotated != x.shape[2] or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
+        even, odd = x[..., 0:rotated:2].clone(), x[..., 1:rotated:2].clone()
         c, s = cos[:, None], sin[:, None]
-        x[..., 0::2], x[..., 1::2] = even * c - odd * s, even * s + odd * c
+        x[..., 0:rotated:2], x[..., 1:rotated:2] = even * c - odd * s, even * s + odd * c
         return x
     lib.dp_rope(_ptr(x), x.shape[0], x.shape[1], x.shape[2], x.stride(0), _ptr(cos), _ptr(sin))
     return x
