@@ -7,7 +7,8 @@ privacy-suffix depth s = 0..S, the three suffix attackers (attacks.py says what 
 """
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -101,9 +102,10 @@ def run_audit(model: str | Path | None = None, max_prefix: int = DEFAULT_MAX_PRE
         ranked["learned"] = attacks.nearest(inverter(observed), table, candidates)
         merged = _interleave(ranked["nearest"], ranked["learned"], candidates)
         guesses = {name: r[:, 0] for name, r in ranked.items()}
-        guesses["sipit"] = torch.tensor([t for s, o in zip(samples, offsets, strict=True) for t in attacks.sipit(
-            s.tokens, observed[o:o + len(s.tokens)], merged[o:o + len(s.tokens)], set(range(len(s.tokens))) -
-            set(s.scored), edge, prefix_layers[:d], ops, TOLERANCE[wire_dtype])])
+        with _one_thread():
+            guesses["sipit"] = torch.tensor([t for s, o in zip(samples, offsets, strict=True) for t in attacks.sipit(
+                s.tokens, observed[o:o + len(s.tokens)], merged[o:o + len(s.tokens)], set(range(len(s.tokens))) -
+                set(s.scored), edge, prefix_layers[:d], ops, TOLERANCE[wire_dtype])])
         for name, guess in guesses.items():
             rows.append({"depth": d, "attacker": name, "recovery": score(guess, scored),
                          "secret_recovery": score(guess, secret)})
@@ -176,6 +178,18 @@ class _Depths:
             self.current = layer.forward_span(self.current, layer.new_cache(self.current.shape[0]), 0)
         if depth in self.keep:
             self.at[depth] = list(self.current.split(self.lengths))
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """SipIt's batches are a few rows: torch's second thread would only wait for the first (a sixth of the CPU
+    time on one thread, SmolLM2 at depth 3; far less wall time on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _interleave(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
