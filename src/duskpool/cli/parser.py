@@ -44,9 +44,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="context length of a session in tokens (default: 4096 or the model's, if less)")
 
 
-def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
+def _add_compute_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
-                        help="compute threads (default: the number of CPU cores, at most 8)")
+                        help="compute threads (default: the performance cores, at most 8)")
+    parser.add_argument("--backend", choices=["auto", "mlx", "cpu"], default="auto",
+                        help="what computes the layers: mlx (Apple silicon's GPU, or MLX's CUDA build), cpu (our C "
+                             "kernels), auto: MLX where it has a GPU, else cpu (default: auto)")
 
 
 def _add_route_flags(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="complete PROMPT as raw text, without the chat template (so always for a base model, "
                           "which has none)")
     _add_model_flags(run)
-    _add_threads_flag(run)
+    _add_compute_flags(run)
     _add_generation_flags(run)
     run.set_defaults(handler=serving.cmd_run)
 
@@ -115,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "a throwaway pool and uses mutual TLS like any pool)")
     _add_model_flags(swarm)
     _add_route_flags(swarm)
-    _add_threads_flag(swarm)
+    _add_compute_flags(swarm)
     _add_generation_flags(swarm)
     _add_serve_flags(swarm)
     swarm.set_defaults(handler=serving.cmd_swarm)
@@ -132,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_security_flags(serve)
     _add_model_flags(serve)
     _add_route_flags(serve)
-    _add_threads_flag(serve)
+    _add_compute_flags(serve)
     _add_serve_flags(serve)
     serve.set_defaults(handler=serving.cmd_serve)
 
@@ -152,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_security_flags(gateway)
     _add_model_flags(gateway)
     _add_route_flags(gateway)
-    _add_threads_flag(gateway)
+    _add_compute_flags(gateway)
     _add_generation_flags(gateway)
     gateway.set_defaults(handler=serving.cmd_gateway)
 
@@ -190,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     lend.add_argument("--drain-timeout", default="2m", metavar="DURATION",
                       help="when the owner returns, finish requests in flight for at most this long, then hand "
                            "them to other nodes (default: 2m)")
-    _add_threads_flag(node)
+    _add_compute_flags(node)
     node.add_argument("--exit-with", type=int, default=None, metavar="PID",
                       help=argparse.SUPPRESS)  # the swarm's pid: its nodes end with it (cluster.swarm.exit_with)
     node.set_defaults(handler=serving.cmd_node)

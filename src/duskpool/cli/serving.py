@@ -30,12 +30,14 @@ def _messages(args: argparse.Namespace) -> list[dict[str, str]]:
 
 
 def _set_threads(args: argparse.Namespace) -> None:
-    from duskpool.backends import backend
+    """Resolve --backend (args.backend becomes the one picked) and give it its threads."""
+    from duskpool.backends import backend, pick
     from duskpool.idle import performance_cores
 
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be >= 1")
-    backend().set_threads(args.threads or min(performance_cores(), 8))  # efficiency cores slow every step down
+    args.backend = pick(args.backend)
+    backend(args.backend).set_threads(args.threads or min(performance_cores(), 8))  # efficiency cores slow a step
 
 
 def _answer(engine, args: argparse.Namespace) -> int:
@@ -124,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _set_threads(args)
     path = resolve_model(args.model)
     print(f"duskpool: loading {path}", file=sys.stderr)
-    engine = LocalEngine.load(path, args.context, progress=True)
+    engine = LocalEngine.load(path, args.context, progress=True, backend_name=args.backend)
     return _answer(engine, args)
 
 
@@ -168,7 +170,7 @@ def _start_gateway(args: argparse.Namespace, addresses: list[str], identity, poo
     print(f"duskpool: planning {path.name} over {len(addresses)} node(s)", file=sys.stderr)
     gateway = Gateway.start(path, addresses, identity=identity, pool=pool, prefix=args.privacy_prefix,
                             suffix=args.privacy_suffix, routing=args.routing, context_length=args.context,
-                            even_split=even_split, replicas=args.replicas, progress=True)
+                            even_split=even_split, replicas=args.replicas, progress=True, backend_name=args.backend)
     print(_placement(gateway), file=sys.stderr)
     return gateway
 
@@ -195,7 +197,8 @@ def cmd_swarm(args: argparse.Namespace) -> int:
         print(INSECURE_WARNING, file=sys.stderr)
     print(f"duskpool: starting {args.nodes} local node(s)", file=sys.stderr)
     # stopped by SIGTERM, the gateway closes and the nodes are stopped (killed, the nodes see it: exit_with)
-    with _sigterm_unwinds(), LocalSwarm(args.nodes, threads=args.threads, insecure=args.insecure) as swarm:
+    with _sigterm_unwinds(), LocalSwarm(args.nodes, threads=args.threads, insecure=args.insecure,
+                                        backend=args.backend) as swarm:
         # local nodes share this machine's CPU, so the swarm splits evenly to show a real pipeline
         pool = swarm.pool.pool if swarm.pool is not None else None
         gateway = _start_gateway(args, swarm.addresses, swarm.gateway_identity, pool, even_split=True)
@@ -241,7 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.node:
         path = resolve_model(args.model)
         print(f"duskpool: loading {path}", file=sys.stderr)
-        return _serve(LocalEngine.load(path, args.context, progress=True), args, check_key)
+        return _serve(LocalEngine.load(path, args.context, progress=True, backend_name=args.backend), args, check_key)
     identity, pool = gateway_security(args)
     with _join_server(pool, args.join_port):
         gateway = _start_gateway(args, args.node, identity, pool)
@@ -271,7 +274,8 @@ def cmd_node(args: argparse.Namespace) -> int:
                         drain_timeout_s=parse_duration(args.drain_timeout))
     identity = _node_identity(args)
     try:
-        serve(args.host, args.port, cache_dir, identity, limit, announce=not args.no_announce, policy=policy)
+        serve(args.host, args.port, cache_dir, identity, limit, announce=not args.no_announce, policy=policy,
+              backend_name=args.backend)
     except KeyboardInterrupt:
         pass
     except OSError as e:  # such as the port taken, or an address not this machine's

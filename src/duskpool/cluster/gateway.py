@@ -144,20 +144,21 @@ class Gateway(Engine):
     def start(cls, model_path: str | Path, node_addresses: list[str], *, identity: NodeIdentity | None,
               pool: PoolState | None = None, prefix: int = 1, suffix: int = 1, routing: str = "ring",
               context_length: int | None = None, sessions: int = 4, even_split: bool = False, replicas: int = 0,
-              progress: bool = True) -> "Gateway":
+              progress: bool = True, backend_name: str = backends.DEFAULT) -> "Gateway":
         """Connect to the nodes, plan which holds which span, load the gateway's own layers, open its sink,
         stream every node its span's weights and start watching the nodes.
 
         `identity`: the gateway's certificate in the pool (None: plaintext, for debugging only).
         `pool`: the pool's state, when this gateway keeps it: revocations then reach the nodes.
         `even_split`: split the layers evenly (a local swarm, whose nodes share one CPU).
-        `replicas`: more copies of each span to load where memory allows, to fail over to when a node dies."""
+        `replicas`: more copies of each span to load where memory allows, to fail over to when a node dies.
+        `backend_name`: what computes the gateway's own layers."""
         if routing not in ("ring", "star"):
             raise ValueError(f"routing must be 'ring' or 'star', not {routing!r}")
         if not node_addresses:
             raise ValueError("a gateway needs at least one node (--node HOST:PORT)")
         file = GGUFFile(model_path)
-        spec, tokenizer = backends.describe_model(file), load_tokenizer(file)
+        spec, tokenizer = backends.describe_model(file, backend_name), load_tokenizer(file)
         context_length = min(context_length or DEFAULT_CONTEXT, spec.context_length)
         model = model_profile(spec)
         config = planner.PlanConfig(sessions=sessions, context=context_length, privacy_prefix=prefix,
@@ -168,8 +169,8 @@ class Gateway(Engine):
                 clients.append(NodeClient(address, identity))
             plan = first_plan(model, clients, config, even_split, replicas)
             weights = WeightSender(file, [(s.start, s.stop) for s in plan.stages], progress)
-            prefix_model = backends.load_span(file, plan.prefix, embed=True, head=False)
-            suffix_model = backends.load_span(file, plan.suffix, embed=False, head=True)
+            prefix_model = backends.load_span(file, plan.prefix, embed=True, head=False, backend_name=backend_name)
+            suffix_model = backends.load_span(file, plan.suffix, embed=False, head=True, backend_name=backend_name)
             sink = Sink()
             local = all(a.startswith(("127.", "localhost")) for a in node_addresses)
             listen = "127.0.0.1" if local else "0.0.0.0"
@@ -187,6 +188,7 @@ class Gateway(Engine):
                       members=members, weights=weights, prefix_model=prefix_model, suffix_model=suffix_model,
                       sink=sink, sink_server=sink_server, sink_address=f"{sink_host}:{port}", identity=identity,
                       routing=routing)
+        gateway.backend = backend_name
         try:
             members.load()
             members.start()

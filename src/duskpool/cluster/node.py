@@ -352,9 +352,9 @@ def _reason(e: Exception) -> str:
 
 
 def serve(host: str, port: int, cache_dir: Path, identity: NodeIdentity | None, memory_limit: int | None = None,
-          announce: bool = True, policy: LendPolicy | None = None) -> None:
+          announce: bool = True, policy: LendPolicy | None = None, backend_name: str = backends.DEFAULT) -> None:
     """Run a node until interrupted; prints 'listening on HOST:PORT' once ready (the swarm waits for it)."""
-    service = NodeService(cache_dir, memory_limit, identity=identity, policy=policy)
+    service = NodeService(cache_dir, memory_limit, identity=identity, policy=policy, backend_name=backend_name)
     server, bound = start_server(service, host, port, identity, lambda fp: fp in service.revoked)
     stop_watching = threading.Event()
     threading.Thread(target=service.watch_lending, args=(stop_watching,), daemon=True).start()

@@ -34,13 +34,13 @@ class LocalSwarm:
 
     def __init__(self, n: int, cache_root: Path | None = None, threads: int | None = None,
                  start_timeout: float = 120.0, hosts: list[str] | None = None,
-                 prefixes: list[list[str]] | None = None, insecure: bool = False):
+                 prefixes: list[list[str]] | None = None, insecure: bool = False, backend: str = "auto"):
         if n < 1:
             raise ValueError("a swarm needs at least one node")
         self.pool = None if insecure else local_pool(n, address=None)
         self.gateway_identity: NodeIdentity | None = None if insecure else self.pool.gateway
         self.hosts = hosts or ["127.0.0.1"] * n
-        self.threads = threads
+        self.threads, self.backend = threads, backend
         self.prefixes = prefixes or [[] for _ in range(n)]
         self.cache_root = cache_root or default_cache_dir() / "swarm"
         self.processes: list[subprocess.Popen] = []
@@ -61,6 +61,7 @@ class LocalSwarm:
         args += ["--identity", str(self.pool.node_dirs[i])] if self.pool is not None else ["--insecure"]
         if threads:
             args += ["--threads", str(threads)]
+        args += ["--backend", self.backend]
         return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
 
     @staticmethod

@@ -111,17 +111,18 @@ class LocalSession:
 
 
 class LocalEngine(Engine):
-    def __init__(self, model: SpanModel, tokenizer: Tokenizer, context_length: int):
+    def __init__(self, model: SpanModel, tokenizer: Tokenizer, context_length: int, backend: str = backends.DEFAULT):
         self.model, self.tokenizer, self.context_length = model, tokenizer, context_length
-        self.spec, self.backend = model.spec, backends.DEFAULT
+        self.spec, self.backend = model.spec, backend
 
     @classmethod
-    def load(cls, path: str | Path, context_length: int | None = None, progress: bool = False) -> "LocalEngine":
+    def load(cls, path: str | Path, context_length: int | None = None, progress: bool = False,
+             backend_name: str = backends.DEFAULT) -> "LocalEngine":
         """`progress`: report the bytes read on stderr (a bar on a terminal, plain lines otherwise)."""
         file = GGUFFile(path)
-        model = backends.load_span(file, progress=progress)
+        model = backends.load_span(file, progress=progress, backend_name=backend_name)
         context = min(context_length or DEFAULT_CONTEXT, model.spec.context_length)
-        return cls(model, load_tokenizer(file), context)
+        return cls(model, load_tokenizer(file), context, backend_name)
 
     def open_session(self, capacity: int) -> LocalSession:
         return LocalSession(self.model, capacity)
