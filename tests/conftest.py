@@ -29,6 +29,21 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
+def greedy_tokens(engine, prompt: list[int], steps: int) -> list[int]:
+    """The `steps` greedy tokens `engine` (a LocalEngine, or a Gateway over nodes) answers `prompt` with."""
+    session = engine.open_session(len(prompt) + steps)
+    try:
+        tokens, position, step_input = [], 0, prompt
+        for _ in range(steps):
+            logits = session.forward(step_input, position)
+            position += len(step_input)
+            tokens.append(int(logits.argmax()))
+            step_input = tokens[-1:]
+        return tokens
+    finally:
+        session.close()
+
+
 @pytest.fixture(scope="session")
 def bundled_model() -> Path:
     return bundled_model_path()

@@ -4,30 +4,16 @@ import threading
 import time
 
 import pytest
-import torch
 
 from duskpool.cluster.gateway import Gateway, RouteError
 from duskpool.cluster.swarm import LocalSwarm
 from duskpool.engine.runner import LocalEngine
+from tests.conftest import greedy_tokens
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
            "Explain recursion to a child.", "Translate 'good morning' into Spanish."]
-
-
-def greedy_tokens(engine, prompt: list[int], steps: int) -> list[int]:
-    session = engine.open_session(len(prompt) + steps)
-    try:
-        tokens, position, step_input = [], 0, prompt
-        for _ in range(steps):
-            logits = session.forward(step_input, position)
-            position += len(step_input)
-            tokens.append(int(torch.argmax(logits)))
-            step_input = tokens[-1:]
-        return tokens
-    finally:
-        session.close()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from duskpool.cluster.transport import start_server
 from duskpool.engine.runner import LocalEngine
 from duskpool.models.llama import Llama, LlamaConfig
 from duskpool.weights.gguf import GGUFFile
-from tests.conftest import Q, write_tiny_llama
+from tests.conftest import Q, greedy_tokens, write_tiny_llama
 
 
 @dataclass
@@ -90,28 +90,14 @@ def test_the_toy_family_computes_its_reference(tmp_path):
     assert not torch.allclose(adjacent, ours, atol=1e-3), "the pairing variant changed nothing"
 
 
-def greedy(engine, prompt: list[int], steps: int) -> list[int]:
-    session = engine.open_session(len(prompt) + steps)
-    try:
-        tokens, position, step_input = [], 0, prompt
-        for _ in range(steps):
-            logits = session.forward(step_input, position)
-            position += len(step_input)
-            tokens.append(int(torch.argmax(logits)))
-            step_input = tokens[-1:]
-        return tokens
-    finally:
-        session.close()
-
-
 @pytest.mark.slow
 def test_the_toy_family_runs_through_a_two_node_swarm(bundled_model, tmp_path):
     path = renamed(bundled_model, tmp_path / "toy-smollm2.gguf", "toyllama")
     whole = LocalEngine.load(path)
     assert isinstance(whole.model, Toy)
     prompt = whole.tokenizer.encode(whole.tokenizer.render_chat([{"role": "user", "content": "Name a colour."}]))
-    expected = greedy(whole, prompt, 16)
-    assert expected != greedy(LocalEngine.load(bundled_model), prompt, 16), "the toy family ran as plain Llama"
+    expected = greedy_tokens(whole, prompt, 16)
+    assert expected != greedy_tokens(LocalEngine.load(bundled_model), prompt, 16), "the toy family ran as plain Llama"
 
     nodes = [NodeService(tmp_path / f"node-{i}") for i in range(2)]
     servers = [start_server(node, "127.0.0.1", 0, None, lambda fingerprint: False) for node in nodes]
@@ -119,7 +105,7 @@ def test_the_toy_family_runs_through_a_two_node_swarm(bundled_model, tmp_path):
                             progress=False)
     try:
         assert len(gateway.route) == 2
-        assert greedy(gateway, prompt, 16) == expected
+        assert greedy_tokens(gateway, prompt, 16) == expected
     finally:
         gateway.close()
         for (server, _), node in zip(servers, nodes, strict=True):

@@ -2,7 +2,6 @@
 greedy tokens."""
 
 import pytest
-import torch
 
 pytest.importorskip("mlx.core")
 
@@ -10,27 +9,14 @@ from duskpool.cluster.gateway import Gateway  # noqa: E402
 from duskpool.cluster.node import NodeService  # noqa: E402
 from duskpool.cluster.transport import start_server  # noqa: E402
 from duskpool.engine.runner import LocalEngine  # noqa: E402
-
-
-def greedy(engine, prompt: list[int], steps: int) -> list[int]:
-    session = engine.open_session(len(prompt) + steps)
-    try:
-        tokens, position, step_input = [], 0, prompt
-        for _ in range(steps):
-            logits = session.forward(step_input, position)
-            position += len(step_input)
-            tokens.append(int(torch.argmax(logits)))
-            step_input = tokens[-1:]
-        return tokens
-    finally:
-        session.close()
+from tests.conftest import greedy_tokens
 
 
 @pytest.mark.slow
 def test_mlx_and_cpu_nodes_share_a_route(bundled_model, tmp_path):
     whole = LocalEngine.load(bundled_model)
     prompt = whole.tokenizer.encode(whole.tokenizer.render_chat([{"role": "user", "content": "Name a colour."}]))
-    expected = greedy(whole, prompt, 16)
+    expected = greedy_tokens(whole, prompt, 16)
 
     nodes = [NodeService(tmp_path / f"node-{i}", backend_name=name) for i, name in enumerate(["mlx", "cpu", "mlx"])]
     servers = [start_server(node, "127.0.0.1", 0, None, lambda fingerprint: False) for node in nodes]
@@ -38,7 +24,7 @@ def test_mlx_and_cpu_nodes_share_a_route(bundled_model, tmp_path):
                             even_split=True, progress=False)
     try:
         assert len(gateway.route) == 3
-        assert greedy(gateway, prompt, 16) == expected
+        assert greedy_tokens(gateway, prompt, 16) == expected
         assert [(node.backend.NAME, len(node.spans)) for node in nodes] == [("mlx", 1), ("cpu", 1), ("mlx", 1)]
     finally:
         gateway.close()
