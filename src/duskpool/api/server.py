@@ -12,12 +12,14 @@ import json
 from collections.abc import Callable
 from importlib.resources import files
 
+import h11
 import prometheus_client as prom
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from duskpool import __version__
 from duskpool.api import DEFAULT_PORT, anthropic, ollama, openai
@@ -27,9 +29,12 @@ from duskpool.engine.runner import EmbeddingsUnsupported
 from duskpool.models import ContextOverflowError
 
 MAX_BODY_BYTES = 4 * 2**20  # far above any prompt a context holds
+HEADER_TIMEOUT_S = 10.0  # a request's head must arrive within this
+BODY_TIMEOUT_S = 30.0  # and its body (4 MiB at most) within this
 DASHBOARD_PERIOD_S = 1.0
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+               415: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
 ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 
@@ -50,12 +55,32 @@ class Gatekeeper:
     """In front of the app (plain ASGI, so that a client's disconnect still reaches the handlers):
     - with `check_key`, every request but the dashboard page needs `Authorization: Bearer KEY` (or
       `x-api-key: KEY`, as Anthropic's clients send it);
-    - the whole body is read first, and one over `limit` bytes is refused with 413, whether or not the
-      client declared its length;
-    - every body is read as JSON, whatever its label."""
+    - without, a request must name this server in `Host` (an IP address or localhost, never a name a web page's
+      DNS could point here: DNS rebinding) and come from no other web page's `Origin`: 403 (as Ollama's fix of
+      CVE-2024-28224);
+    - a body must be labelled application/json (a web page can send text/plain or a form without asking
+      first), or carry no label and no `Origin` (curl, scripts): 415;
+    - the whole body is read first, within BODY_TIMEOUT_S (408), and one over `limit` bytes is refused with
+      413, whether or not the client declared its length."""
 
     def __init__(self, app, check_key: Callable[[str], bool] | None, limit: int = MAX_BODY_BYTES):
         self.app, self.check_key, self.limit = app, check_key, limit
+
+    def _refusal(self, request: Request) -> tuple[int, str] | None:
+        """Why a request must not reach the app: a status and a message, or None."""
+        host = request.headers.get("host", "")
+        origin = request.headers.get("origin")
+        if self.check_key is None:
+            if not own_host(host):
+                return 403, f"Host {host[:80]!r} is not this server's address (use an IP address or localhost)"
+            if origin is not None and origin.partition("://")[2].lower() != host.lower():
+                return 403, f"requests from the web page at {origin[:80]!r} are refused"
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return None
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json" and (media or origin is not None):
+            return 415, "the body must be JSON, labelled Content-Type: application/json"
+        return None
 
     def _authorized(self, request: Request) -> bool:
         if self.check_key is None or request.url.path == "/":
@@ -74,14 +99,22 @@ class Gatekeeper:
             response = error_response(Request(scope), 401, "missing or wrong API key (send Authorization: Bearer "
                                       "KEY, or x-api-key: KEY)", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
-        # `curl -d` and some clients label JSON as a form; the APIs read the body as JSON
+        refusal = self._refusal(Request(scope))
+        if refusal is not None:
+            return await error_response(Request(scope), refusal[0], refusal[1], "refused")(scope, receive, send)
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + \
-            [(b"content-type", b"application/json")]
+            [(b"content-type", b"application/json")]  # an unlabelled body is read as JSON too
         declared = dict(scope["headers"]).get(b"content-length")
         too_large = declared is not None and declared.isdigit() and int(declared) > self.limit
         body, more = bytearray(), not too_large
+        deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                response = error_response(Request(scope), 408, f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s",
+                                          "request_timeout", {"Connection": "close"})
+                return await response(scope, receive, send)
             if message["type"] != "http.request":
                 return  # the client left before it finished sending
             body += message.get("body", b"")
@@ -102,6 +135,48 @@ class Gatekeeper:
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+def own_host(host: str) -> bool:
+    """Whether a `Host` header names this server as only its own user would: an IP address, or localhost."""
+    name = host.rpartition("]")[0].lstrip("[") if host.startswith("[") else host.rpartition(":")[0] or host
+    if name.lower() == "localhost" or name.lower().endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1, plus: a connection that has not sent a whole request head within HEADER_TIMEOUT_S of
+    opening (or of its last answer) is closed, so a client sending its headers a byte at a time (slowloris)
+    holds no connection for long."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_timer()
+
+    def connection_lost(self, exc) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._head_late)
+
+    def _head_late(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
 
 
 def is_loopback(host: str) -> bool:
@@ -212,7 +287,8 @@ def serve(service: Service, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     """Serve until interrupted."""
     check_bind(host, check_key is not None)
     app = create_app(service, check_key)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3,
+                            http=TimedH11Protocol)
     server = uvicorn.Server(config)
     if on_ready is not None:
         shown = f"[{host}]" if ":" in host else host
