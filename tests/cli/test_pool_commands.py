@@ -199,3 +199,18 @@ def test_key_create_makes_a_key_the_api_accepts(capsys, tmp_path, monkeypatch):
     assert check(key) and not check(key + "x") and not check("")
     both = key_check(build_parser().parse_args(["serve", "--api-key", "given", "--state-dir", state]))
     assert both("given") and both(key) and not both("neither")
+
+
+def test_an_api_key_from_a_file_is_accepted_and_one_on_the_command_line_warned_about(capsys, tmp_path, monkeypatch):
+    from duskpool.cli.parser import build_parser
+    from duskpool.cli.serving import key_check
+
+    monkeypatch.delenv("DUSKPOOL_API_KEY", raising=False)
+    state = str(tmp_path / "pool")
+    keys = tmp_path / "keys"
+    keys.write_text("dpk_from_file\n\n  dpk_second  \n")
+    check = key_check(build_parser().parse_args(["serve", "--api-key-file", str(keys), "--state-dir", state]))
+    assert check("dpk_from_file") and check("dpk_second") and not check("") and not check("dpk_other")
+    assert "warning" not in capsys.readouterr().err
+    check = key_check(build_parser().parse_args(["serve", "--api-key", "dpk_argv", "--state-dir", state]))
+    assert check("dpk_argv") and "--api-key-file" in capsys.readouterr().err

@@ -71,9 +71,12 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (default: 127.0.0.1); any other needs an API key")
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to serve on (default: {DEFAULT_PORT})")
+    g.add_argument("--api-key-file", action="append", default=[], metavar="PATH",
+                   help="a file of keys (one per line) clients must send as 'Authorization: Bearer KEY' "
+                        "(repeatable; or set DUSKPOOL_API_KEY, or store keys with `duskpool key create`)")
     g.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="a key clients must send as 'Authorization: Bearer KEY' (repeatable; "
-                        "or set DUSKPOOL_API_KEY)")
+                   help="a key on the command line: every user of this machine sees it in `ps` (prefer "
+                        "--api-key-file; repeatable)")
     g.add_argument("--max-sessions", type=int, default=4, help="generations served at once (default: 4)")
     g.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait for a slot; more get 429 (default: 16)")

@@ -80,8 +80,13 @@ def key_check(args: argparse.Namespace):
     from duskpool.api.server import key_checker
     from duskpool.security import PoolState
 
-    given = key_checker(args.api_key + ([os.environ["DUSKPOOL_API_KEY"]] if os.environ.get("DUSKPOOL_API_KEY")
-                                        else []))
+    if args.api_key:
+        print("duskpool: warning: --api-key puts the key where every user of this machine can read it (ps, "
+              "/proc); use --api-key-file PATH, DUSKPOOL_API_KEY or `duskpool key create`", file=sys.stderr)
+    from_files = [line.strip() for path in args.api_key_file for line in Path(path).read_text().splitlines()
+                  if line.strip()]
+    given = key_checker(args.api_key + from_files + ([os.environ["DUSKPOOL_API_KEY"]]
+                                                     if os.environ.get("DUSKPOOL_API_KEY") else []))
     pool = PoolState(state_dir(args))
     stored = pool.check_api_key if pool.exists and pool.has_api_keys() else None
     if given is None or stored is None:
