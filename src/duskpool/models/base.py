@@ -179,13 +179,15 @@ class Batch:
                                                       for s in self.segments]
         if len(self.segments) == 1:
             return self.ops.rope(heads, rotations[0], pairing)
-        return self.ops.concat([self.ops.rope(part, r, pairing) for part, r in zip(self.split(heads), rotations)])
+        parts = zip(self.split(heads), rotations, strict=True)
+        return self.ops.concat([self.ops.rope(part, r, pairing) for part, r in parts])
 
     def attention(self, layer: int, q: Array, k: Array, v: Array, scale: float, window: int | None) -> Array:
         """Each session's k, v [T, Hk, d] stored in its cache, then its queries q [T, H, d] attend over the
         keys and values it holds (Ops.attention). Returns [rows, H, d]."""
         out = []
-        for segment, q_part, k_part, v_part in zip(self.segments, self.split(q), self.split(k), self.split(v)):
+        parts = zip(self.segments, self.split(q), self.split(k), self.split(v), strict=True)
+        for segment, q_part, k_part, v_part in parts:
             keys, values = segment.cache.update(layer, segment.start, k_part, v_part)
             out.append(self.ops.attention(q_part, keys, values, segment.start, scale, window))
         return out[0] if len(out) == 1 else self.ops.concat(out)

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from duskpool.models import llama, qwen3
-from duskpool.models.base import Array, KVCache, ModelSpec, Ops
+from duskpool.models.base import Array, Batch, ModelSpec, Ops
 from duskpool.models.llama import Llama, LlamaConfig, rope_frequencies
 from duskpool.weights.gguf import ModelFileError, PackedTensor
 
@@ -62,8 +64,8 @@ class Block(llama.Block):
     def norm(self, x: Array, weight: Array) -> Array:
         return self.ops.rms_norm(x, weight, self.eps)
 
-    def __call__(self, x: Array, rope: Any, cache: KVCache, layer: int, start: int) -> Array:
-        attended = self.attention(self.norm(x, self.attn_norm), rope, cache, layer, start)
+    def __call__(self, x: Array, batch: Batch, layer: int, rope_freqs: np.ndarray) -> Array:
+        attended = self.attention(self.norm(x, self.attn_norm), batch, layer, rope_freqs)
         h = x + self.norm(attended, self.post_attn_norm)
         return h + self.norm(self.mlp(self.norm(h, self.ffn_norm)), self.post_ffn_norm)
 
@@ -83,10 +85,9 @@ class Gemma3(Llama):
     def embed(self, tokens: Sequence[int]) -> Array:
         return self.embedding.rows(tokens) * self.embed_scale  # [T] -> [T, dim]
 
-    def forward_span(self, hidden: Array, cache: KVCache, start: int) -> Array:
-        # hidden: [T, dim] at positions start..start+T; what a layer does depends on its index in the whole model
-        T = hidden.shape[0]
-        local, full = (self.ops.rotations(start, T, f) for f in (self.local_rope_freqs, self.rope_freqs))
+    def forward(self, hidden: Array, batch: Batch) -> Array:
+        # hidden: [T, dim]; what a layer does depends on its index in the whole model
         for layer, block in zip(self.layers, self.blocks, strict=True):
-            hidden = block(hidden, local if self.config.is_local(layer) else full, cache, layer, start)
+            freqs = self.local_rope_freqs if self.config.is_local(layer) else self.rope_freqs
+            hidden = block(hidden, batch, layer, freqs)
         return hidden

@@ -4,10 +4,11 @@ The head size is the file's `qwen3.attention.key_length` (128), not dim / heads.
 """
 
 from dataclasses import dataclass
-from typing import Any
+
+import numpy as np
 
 from duskpool.models import llama
-from duskpool.models.base import Array, KVCache, Ops
+from duskpool.models.base import Array, Batch, Ops
 from duskpool.models.llama import Llama, LlamaConfig
 from duskpool.weights.gguf import PackedTensor
 
@@ -28,14 +29,13 @@ class Attention(llama.Attention):
         T, n, d = heads.shape  # every head of every token normalized alone
         return self.ops.rms_norm(heads.reshape(T * n, d), weight, self.config.norm_eps).reshape(T, n, d)
 
-    def __call__(self, x: Array, rope: Any, cache: KVCache, layer: int, start: int) -> Array:
+    def __call__(self, x: Array, batch: Batch, layer: int, rope_freqs: np.ndarray) -> Array:
         c, T = self.config, x.shape[0]
         H, Hk = c.n_heads, c.n_kv_heads
         heads = self.wqkv(x).reshape(T, H + 2 * Hk, c.head_dim)  # q | k | v heads of each token
-        q = self.ops.rope(self.head_norm(heads[:, :H], self.q_norm), rope, c.rope_pairing)
-        k = self.ops.rope(self.head_norm(heads[:, H:H + Hk], self.k_norm), rope, c.rope_pairing)
-        keys, values = cache.update(layer, start, k, heads[:, H + Hk:])
-        out = self.ops.attention(q, keys, values, start, c.attention_scale, c.sliding_window)
+        q = batch.rope(self.head_norm(heads[:, :H], self.q_norm), rope_freqs, c.rope_pairing)
+        k = batch.rope(self.head_norm(heads[:, H:H + Hk], self.k_norm), rope_freqs, c.rope_pairing)
+        out = batch.attention(layer, q, k, heads[:, H + Hk:], c.attention_scale, c.sliding_window)
         return self.wo(out.reshape(T, H * c.head_dim))
 
 

@@ -64,6 +64,10 @@ def logits(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts)
+
+
 # --- the machine ---------------------------------------------------------------------------------
 def device() -> str:
     return platform.processor() or platform.machine()
@@ -93,6 +97,6 @@ def matmul_bytes_per_ms() -> float:
     return weight.nbytes / (sorted(timings)[2] * 1000)
 
 
-__all__ = ["KV_VALUE_BYTES", "NAME", "SUPPORTED_TYPES", "attention", "device", "embedding", "from_bytes", "gated",
-           "linear", "logits", "matmul_bytes_per_ms", "new_cache", "rms_norm", "rope", "rotations", "set_threads",
-           "to_bytes", "vector"]
+__all__ = ["KV_VALUE_BYTES", "NAME", "SUPPORTED_TYPES", "attention", "concat", "device", "embedding", "from_bytes",
+           "gated", "linear", "logits", "matmul_bytes_per_ms", "new_cache", "rms_norm", "rope", "rotations",
+           "set_threads", "to_bytes", "vector"]

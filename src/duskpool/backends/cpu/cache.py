@@ -37,6 +37,11 @@ class KVCache:
         self.k.zero_()
         self.v.zero_()
 
+    def truncate(self, length: int) -> None:
+        """Zero positions length.. (what a rejected speculative draft wrote)."""
+        self.k[:, :, length:].zero_()
+        self.v[:, :, length:].zero_()
+
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

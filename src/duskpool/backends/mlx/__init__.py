@@ -79,6 +79,10 @@ def logits(x: mx.array) -> torch.Tensor:
         return torch.from_numpy(np.array(x.astype(mx.float32)))
 
 
+def concat(parts: list[mx.array]) -> mx.array:
+    return mx.concatenate(parts)
+
+
 # --- the machine ---------------------------------------------------------------------------------
 def device() -> str:
     info = mx.device_info()
@@ -119,6 +123,6 @@ def available() -> bool:
     return mx.metal.is_available() or mx.cuda.is_available()
 
 
-__all__ = ["KV_VALUE_BYTES", "NAME", "SUPPORTED_TYPES", "attention", "available", "device", "embedding",
+__all__ = ["KV_VALUE_BYTES", "NAME", "SUPPORTED_TYPES", "attention", "available", "concat", "device", "embedding",
            "from_bytes", "gated", "linear", "logits", "matmul_bytes_per_ms", "new_cache", "rms_norm", "rope",
            "rotations", "set_threads", "to_bytes", "vector"]

@@ -35,6 +35,12 @@ class KVCache:
             buffer[:] = 0  # in place: a fresh buffer would leave the old one's bytes in MLX's free list
         evaluate(*self.k, *self.v)
 
+    def truncate(self, length: int) -> None:
+        """Zero positions length.. (what a rejected speculative draft wrote)."""
+        for buffer in (*self.k, *self.v):
+            buffer[:, length:] = 0
+        evaluate(*self.k, *self.v)
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)

@@ -1,0 +1,193 @@
+"""Continuous batching at one stage: the steps of every session waiting there run as one forward.
+
+A node hands each arriving step to its `Batcher`; the gateway hands it its prefix and suffix steps. One
+worker thread takes everything waiting for one span: every decode step, and the prompts being prefilled
+up to `prefill_rows` rows between them (a long prompt goes through in chunks, so the others' tokens keep
+coming), and computes them as one `forward_batch` (models/base.py `Batch`: rows concatenated through the
+projections, attention per session over its own KV). Sessions join and leave between forwards.
+
+A job that asks for logits gets those of its last `logits` rows, through one `head` call for the batch.
+"""
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from duskpool.models import KVCache, SpanModel
+from duskpool.models.base import Segment
+
+PREFILL_ROWS = 128  # prompt rows per forward, beside the decode steps: a long prompt never stalls the others
+Done = Callable[[Any, Exception | None], None]  # (output, or None with the error)
+
+
+@dataclass
+class Job:
+    model: SpanModel
+    cache: KVCache
+    start: int  # position of hidden's first row
+    hidden: Any  # [T, dim]
+    done: Done
+    logits: int = 0  # > 0: the logits [logits, vocab] of the last rows are the output, not the hidden state
+    computed: int = 0  # rows through so far (a prompt goes through in chunks)
+    outputs: list = field(default_factory=list)
+    failed: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.hidden.shape[0]
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One forward: how many sessions and rows it carried."""
+    sessions: int
+    rows: int
+    seconds: float
+
+
+class Batcher:
+    """One worker thread computing the jobs submitted to it, batched per span. `lock`: held around every
+    forward (a node's compute lock, which its speed probe shares)."""
+
+    def __init__(self, name: str = "batcher", prefill_rows: int = PREFILL_ROWS, lock: Any = None,
+                 on_batch: Callable[[SpanModel, BatchRecord], None] | None = None):
+        self.prefill_rows, self.lock = prefill_rows, lock or threading.Lock()
+        self.on_batch = on_batch
+        self._waiting: deque[Job] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self.recent: deque[BatchRecord] = deque(maxlen=256)
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._waiting.append(job)
+            self._ready.notify()
+
+    def run(self, model: SpanModel, cache: KVCache, start: int, hidden: Any, logits: int = 0) -> Any:
+        """Submit and wait: the output of hidden [T, dim] at positions start.. (or its last rows' logits)."""
+        future: Future = Future()
+        self.submit(Job(model, cache, start, hidden, _settle(future), logits))
+        return future.result()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
+    # --- the worker ---------------------------------------------------------------------------------
+    def _take(self) -> list[Job]:
+        """The jobs of the next forward: the span of the oldest waiting job, each session once, every decode
+        step, and prompt rows up to the budget. Jobs not taken keep their place."""
+        with self._ready:
+            while not self._waiting and not self._closed:
+                self._ready.wait()
+            if self._closed:
+                return []
+            model = self._waiting[0].model
+            taken, caches, budget, rest = [], set(), self.prefill_rows, deque()
+            for job in self._waiting:
+                decode = job.rows - job.computed == 1
+                if job.model is not model or id(job.cache) in caches or (not decode and budget <= 0):
+                    rest.append(job)
+                    continue
+                if not decode:
+                    budget -= job.rows - job.computed
+                caches.add(id(job.cache))
+                taken.append(job)
+            self._waiting = rest
+            return taken
+
+    def _work(self) -> None:
+        while True:
+            jobs = self._take()
+            if not jobs:
+                return
+            budget, chunks = self.prefill_rows, []
+            for job in jobs:  # decode steps take one row each; prompts share the budget, oldest first
+                left = job.rows - job.computed
+                n = left if left == 1 else max(1, min(left, budget))
+                budget -= n if left > 1 else 0
+                chunks.append(n)
+            try:
+                self._forward(jobs, chunks)
+            except Exception as e:  # noqa: BLE001 - one session's bad step must not fail the others'
+                if len(jobs) == 1:
+                    self._finish(jobs[0], error=e)
+                else:  # each alone, so that only the bad one fails
+                    for job, n in zip(jobs, chunks, strict=True):
+                        try:
+                            self._forward([job], [n])
+                        except Exception as alone:  # noqa: BLE001
+                            self._finish(job, error=alone)
+            waiting_again = [job for job in jobs if job.computed < job.rows and not job.failed]
+            if waiting_again:
+                with self._ready:
+                    self._waiting.extendleft(reversed(waiting_again))  # a prompt's next chunk keeps its place
+
+    def _forward(self, jobs: list[Job], chunks: list[int]) -> None:
+        model = jobs[0].model
+        segments = [Segment(job.cache, job.start + job.computed, n) for job, n in zip(jobs, chunks, strict=True)]
+        parts = [job.hidden[job.computed:job.computed + n] for job, n in zip(jobs, chunks, strict=True)]
+        started = time.perf_counter()
+        with self.lock:
+            ops = model.ops
+            hidden = parts[0] if len(parts) == 1 else ops.concat(parts)
+            out = model.forward_batch(hidden, segments)
+            outputs = [out] if len(jobs) == 1 else _split(out, chunks)
+            finished = []
+            for job, n, output in zip(jobs, chunks, outputs, strict=True):
+                job.outputs.append(output)
+                job.computed += n
+                if job.computed == job.rows:
+                    finished.append(job)
+            heads = [j for j in finished if j.logits]
+            if heads:  # the batch's logits in one head call
+                tails = [_tail(ops, j, j.logits) for j in heads]
+                logits = model.head(tails[0] if len(tails) == 1 else ops.concat(tails))
+                for job, rows in zip(heads, _split(logits, [t.shape[0] for t in tails]), strict=True):
+                    job.outputs = [rows]
+        record = BatchRecord(len(jobs), sum(chunks), time.perf_counter() - started)
+        self.recent.append(record)
+        if self.on_batch is not None:
+            self.on_batch(model, record)
+        for job in finished:
+            output = job.outputs[0] if len(job.outputs) == 1 else model.ops.concat(job.outputs)
+            self._finish(job, output)
+
+    def _finish(self, job: Job, output: Any = None, error: Exception | None = None) -> None:
+        job.failed = error is not None
+        try:
+            job.done(output, error)
+        except Exception:  # noqa: BLE001 - a callback's failure is its own
+            pass
+
+
+def _tail(ops: Any, job: Job, n: int) -> Any:
+    """The last n rows of the job's output so far."""
+    rows = job.outputs[-1] if len(job.outputs) == 1 or job.outputs[-1].shape[0] >= n else ops.concat(job.outputs)
+    return rows[rows.shape[0] - n:]
+
+
+def _split(x: Any, sizes: list[int]) -> list[Any]:
+    parts, first = [], 0
+    for n in sizes:
+        parts.append(x[first:first + n])
+        first += n
+    return parts
+
+
+def _settle(future: Future) -> Done:
+    def done(output: Any, error: Exception | None) -> None:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(output)
+    return done
