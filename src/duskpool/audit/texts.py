@@ -53,8 +53,10 @@ def held_out(tokenizer: Tokenizer, prompts: tuple[Prompt, ...] = HELD_OUT) -> li
 def _sample(tokenizer: Tokenizer, prompt: Prompt) -> Sample:
     try:
         chat = tokenizer.render_chat([{"role": "user", "content": prompt.text}])
-        before, after = chat.split(prompt.text, 1)
-    except NoChatTemplateError:
+    except NoChatTemplateError:  # a base model: the prompt as raw text
+        chat = prompt.text
+    before, found, after = chat.partition(prompt.text)
+    if not found:  # a template that rewrites the message: the raw text
         before, after = "", ""
     head = tokenizer.encode(before)  # with BOS, where the model adds one
     encoding = tokenizer.backend.encode(prompt.text, add_special_tokens=False)
