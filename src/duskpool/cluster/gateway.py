@@ -35,6 +35,7 @@ from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.route import RouteError, RouteStage, Span
 from duskpool.cluster.transfer import WeightSender
 from duskpool.cluster.transport import Pushers, forward_stream, local_address_towards, start_server
+from duskpool.engine.batcher import Batcher
 from duskpool.engine.generate import PREFILL_CHUNK
 from duskpool.engine.runner import DEFAULT_CONTEXT, Engine, load_tokenizer
 from duskpool.engine.tokenizer import Tokenizer
@@ -136,6 +137,7 @@ class Gateway(Engine):
         self.hidden_bytes_sent = 0  # activations the gateway sent (prefix outputs; in star, every stage's input)
         self.recoveries: list[Recovery] = []
         self._closing = False
+        self.batcher = Batcher("gateway")  # the prefix and suffix steps of every session, batched
         # a stream to each route's first node (in star, to every node); a node that refuses a request as malformed
         # answers on it, so those answers go to the sink too
         self._pushers = Pushers(identity, forward_stream, on_reply=sink.deliver, on_broken=self._on_broken)
@@ -284,6 +286,7 @@ class Gateway(Engine):
         self.members.close()
         self._pushers.close()
         self._sink_server.stop(grace=0.5)
+        self.batcher.close()
 
 
 class RemoteSession:
@@ -295,6 +298,7 @@ class RemoteSession:
         self.id, self.step = uuid.uuid4().hex, 0
         self.route: tuple[RouteStage, ...] = tuple(gateway.route)  # where its KV caches are: it stays there
         self.history: list[int] = []  # the token at each position fed so far
+        self.filled = 0  # positions the gateway's own caches hold
         self.prefix_cache = gateway.prefix_model.new_cache(capacity)
         self.suffix_cache = gateway.suffix_model.new_cache(capacity)
 
@@ -307,13 +311,20 @@ class RemoteSession:
         self.history = history
         return logits
 
-    def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
+    def _forward(self, tokens: list[int], start: int, logits: int = 1) -> torch.Tensor:
+        """Logits [logits, vocab] of the last rows (the last one's [vocab] when logits == 1). The gateway's own
+        spans run in its batcher, with the steps of every other session at them."""
         g = self.gateway
-        hidden = g.prefix_model.forward_span(g.prefix_model.embed(tokens), self.prefix_cache, start)
+        if start < self.filled:  # a step taken back (a rejected speculative draft): none of it stays
+            self.prefix_cache.truncate(start)
+            self.suffix_cache.truncate(start)
+        self.filled = start
+        hidden = g.batcher.run(g.prefix_model, self.prefix_cache, start, g.prefix_model.embed(tokens))
         self.step += 1
         hidden = g.run_route(self.id, self.step, start, self.capacity, hidden, self.route)
-        hidden = g.suffix_model.forward_span(hidden, self.suffix_cache, start)
-        return g.suffix_model.head(hidden[-1:])[0]
+        out = g.batcher.run(g.suffix_model, self.suffix_cache, start, hidden, logits=logits)
+        self.filled = start + len(tokens)
+        return out[0] if logits == 1 else out
 
     def _recover(self, history: list[int], failure: RouteError) -> torch.Tensor:
         """Move to a live route and re-prefill `history` (everything fed before, and this step's tokens) there
@@ -326,6 +337,7 @@ class RemoteSession:
             threading.Thread(target=g.end_session, args=(old,), daemon=True).start()
             self.prefix_cache.clear()
             self.suffix_cache.clear()
+            self.filled = 0
             try:
                 for start in range(0, len(history), PREFILL_CHUNK):
                     logits = self._forward(history[start:start + PREFILL_CHUNK], start)

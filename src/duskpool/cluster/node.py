@@ -25,6 +25,7 @@ from duskpool.cluster import transfer, wire
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.transport import Pusher, Pushers, deliver_stream, forward_stream, start_server
+from duskpool.engine.batcher import Batcher, Job
 from duskpool.idle import Lending, LendPolicy, LendState, MachineState, SleepAssertion, probe, step
 from duskpool.models import KVCache, SpanModel
 from duskpool.security import NodeIdentity, peer_fingerprint, peer_is_gateway
@@ -73,6 +74,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.matmul_bytes_per_ms = self.backend.matmul_bytes_per_ms()
         self._lock = threading.Lock()  # spans and sessions
         self._compute = threading.Lock()  # one forward at a time: the kernels use every core already
+        self.batcher = Batcher(f"node {self.node_id}", lock=self._compute)  # the steps waiting here, batched
         self.identity = identity
         # certificate fingerprints the gateway said are revoked, kept across restarts
         self.revoked_path = cache_dir / "revoked.json"
@@ -169,13 +171,13 @@ class NodeService(pb_grpc.NodeServicer):
                 yield pb.Result(session_id=request.session_id, step=request.step, error=f"node {self.node_id}: {e}")
                 continue
             try:
-                hidden = self._run(request, peer)  # a Hidden message, ready for the next stage
+                self._run(request, peer)  # checked here, computed in the next batch, passed on from there
             except Exception as e:  # the gateway hears about it; the node keeps serving
                 self._fail(request, f"node {self.node_id}: {e}")
-                continue
-            self._pass_on(request, hidden)
 
-    def _run(self, request: pb.ForwardRequest, peer: str) -> pb.Hidden:
+    def _run(self, request: pb.ForwardRequest, peer: str) -> None:
+        """Check the step against its session and hand it to the batcher: it runs in the next forward of its
+        span with every other session's step waiting here, then `_pass_on`s (or `_fail`s)."""
         if not 0 < len(request.session_id) <= 64:
             raise ValueError("the session id must be 1..64 characters")
         stage = request.route[0]
@@ -207,11 +209,19 @@ class NodeService(pb_grpc.NodeServicer):
             if cache is None:
                 self._check_memory(model.cache_bytes(request.context))
                 cache = session.caches[key] = model.new_cache(request.context)
+            if request.position < filled:  # a step taken back (a rejected speculative draft): none of it stays
+                cache.truncate(request.position)
+            session.filled[key] = request.position
             session.last_used = time.monotonic()
-        with self._compute:
-            hidden = model.forward_span(hidden, cache, request.position)
-        session.filled[key] = max(filled, end)
-        return wire.to_wire(model, hidden, request.hidden.dtype)
+
+        def done(output, error: Exception | None) -> None:
+            if error is not None:
+                self._fail(request, f"node {self.node_id}: {error}")
+                return
+            session.filled[key] = end
+            self._pass_on(request, wire.to_wire(model, output, request.hidden.dtype))
+
+        self.batcher.submit(Job(model, cache, request.position, hidden, done))
 
     def _open_session(self, request: pb.ForwardRequest, peer: str) -> Session:
         """Under self._lock: a new session, if the message may open one and there is room."""
@@ -312,6 +322,7 @@ class NodeService(pb_grpc.NodeServicer):
             self.end_session(sid)
 
     def close(self) -> None:
+        self.batcher.close()
         self.awake.release()
         self._next_nodes.close()
         self._sinks.close()
