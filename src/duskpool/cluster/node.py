@@ -42,9 +42,9 @@ LEND_POLL_S = 2.0  # how often the node looks whether its owner is back
 
 @dataclass
 class Session:
-    peer: str  # who opened it (certificate fingerprint, or address without TLS); over TLS only it (or this node,
-    # when it holds two stages of the route) may send the session more
+    peer: str  # who opened it (certificate fingerprint, or address without TLS): sessions are counted per peer
     context: int
+    senders: dict[tuple[str, int, int], str] = field(default_factory=dict)  # per span: the only peer it hears
     caches: dict[tuple[str, int, int], KVCache] = field(default_factory=dict)
     filled: dict[tuple[str, int, int], int] = field(default_factory=dict)  # positions written, per span
     last_used: float = field(default_factory=time.monotonic)
@@ -196,7 +196,9 @@ class NodeService(pb_grpc.NodeServicer):
             session = self.sessions.get(request.session_id)
             if session is None:
                 session = self._open_session(request, peer)
-            elif self.identity is not None and peer not in (session.peer, self.identity.fingerprint):
+            # each span of a session hears from one sender, the first: the gateway, or the route's node before it
+            sender = session.senders.setdefault(key, peer)
+            if self.identity is not None and peer != sender:
                 raise ValueError(f"session {request.session_id[:12]} belongs to another sender")
             if session.context != request.context:
                 raise ValueError(f"session {request.session_id[:12]} has a context of {session.context}, "
