@@ -303,11 +303,17 @@ class RemoteSession:
         self.suffix_cache = gateway.suffix_model.new_cache(capacity)
 
     def forward(self, tokens: list[int], start: int) -> torch.Tensor:
+        return self.verify(tokens, start, rows=1)
+
+    def verify(self, tokens: list[int], start: int, rows: int | None = None) -> torch.Tensor:
+        """Logits [T, vocab] of every position of `tokens` (a speculative pass through the route), or with
+        rows=1 the last one's [vocab]."""
+        rows = rows or len(tokens)
         history = self.history[:start] + list(tokens)
         try:
-            logits = self._forward(tokens, start)
+            logits = self._forward(tokens, start, rows)
         except RouteError as failure:
-            logits = self._recover(history, failure)
+            logits = self._recover(history, failure, rows)
         self.history = history
         return logits
 
@@ -326,7 +332,7 @@ class RemoteSession:
         self.filled = start + len(tokens)
         return out[0] if logits == 1 else out
 
-    def _recover(self, history: list[int], failure: RouteError) -> torch.Tensor:
+    def _recover(self, history: list[int], failure: RouteError, rows: int = 1) -> torch.Tensor:
         """Move to a live route and re-prefill `history` (everything fed before, and this step's tokens) there
         under a new session id, from position 0 through the gateway's own prefix and suffix caches too;
         the logits of its last position, which are this step's. Raises when the gateway cannot recover."""
@@ -339,8 +345,11 @@ class RemoteSession:
             self.suffix_cache.clear()
             self.filled = 0
             try:
-                for start in range(0, len(history), PREFILL_CHUNK):
-                    logits = self._forward(history[start:start + PREFILL_CHUNK], start)
+                cut = len(history) - rows if rows > 1 else len(history)  # rows > 1: the last ones' logits too
+                for start in range(0, cut, PREFILL_CHUNK):
+                    logits = self._forward(history[start:min(start + PREFILL_CHUNK, cut)], start)
+                if rows > 1:
+                    logits = self._forward(history[cut:], cut, rows)
             except RouteError as again:
                 failure = again
                 continue

@@ -66,7 +66,8 @@ class Engine:
         capacity = min(self.context_length, len(prompt) + params.max_tokens)
         session = self.open_session(capacity)
         try:
-            yield from generate(session.forward, self.tokenizer, prompt, params, capacity, stats)
+            yield from generate(session.forward, self.tokenizer, prompt, params, capacity, stats,
+                                getattr(session, "verify", None))
         finally:
             session.close()
 
@@ -98,10 +99,18 @@ class Engine:
 class LocalSession:
     def __init__(self, model: SpanModel, capacity: int):
         self.model, self.cache = model, model.new_cache(capacity)
+        self.filled = 0  # positions the cache holds
 
     def forward(self, tokens: list[int], start: int) -> torch.Tensor:
+        return self.verify(tokens, start, rows=1)[0]
+
+    def verify(self, tokens: list[int], start: int, rows: int | None = None) -> torch.Tensor:
+        """Logits [rows, vocab] of the last `rows` positions (all by default: a speculative pass)."""
+        if start < self.filled:  # a step taken back (a rejected draft): none of it stays
+            self.cache.truncate(start)
         hidden = self.model.forward_span(self.model.embed(tokens), self.cache, start)
-        return self.model.head(hidden[-1:])[0]
+        self.filled = start + len(tokens)
+        return self.model.head(hidden[-(rows or len(tokens)):])
 
     def final_hidden(self, tokens: list[int], start: int) -> torch.Tensor:
         return self.model.final_norm(self.model.forward_span(self.model.embed(tokens), self.cache, start))
