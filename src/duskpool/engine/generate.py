@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from duskpool.engine.sampling import Sampler, SamplingParams, logprobs
+from duskpool.engine.speculative import Speculation, Verify
 from duskpool.engine.tokenizer import Tokenizer
 from duskpool.models import ContextOverflowError
 
@@ -30,6 +31,7 @@ class GenerationParams:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     logprobs: int | None = None  # None: none; n: each token's log-probability and the n most likely
     grammar: "Grammar | None" = None  # every token must keep the text within it (structured output)
+    speculative: bool = True  # draft by prompt lookup where the context repeats (engine/speculative.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -70,6 +72,9 @@ class GenerationStats:
     decode_seconds: float = 0.0
     mask_seconds: float = 0.0  # computing the grammar's masks, over `masks` steps
     masks: int = 0
+    drafted_tokens: int = 0  # speculative drafts verified, and those accepted
+    accepted_tokens: int = 0
+    token_seconds: list[float] = field(default_factory=list)  # each generated token's own time
 
 
 def check_prompt(prompt: list[int], context_length: int) -> None:
@@ -80,8 +85,10 @@ def check_prompt(prompt: list[int], context_length: int) -> None:
 
 
 def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: GenerationParams,
-             context_length: int, stats: GenerationStats | None = None) -> Iterator[Piece]:
-    """Yield the answer's text as it is produced; `stats` is filled in as it goes."""
+             context_length: int, stats: GenerationStats | None = None,
+             verify: Verify | None = None) -> Iterator[Piece]:
+    """Yield the answer's text as it is produced; `stats` is filled in as it goes. `verify`: the session's
+    logits of every row, for speculative decoding (params.speculative)."""
     stats = stats if stats is not None else GenerationStats()
     check_prompt(prompt, context_length)
     stats.prompt_tokens = len(prompt)
@@ -102,7 +109,8 @@ def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: 
     stats.prefill_seconds = time.perf_counter() - started
 
     context, generated = list(prompt), []
-    started = time.perf_counter()
+    speculation = Speculation(forward, verify if params.speculative else None)
+    started = last = time.perf_counter()
     stats.finish_reason = "length"
     stopped = False
     while True:
@@ -124,6 +132,9 @@ def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: 
         context.append(token)
         generated.append(token)
         stats.generated_tokens = len(generated)
+        now = time.perf_counter()
+        stats.token_seconds.append(now - last)
+        last = now
         new, stopped = text.feed(stream.feed(token))
         if new:
             yield piece(new)
@@ -135,7 +146,8 @@ def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: 
             break
         if len(generated) >= budget:
             break
-        logits = forward([token], len(context) - 1)
+        logits = speculation.next_logits(token, len(context) - 1, context)
+        stats.drafted_tokens, stats.accepted_tokens = speculation.drafted, speculation.accepted
     stats.decode_seconds = time.perf_counter() - started
     tail = ""
     if not stopped:
