@@ -2,11 +2,13 @@
 
 import json
 import re
+import threading
+import time
 
 import pytest
 import torch
 
-from duskpool.engine.generate import GenerationParams, GenerationStats
+from duskpool.engine.generate import GenerationParams, GenerationStats, _StopText, generate
 from duskpool.engine.grammar import GrammarError
 from duskpool.engine.runner import LocalEngine
 from duskpool.engine.sampling import SamplingParams
@@ -102,3 +104,54 @@ def test_a_schema_llguidance_cannot_use_is_a_grammar_error(engine):
         engine.vocabulary.json_schema({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})
     with pytest.raises(GrammarError, match="regular expression"):
         engine.vocabulary.regex("[a-")
+
+
+def test_stop_strings_are_bounded_in_count_and_length():
+    with pytest.raises(ValueError, match="at most 16"):
+        GenerationParams(stop=[f"s{i}" for i in range(250_000)])
+    with pytest.raises(ValueError, match="longer than 256"):
+        GenerationParams(stop=["x" * 257])
+
+
+def test_stop_matching_scans_only_the_text_not_sent():
+    """16 stop strings of 256 characters, each the text so far but for its end: the text held back stays under
+    256 characters, and 10 000 tokens of it take about a second (matching the whole text each token took minutes)."""
+    stops = [("ab" * 128)[:255] + chr(ord("A") + i) for i in range(16)]
+    text, pieces, started = _StopText(stops), [], time.perf_counter()
+    for _ in range(10_000):
+        pieces.append(text.feed("ab")[0])
+        assert len(text.held) < 256
+    assert time.perf_counter() - started < 10.0
+    piece, stopped = text.feed(stops[3][-2:] + "tail")  # "...bD": the fourth stop string completes
+    assert stopped and text.hit == stops[3]
+    assert "".join(pieces) + piece + text.flush() == ("ab" * 10_000 + stops[3][-2:])[:-len(stops[3])]
+    # across pieces, and a partial match that does not complete is sent after all
+    text = _StopText(["lo w", "xyz"])
+    assert [text.feed(p) for p in ("he", "llo ", "xy", "a lo w")] == [("he", False), ("l", False), ("lo ", False),
+                                                                       ("xya ", True)]
+    assert text.hit == "lo w"
+
+
+def test_a_cancelled_generation_ends_even_while_its_text_is_held_back(engine):
+    """A stop string that the whole answer is a prefix of holds back every piece, so the consumer never gets a
+    turn to stop the generator: the cancel flag ends it before the next token."""
+    full, _ = answer(engine, max_tokens=40)
+    prompt = engine.tokenizer.encode(engine.tokenizer.render_chat(QUESTION))
+    cancel, calls = threading.Event(), 0
+    session = engine.open_session(len(prompt) + 40)
+
+    def forward(tokens, start):
+        nonlocal calls
+        calls += 1
+        if calls == 4:  # the prompt, then three tokens: the client leaves
+            cancel.set()
+        return session.forward(tokens, start)
+
+    stats = GenerationStats()
+    params = GenerationParams(max_tokens=40, stop=[full[:200] + "\x00"], cancel=cancel)
+    try:
+        pieces = list(generate(forward, engine.tokenizer, prompt, params, len(prompt) + 40, stats))
+    finally:
+        session.close()
+    assert stats.generated_tokens == 3 and calls == 4  # the fourth token never drawn
+    assert "".join(pieces) == full[:len("".join(pieces))]

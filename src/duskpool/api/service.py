@@ -281,6 +281,7 @@ class Service:
 
         def work() -> None:
             try:
+                params.cancel = generation.cancelled  # seen every token, even while text is held back
                 answer = self.engine.generate(prompt, params, stats)
                 try:
                     for piece in answer:
