@@ -4,6 +4,7 @@ The loop only needs `forward(token_ids, start) -> logits of the last position`, 
 drives the single-process engine here and a pipeline of nodes in `cluster`.
 """
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 Forward = Callable[[list[int], int], torch.Tensor]  # (token ids, first position) -> logits [vocab]
 
 PREFILL_CHUNK = 512  # bounds the attention scores and activations a long prompt needs at once
+MAX_STOP_STRINGS = 16  # OpenAI takes 4; these bound the matching each token costs
+MAX_STOP_CHARS = 256
 
 
 @dataclass
@@ -32,10 +35,15 @@ class GenerationParams:
     logprobs: int | None = None  # None: none; n: each token's log-probability and the n most likely
     grammar: "Grammar | None" = None  # every token must keep the text within it (structured output)
     speculative: bool = True  # draft by prompt lookup where the context repeats (engine/speculative.py)
+    cancel: threading.Event | None = None  # set: the generation ends before its next token (the client left)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"{len(self.stop)} stop strings; at most {MAX_STOP_STRINGS} are allowed")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"a stop string is longer than {MAX_STOP_CHARS} characters")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("top logprobs must be between 0 and 20")
 
@@ -113,7 +121,7 @@ def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: 
     started = last = time.perf_counter()
     stats.finish_reason = "length"
     stopped = False
-    while True:
+    while params.cancel is None or not params.cancel.is_set():  # checked every token: text may be held back
         allowed = None
         if constraint is not None:
             masked = time.perf_counter()
@@ -160,31 +168,51 @@ def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: 
 
 
 class _StopText:
-    """Passes decoded text on, holding back what may begin a stop string and cutting at one."""
+    """Passes decoded text on, holding back what may begin a stop string and cutting at one.
+
+    Each stop string is matched as Knuth-Morris-Pratt does: per string, the length of its longest prefix that
+    the text ends with, updated per new character; only the text not sent yet is kept (shorter than the longest
+    stop string, plus the newest token's text). A token costs its characters times the stop strings."""
 
     def __init__(self, stop: list[str]):
-        self.stop, self.sent = [s for s in stop if s], 0
-        self.text = ""
+        self.stop = [s for s in stop if s]
+        self.fallback = [_prefix_lengths(s) for s in self.stop]
+        self.matched = [0] * len(self.stop)  # per stop string: how much of it the text ends with
+        self.held = ""  # decoded, not sent yet: it may begin a stop string
         self.hit: str | None = None  # the stop string reached
 
     def feed(self, new_text: str) -> tuple[str, bool]:
         """(the text that is now safe to send, whether a stop string was reached)."""
-        self.text = text = self.text + new_text
-        hits = [(i, s) for s in self.stop if (i := text.find(s, max(0, self.sent - len(s)))) >= 0]
-        if hits:
-            (end, self.hit), stopped = min(hits), True
-        else:
-            end, stopped = len(text), False
-            # hold back the longest suffix that could still grow into a stop string
-            end -= max((n for s in self.stop for n in range(1, min(len(s), end - self.sent + 1))
-                        if text[:end].endswith(s[:n])), default=0)
-        piece = text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        if stopped:
-            self.text = text[:end]
-        return piece, stopped
+        held, hits = self.held + new_text, []
+        for position, char in enumerate(new_text, len(self.held)):
+            for i, stop in enumerate(self.stop):
+                q = self.matched[i]
+                while q and stop[q] != char:
+                    q = self.fallback[i][q - 1]
+                q += stop[q] == char
+                if q == len(stop):
+                    hits.append((position + 1 - q, stop))
+                    q = self.fallback[i][q - 1]
+                self.matched[i] = q
+        if hits:  # the one that starts first (a longer one may end later in the same piece)
+            (end, self.hit) = min(hits)
+            self.held = ""
+            return held[:end], True
+        keep = max(self.matched, default=0)  # the longest suffix that could still grow into a stop string
+        self.held = held[len(held) - keep:]
+        return held[:len(held) - keep], False
 
     def flush(self) -> str:
-        piece = self.text[self.sent:]
-        self.sent = len(self.text)
+        piece, self.held = self.held, ""
         return piece
+
+
+def _prefix_lengths(s: str) -> list[int]:
+    """For each i, the length of the longest proper prefix of s[:i + 1] that is also its suffix (KMP's table)."""
+    table, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = table[k - 1]
+        k += s[i] == s[k]
+        table[i] = k
+    return table
