@@ -29,6 +29,7 @@ from duskpool.engine.runner import Engine
 from duskpool.engine.tokenizer import render_chat_with_tools
 
 NODE_POLL_S = 2.0  # how often the dashboard's view of the nodes is refreshed
+KV_SHARE = 0.8  # of the memory a stage lends (free + what its KV caches hold), what sessions may reserve
 
 
 class RequestError(Exception):
@@ -57,6 +58,7 @@ class Generation:
     started: float = field(default_factory=time.monotonic)
     first_piece_at: float | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    kv_tokens: int = 0  # the positions its KV caches are sized for: reserved from the pool's memory
 
 
 class Metrics:
@@ -68,8 +70,18 @@ class Metrics:
         self.prompt_tokens = prom.Counter("duskpool_prompt_tokens", "prompt tokens processed", registry=r)
         self.ttft = prom.Histogram("duskpool_time_to_first_token_seconds", "admission to first text", registry=r,
                                    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
-        self.token_latency = prom.Histogram("duskpool_time_per_output_token_seconds", "decode time per token",
-                                            registry=r, buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 1, 3))
+        self.token_latency = prom.Histogram("duskpool_time_per_output_token_seconds",
+                                            "each generated token's own time (a token accepted from a speculative "
+                                            "draft takes next to none)", registry=r,
+                                            buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 1, 3))
+        self.batch_sessions = prom.Gauge("duskpool_batch_sessions", "sessions per forward at a stage, mean of the "
+                                         "last forwards", ["stage"], registry=r)
+        self.drafted = prom.Counter("duskpool_speculative_drafted_tokens", "draft tokens verified", registry=r)
+        self.accepted = prom.Counter("duskpool_speculative_accepted_tokens", "draft tokens accepted", registry=r)
+        self.kv_reserved = prom.Gauge("duskpool_kv_reserved_tokens", "KV positions admitted sessions reserve",
+                                      registry=r)
+        self.kv_capacity = prom.Gauge("duskpool_kv_capacity_tokens", "KV positions the lent memory holds (the "
+                                      "least of every stage)", registry=r)
         self.stage_latency = prom.Gauge("duskpool_stage_seconds_per_token", "a stage's measured compute per token",
                                         ["node", "span"], registry=r)
         self.active = prom.Gauge("duskpool_active_sessions", "generations running now", registry=r)
@@ -141,9 +153,11 @@ def _text(content) -> str:
 
 
 class Service:
-    def __init__(self, engine: Engine, model_name: str, model_path: Path, *, max_active: int = 4,
-                 max_queue: int = 16, queue_timeout_s: float = 120.0):
-        if max_active < 1 or max_queue < 0:
+    def __init__(self, engine: Engine, model_name: str, model_path: Path, *, max_active: int | None = None,
+                 max_queue: int = 512, queue_timeout_s: float = 120.0):
+        """`max_active`: at most this many generations at once (None: as many as the lent memory holds KV for);
+        `max_queue`: requests that may wait (Ollama's default, 512); more get 429, one waiting too long 503."""
+        if (max_active is not None and max_active < 1) or max_queue < 0:
             raise ValueError("max_active must be >= 1 and max_queue >= 0")
         self.engine, self.model_name, self.model_path = engine, model_name, model_path
         self.model_size = model_path.stat().st_size
@@ -154,8 +168,11 @@ class Service:
         self.total_requests = self.total_tokens = 0
         self._recent: deque[tuple[float, int]] = deque(maxlen=512)  # (when, tokens) for the pool's tok/s
         self._durations: deque[float] = deque(maxlen=32)  # of finished requests, for Retry-After
-        self._slots: asyncio.Semaphore | None = None  # made on the server's loop
+        self._room: asyncio.Condition | None = None  # made on the server's loop; notified when a session ends
         self._waiting = 0
+        self._reserved = 0  # KV positions the admitted generations reserve
+        self._admitting = 0  # admitted, not yet listed in generations (or embedding)
+        self._local_kv_bytes = int(psutil.virtual_memory().available * KV_SHARE)  # an in-process engine's
         self.nodes = self._initial_nodes()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_nodes, daemon=True)
@@ -239,18 +256,46 @@ class Service:
     # --- admission ------------------------------------------------------------------------------
     def _retry_after(self) -> int:
         typical = sum(self._durations) / len(self._durations) if self._durations else 5.0
-        return max(1, math.ceil(typical * (self._waiting + 1) / self.max_active))
+        return max(1, math.ceil(typical * (self._waiting + 1) / max(1, len(self.generations))))
 
-    async def _admit(self) -> None:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_active)
-        if self._slots.locked() and self._waiting >= self.max_queue:
-            raise Overloaded(f"all {self.max_active} slots are busy and {self._waiting} requests are queued; "
-                             "retry later", self._retry_after())
+    def kv_capacity(self) -> int:
+        """KV positions the pool's lent memory holds: the least over the stages, each holding its layers' keys
+        and values for every session (a node's free memory plus what its caches hold now, as it last said)."""
+        per_layer = max(1, self.engine.spec.kv_bytes_per_token)
+        gateway = self.gateway
+        if gateway is None:
+            return self._local_kv_bytes // (per_layer * self.engine.spec.n_layers)
+        stages = [int((v.memory_free + v.kv_bytes) * KV_SHARE) // (per_layer * max(1, v.span[1] - v.span[0]))
+                  for v in self.nodes if v.memory_total]
+        return min(stages) if stages else 1 << 40  # not polled yet: the nodes' own checks still hold
+
+    def _fits(self, kv_tokens: int) -> bool:
+        if self.max_active is not None and len(self.generations) + self._admitting >= self.max_active:
+            return False
+        return self._reserved == 0 or self._reserved + kv_tokens <= self.kv_capacity()
+
+    def _reserve(self, kv_tokens: int) -> None:
+        self._reserved += kv_tokens
+        self._admitting += 1  # until its Generation is listed
+        self.metrics.kv_reserved.set(self._reserved)
+
+    async def _admit(self, kv_tokens: int = 1) -> None:
+        """Wait until the lent memory holds this generation's KV beside the others' (and a slot is free, with
+        max_active), then reserve it. Past max_queue waiting: 429; after queue_timeout_s: 503."""
+        if self._room is None:
+            self._room = asyncio.Condition()
+        if self._waiting == 0 and self._fits(kv_tokens):  # no one ahead of it: in at once
+            self._reserve(kv_tokens)
+            return
+        if self._waiting >= self.max_queue:
+            raise Overloaded(f"every slot is busy ({len(self.generations)} generations hold the lent memory) and "
+                             f"{self._waiting} requests are queued; retry later", self._retry_after())
         self._waiting += 1
         self.metrics.queued.set(self._waiting)
         try:
-            await asyncio.wait_for(self._slots.acquire(), self.queue_timeout_s)
+            async with self._room:
+                await asyncio.wait_for(self._room.wait_for(lambda: self._fits(kv_tokens)), self.queue_timeout_s)
+                self._reserve(kv_tokens)
         except TimeoutError:
             raise Overloaded(f"no slot freed within {self.queue_timeout_s:.0f} s; the pool is saturated",
                              self._retry_after(), status=503) from None
@@ -266,10 +311,12 @@ class Service:
         Leaving the iteration early (the client went away) stops the generation and frees its session.
         """
         arrived = time.monotonic()
-        await self._admit()
+        kv_tokens = min(self.engine.context_length, len(prompt) + params.max_tokens)
+        await self._admit(kv_tokens)
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-        generation = Generation(uuid.uuid4().hex[:12], endpoint, stats)
+        generation = Generation(uuid.uuid4().hex[:12], endpoint, stats, kv_tokens=kv_tokens)
         self.generations[generation.id] = generation
+        self._admitting -= 1
         self.metrics.active.set(len(self.generations))
         done = object()
 
@@ -312,6 +359,10 @@ class Service:
         finally:
             generation.cancelled.set()  # a no-op when it ended by itself
 
+    async def _notify_room(self) -> None:
+        async with self._room:
+            self._room.notify_all()
+
     async def start(self, prompt: list[int], params: GenerationParams, endpoint: str,
                     stats: GenerationStats) -> AsyncIterator[str]:
         """`generate`, with admission and the first piece already awaited: a refusal or a failure before any
@@ -328,15 +379,17 @@ class Service:
         """On the loop: the generation's thread has ended; free its slot and count it."""
         stats = generation.stats
         self.generations.pop(generation.id, None)
-        self._slots.release()
+        self._reserved -= generation.kv_tokens
+        self.metrics.kv_reserved.set(self._reserved)
+        asyncio.ensure_future(self._notify_room())
         self._durations.append(time.monotonic() - generation.started)
         self.metrics.active.set(len(self.generations))
         self.metrics.tokens.inc(stats.generated_tokens)
         self.metrics.prompt_tokens.inc(stats.prompt_tokens)
-        if stats.generated_tokens > 1 and stats.decode_seconds > 0:
-            per_token = stats.decode_seconds / stats.generated_tokens
-            for _ in range(stats.generated_tokens):
-                self.metrics.token_latency.observe(per_token)
+        for seconds in stats.token_seconds[1:]:  # the first token's time is its TTFT
+            self.metrics.token_latency.observe(seconds)
+        self.metrics.drafted.inc(stats.drafted_tokens)
+        self.metrics.accepted.inc(stats.accepted_tokens)
         if stats.masks:
             for _ in range(stats.masks):
                 self.metrics.mask_latency.observe(stats.mask_seconds / stats.masks)
@@ -365,11 +418,14 @@ class Service:
 
     async def embed(self, inputs: list[list[int]]) -> list[torch.Tensor]:
         """One unit vector per input (the engine's mean-pooled final hidden state), computed in a slot."""
-        await self._admit()
+        kv_tokens = max(len(t) for t in inputs) if inputs else 1
+        await self._admit(kv_tokens)
         try:
             vectors = await asyncio.to_thread(lambda: [self.engine.embed(tokens) for tokens in inputs])
         finally:
-            self._slots.release()
+            self._admitting -= 1
+            self._reserved -= kv_tokens
+            await self._notify_room()
         self.total_requests += 1
         self.metrics.embedded.inc(len(inputs))
         self.metrics.prompt_tokens.inc(sum(len(t) for t in inputs))

@@ -77,9 +77,10 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="a key on the command line: every user of this machine sees it in `ps` (prefer "
                         "--api-key-file; repeatable)")
-    g.add_argument("--max-sessions", type=int, default=4, help="generations served at once (default: 4)")
-    g.add_argument("--max-queue", type=int, default=16,
-                   help="requests that may wait for a slot; more get 429 (default: 16)")
+    g.add_argument("--max-sessions", type=int, default=None,
+                   help="at most this many generations at once (default: as many as the lent memory holds KV for)")
+    g.add_argument("--max-queue", type=int, default=512,
+                   help="requests that may wait for memory; more get 429 (default: 512, as Ollama)")
 
 
 def build_parser() -> argparse.ArgumentParser:
