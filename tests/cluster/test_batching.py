@@ -6,17 +6,25 @@ leave the one-at-a-time text only where that text's top two logits were within N
 """
 
 import threading
+from queue import SimpleQueue
 
 import pytest
 import torch
 
+from duskpool.backends import load_span
+from duskpool.cluster import wire
 from duskpool.cluster.gateway import Gateway
+from duskpool.cluster.node import NodeService
+from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.swarm import LocalSwarm
+from duskpool.engine.generate import GenerationParams, GenerationStats
 from duskpool.engine.runner import LocalEngine
+from duskpool.engine.sampling import SamplingParams
+from duskpool.weights.gguf import GGUFFile
 
 pytestmark = pytest.mark.slow
 
-STEPS = 16
+STEPS = 10
 NEAR_TIE = 1e-2  # logit margin between the top two tokens below which rounding may pick either
 TOPICS = ["the sea", "a city at night", "prime numbers", "recursion", "coffee", "the moon", "a lost key", "rain",
           "mountains", "a library", "trains", "winter", "a garden", "music", "the desert", "an old clock"]
@@ -128,3 +136,44 @@ def test_a_session_joining_mid_batch_does_not_change_the_others_tokens(gateway, 
     for i, (got, before) in enumerate(zip(results, alone, strict=True)):
         assert_same_or_near_tie(got, before, margins[i], f"session {i} beside a joining one")
     assert len(late) == 4
+
+
+REPEAT = ("Repeat this text exactly: The quick brown fox jumps over the lazy dog while the cat sleeps on the warm "
+          "windowsill and the rain falls softly on the old stone roof.")
+
+
+@pytest.mark.parametrize("text", [REPEAT, "What is the capital of France? Answer in one sentence."])
+def test_speculative_decoding_through_the_route_gives_the_same_greedy_tokens(gateway, text):
+    answers = {}
+    for speculative in (False, True):
+        stats = GenerationStats()
+        params = GenerationParams(max_tokens=24, sampling=SamplingParams(temperature=0.0), speculative=speculative)
+        answers[speculative] = "".join(gateway.chat([{"role": "user", "content": text}], params, stats))
+    assert answers[True] == answers[False]
+    if text is REPEAT:
+        assert stats.accepted_tokens > 0, "no draft was accepted on a repeat-the-text prompt"
+
+
+def test_a_rejected_draft_leaves_no_trace_in_a_nodes_kv(bundled_model, tmp_path):
+    node = NodeService(tmp_path)
+    model = load_span(GGUFFile(bundled_model), range(1, 10), embed=False, head=False)
+    node.spans[("m", 1, 10)] = model
+    passed: SimpleQueue = SimpleQueue()
+    node._pass_on = lambda request, hidden: passed.put(request.position)
+    node._fail = lambda request, error: passed.put(error)
+    try:
+        def step(position: int, rows: int) -> None:
+            hidden = torch.randn(rows, model.spec.dim) * 0.1
+            node._run(pb.ForwardRequest(session_id="s", step=position, position=position, context=16,
+                                        hidden=wire.to_wire(model, hidden), model_hash="m", sink="127.0.0.1:1",
+                                        route=[pb.Stage(address="127.0.0.1:1", start=1, stop=10)]), "peer")
+            assert passed.get(timeout=60) == position
+
+        step(0, 4)
+        step(4, 4)  # a drawn token and three drafts at 4..7
+        cache = node.sessions["s"].caches[("m", 1, 10)]
+        assert cache.k[:, :, 7].abs().sum() > 0
+        step(5, 1)  # one draft accepted: the next step starts at 5
+        assert torch.all(cache.k[:, :, 6:] == 0) and torch.all(cache.v[:, :, 6:] == 0)
+    finally:
+        node.close()
