@@ -112,6 +112,7 @@ class NodeView:
     ms_per_layer: float = 0.0
     lending: str = "available"
     health: str = "unknown"
+    batch_sessions: float = 0.0  # sessions per forward at this stage, mean of its last forwards
 
     @property
     def stage(self) -> tuple[str, str, tuple[int, int]]:
@@ -457,6 +458,7 @@ class Service:
                 view.backend, view.device = info.backend, info.device
                 view.memory_total, view.memory_free = info.memory_total, info.memory_free
                 view.kv_bytes, view.sessions, view.ms_per_layer = info.kv_bytes, info.sessions, info.ms_per_layer
+                view.batch_sessions = info.batch_sessions
                 view.lending = f"{info.lending} ({info.lending_reason})" if info.lending else "available"
                 view.health = "ok" if not gateway.broken else "route broken"
             self._update_gauges()
@@ -475,11 +477,14 @@ class Service:
             start, stop = view.span
             self.metrics.stage_latency.labels(view.node_id, f"{start}-{stop}").set(
                 view.ms_per_layer * (stop - start) / 1000)
+            self.metrics.batch_sessions.labels(view.node_id).set(view.batch_sessions)
         for key in ("ok", "down"):
             self.metrics.nodes.labels(key).set(health.get(key, 0))
         gateway = self.gateway
         if gateway is not None:
             self.metrics.weight_bytes.set(gateway.weight_bytes_sent)
+            self.metrics.batch_sessions.labels("gateway").set(gateway.batcher.mean_sessions())
+            self.metrics.kv_capacity.set(self.kv_capacity())
             self.metrics.hidden_bytes.set(gateway.hidden_bytes_sent)
 
     def tokens_per_second(self, window_s: float = 10.0) -> float:

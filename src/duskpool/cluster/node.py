@@ -34,8 +34,8 @@ from duskpool.weights.store import TensorStore, atomic_file
 
 SESSION_IDLE_SECONDS = 600  # a session nobody ended is freed after this long unused
 MAX_CONTEXT = 131072
-MAX_SESSIONS = 64  # live sessions per node: each holds a KV cache
-MAX_SESSIONS_PER_PEER = 32  # so that one sender cannot take them all
+MAX_SESSIONS = 1024  # live sessions per node, a bound on bookkeeping: the lent memory for their KV caches decides
+MAX_SESSIONS_PER_PEER = 512  # so that one sender cannot take them all
 MAX_ROUTE = 64  # stages in one request's route
 LEND_POLL_S = 2.0  # how often the node looks whether its owner is back
 
@@ -94,7 +94,7 @@ class NodeService(pb_grpc.NodeServicer):
                            memory_total=psutil.virtual_memory().total, memory_free=self.free_bytes(),
                            matmul_bytes_per_ms=self.matmul_bytes_per_ms, ms_per_layer=self.ms_per_layer,
                            spans=spans, sessions=n_sessions, kv_bytes=kv, lending=self.lend_state.lending.value,
-                           lending_reason=self.lend_state.reason)
+                           lending_reason=self.lend_state.reason, batch_sessions=self.batcher.mean_sessions())
 
     def _kv_bytes(self) -> int:
         # snapshots: Info and LoadSpan ask without the lock while Forward opens and ends sessions

@@ -77,6 +77,11 @@ class Batcher:
         self.submit(Job(model, cache, start, hidden, _settle(future), logits))
         return future.result()
 
+    def mean_sessions(self, last: int = 64) -> float:
+        """Sessions per forward, over the last `last` forwards (0 before any)."""
+        recent = list(self.recent)[-last:]
+        return sum(r.sessions for r in recent) / len(recent) if recent else 0.0
+
     def close(self) -> None:
         with self._ready:
             self._closed = True
