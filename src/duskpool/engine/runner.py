@@ -50,6 +50,7 @@ class Engine:
     context_length: int
     spec: ModelSpec  # the model, as the API describes it
     backend: str  # what computes the layers held in this process
+    speculative: bool = True  # draft by prompt lookup where the context repeats (engine/speculative.py)
 
     def open_session(self, capacity: int) -> Session:
         raise NotImplementedError
@@ -66,8 +67,8 @@ class Engine:
         capacity = min(self.context_length, len(prompt) + params.max_tokens)
         session = self.open_session(capacity)
         try:
-            yield from generate(session.forward, self.tokenizer, prompt, params, capacity, stats,
-                                getattr(session, "verify", None))
+            verify = getattr(session, "verify", None) if self.speculative else None
+            yield from generate(session.forward, self.tokenizer, prompt, params, capacity, stats, verify)
         finally:
             session.close()
 
