@@ -17,7 +17,8 @@ from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.transport import open_channel, start_server
 from duskpool.security import NodeIdentity, local_pool
-from tests.conftest import wait_for
+from tests.api.conftest import write_tiny_chat_llama
+from tests.conftest import greedy_tokens, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -232,3 +233,32 @@ def test_a_revoked_node_leaves_the_route_at_once_and_its_session_moves(pool):
     assert pool.gateway.recoveries and revoked not in {s.address for s in pool.gateway.recoveries[-1].route}
     with pytest.raises(RouteError):
         pool.gateway.add_node(revoked)  # it cannot come back by rejoining
+
+
+# --- the disk: a node's cache is checked, not trusted ---------------------------------------------------
+def test_a_tensor_damaged_on_a_nodes_disk_is_fetched_again(tmp_path):
+    """A byte flipped in a node's cached tensor: the restarted node's LoadSpan hashes its cache, asks for that
+    tensor again, and answers as before (only its existence was checked: the damage loaded silently)."""
+    model = write_tiny_chat_llama(tmp_path / "tiny.gguf")
+    with local_pool(1, root=tmp_path / "pool", address=None) as local:
+        def run() -> tuple[list[int], int]:
+            node = NodeService(tmp_path / "node", identity=local.nodes[0])
+            server, port = start_server(node, "127.0.0.1", 0, local.nodes[0], lambda fp: False)
+            gateway = Gateway.start(model, [f"127.0.0.1:{port}"], identity=local.gateway, context_length=64, prefix=0,
+                                    progress=False)
+            try:
+                return greedy_tokens(gateway, [5, 6, 7, 8], 8), gateway.weight_bytes_sent
+            finally:
+                gateway.close()
+                server.stop(grace=0)
+                node.close()
+
+        answer, sent = run()
+        assert sent > 0
+        tensors = sorted((tmp_path / "node" / "tensors").rglob("*"), key=lambda p: p.stat().st_size)
+        damaged = tensors[-1]
+        data = bytearray(damaged.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        damaged.write_bytes(bytes(data))
+        again, resent = run()
+        assert resent == len(data) and again == answer

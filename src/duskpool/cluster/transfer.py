@@ -89,8 +89,8 @@ def read_manifest(requests: Iterator[pb.LoadSpanRequest], context: grpc.Servicer
 
 
 def lacking(manifest: pb.SpanManifest, store: TensorStore) -> dict[str, int]:
-    """The tensors of `manifest` that `store` lacks: sha256 -> bytes."""
-    return {t.sha256: t.nbytes for t in manifest.tensors if not store.has(t.sha256)}
+    """The tensors of `manifest` that `store` lacks, or holds damaged (each cached one is hashed): sha256 -> bytes."""
+    return {t.sha256: t.nbytes for t in manifest.tensors if not store.verified(t.sha256, t.nbytes)}
 
 
 def receive(requests: Iterator[pb.LoadSpanRequest], wanted: dict[str, int], store: TensorStore,

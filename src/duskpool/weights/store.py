@@ -78,6 +78,23 @@ class TensorStore:
     def has(self, sha256: str) -> bool:
         return self.path(sha256).exists()
 
+    def verified(self, sha256: str, nbytes: int) -> bool:
+        """Whether the store holds this tensor intact: `nbytes` long and hashing to `sha256`. One that does not
+        (a flipped bit on disk, a file cut short) is removed, so that it is fetched again."""
+        path = self.path(sha256)
+        try:
+            if path.stat().st_size == nbytes:
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while chunk := f.read(2**20):
+                        digest.update(chunk)
+                if digest.hexdigest() == sha256:
+                    return True
+        except FileNotFoundError:
+            return False
+        path.unlink(missing_ok=True)
+        return False
+
     def add(self, sha256: str, pieces: Iterable[bytes], nbytes: int) -> None:
         """Store the tensor whose bytes arrive as `pieces`; raise DamagedTensor (keeping nothing) unless they are
         `nbytes` long and hash to `sha256`."""
