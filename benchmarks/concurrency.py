@@ -1,0 +1,145 @@
+"""Many streams at once through the HTTP API of a 3-node local swarm: what continuous batching and speculative
+decoding give.
+
+    .venv/bin/python benchmarks/concurrency.py [--model PATH] [--streams 1,4,16,64] [--tokens 24]
+        [--spec-tokens 48] [--json]
+
+Part 1: for each count N of concurrent streams (OpenAI streaming chat, greedy, distinct prompts, one httpx
+client per stream), aggregate tok/s (completion tokens of all streams / wall time from the first request to
+the last [DONE]), time to first token and the gaps between text chunks (inter-token) p50 and p99; each figure
+also as a ratio to N = 1 in the same run. The bar: 16 streams >= 6x the aggregate tok/s of 1 stream.
+Part 2: one stream, speculative decoding on vs off (Engine.speculative), on a repeat-the-text prompt and on
+chat: tok/s ratio, and the acceptance rate (accepted / drafted tokens, from the service's counters).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.api.conftest
+
+from tests.api.conftest import live_server  # noqa: E402
+
+from duskpool.api.service import Service  # noqa: E402
+from duskpool.cluster.gateway import Gateway  # noqa: E402
+from duskpool.cluster.swarm import LocalSwarm  # noqa: E402
+from duskpool.weights.catalog import BUNDLED_NAME, bundled_model_path  # noqa: E402
+
+TOPICS = ["the sea", "a city at night", "prime numbers", "recursion", "coffee", "the moon", "a lost key", "rain",
+          "mountains", "a library", "trains", "winter", "a garden", "music", "the desert", "an old clock"]
+REPEAT = ("Repeat this text exactly, word for word: The quick brown fox jumps over the lazy dog while the cat sleeps "
+          "on the warm windowsill, and the rain falls softly on the old stone roof of the house by the river.")
+CHAT = "Explain how a bicycle stays upright, step by step."
+
+
+def stream(url: str, prompt: str, max_tokens: int, out: list) -> None:
+    """One streaming chat: (ttft s, [gaps s], completion tokens, text) appended to `out`."""
+    body = {"model": BUNDLED_NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    times, usage, text = [], {}, []
+    with httpx.Client(base_url=url, timeout=600) as client:
+        started = time.perf_counter()
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                usage.update(chunk.get("usage") or {})
+                for choice in chunk.get("choices") or []:
+                    if choice.get("delta", {}).get("content"):
+                        times.append(time.perf_counter())
+                        text.append(choice["delta"]["content"])
+    out.append((times[0] - started, [b - a for a, b in zip(times, times[1:], strict=False)],
+                usage.get("completion_tokens", 0), "".join(text)))
+
+
+def run_streams(url: str, prompts: list[str], max_tokens: int) -> dict:
+    out: list = []
+    threads = [threading.Thread(target=stream, args=(url, p, max_tokens, out)) for p in prompts]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ttfts = sorted(o[0] for o in out)
+    gaps = sorted(g for o in out for g in o[1])
+    tokens = sum(o[2] for o in out)
+
+    def pct(xs: list[float], q: float) -> float:
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    return {"streams": len(prompts), "tokens": tokens, "tok_s": tokens / wall, "ttft_p50": statistics.median(ttfts),
+            "ttft_p99": pct(ttfts, 0.99), "itl_p50": pct(gaps, 0.5), "itl_p99": pct(gaps, 0.99),
+            "texts": [o[3] for o in out]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(bundled_model_path()))
+    parser.add_argument("--streams", default="1,4,16,64")
+    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--spec-tokens", type=int, default=48)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.streams.split(",")]
+    results, spec = [], {}
+    with tempfile.TemporaryDirectory() as tmp, LocalSwarm(3, cache_root=Path(tmp)) as swarm:
+        gateway = Gateway.start(args.model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
+                                progress=False)
+        service = Service(gateway, BUNDLED_NAME, Path(args.model))
+        try:
+            with live_server(service) as url:
+                run_streams(url, [f"A poem about {TOPICS[0]}"], 4)  # warm-up
+                for n in counts:
+                    prompts = [f"A poem about {TOPICS[i % len(TOPICS)]} (number {i})" for i in range(n)]
+                    results.append(run_streams(url, prompts, args.tokens))
+                    print(f"  {n} streams: {results[-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+                for name, prompt in (("repeat-the-text", REPEAT), ("chat", CHAT)):
+                    for on in (False, True):
+                        gateway.speculative = on
+                        drafted, accepted = service.metrics.drafted._value.get(), service.metrics.accepted._value.get()
+                        r = run_streams(url, [prompt], args.spec_tokens)
+                        d = service.metrics.drafted._value.get() - drafted
+                        a = service.metrics.accepted._value.get() - accepted
+                        spec[(name, on)] = (r, a / d if d else 0.0)
+                    same = spec[(name, True)][0]["texts"] == spec[(name, False)][0]["texts"]
+                    spec[(name, "same")] = same
+                gateway.speculative = True
+        finally:
+            service.close()
+            gateway.close()
+    base = results[0]
+    if args.json:
+        print(json.dumps({"concurrency": [{k: v for k, v in r.items() if k != "texts"} for r in results],
+                          "speculative": {f"{n}/{'on' if on else 'off'}": {"tok_s": r["tok_s"], "acceptance": acc}
+                                          for (n, on), v in spec.items() if on != "same" for r, acc in [v]}}))
+        return
+    print("| streams | agg tok/s | × 1 stream | TTFT p50 s (×) | TTFT p99 s (×) | inter-token p50 ms (×) "
+          "| inter-token p99 ms (×) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['streams']} | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.2f} "
+              f"| {r['ttft_p50']:.2f} ({r['ttft_p50'] / base['ttft_p50']:.1f}) "
+              f"| {r['ttft_p99']:.2f} ({r['ttft_p99'] / base['ttft_p99']:.1f}) "
+              f"| {r['itl_p50'] * 1000:.0f} ({r['itl_p50'] / base['itl_p50']:.1f}) "
+              f"| {r['itl_p99'] * 1000:.0f} ({r['itl_p99'] / base['itl_p99']:.1f}) |")
+    print()
+    print("| task | tok/s off | tok/s on | on / off | acceptance | same text |")
+    print("|---|---|---|---|---|---|")
+    for name in ("repeat-the-text", "chat"):
+        (off, _), (on, acc) = spec[(name, False)], spec[(name, True)]
+        print(f"| {name} | {off['tok_s']:.1f} | {on['tok_s']:.1f} | {on['tok_s'] / off['tok_s']:.2f} "
+              f"| {acc:.0%} | {spec[(name, 'same')]} |")
+
+
+if __name__ == "__main__":
+    main()
