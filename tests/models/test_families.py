@@ -7,6 +7,7 @@ compute with. Ours must give the same logits and the same 32 greedy tokens, whol
 real Gemma 3 270M file (Q4_K_M) must complete prompts as transformers completes them from the same file.
 """
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,11 +111,12 @@ def write_gguf(model, family: Family, qtype: Q, path: Path) -> Path:
     return path
 
 
-def tiny_model(family: Family, seed: int = 0):
+@functools.cache
+def tiny_model(name: str):
     """A random model of the family; norms and biases random too (transformers starts them at 1, 0 or 0)."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(family.config(), dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(families()[name].config(), dtype=torch.float32).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.ndim == 1:
@@ -183,8 +185,7 @@ def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
 @pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "gemma3"])
 def test_a_tiny_model_computes_what_transformers_computes_from_its_file(name, qtype, tmp_path):
-    family = families()[name]
-    model = tiny_model(family)
+    family, model = families()[name], tiny_model(name)
     path = write_gguf(model, family, qtype, tmp_path / f"{name}-{qtype.name}.gguf")
     ours = load_span(GGUFFile(path))
     assert type(ours) is family.cls
