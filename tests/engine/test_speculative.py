@@ -49,3 +49,9 @@ def test_a_rejected_draft_leaves_no_trace_in_the_cache(engine):
         assert torch.all(session.cache.k[:, :, 6:] == 0) and torch.all(session.cache.v[:, :, 6:] == 0)
     finally:
         session.close()
+
+
+def test_drafts_stop_at_the_sessions_capacity(engine):
+    plain, _ = answer(engine, REPEAT, speculative=False, max_tokens=12)
+    drafted, stats = answer(engine, REPEAT, speculative=True, max_tokens=12)  # the last drafts would overflow
+    assert drafted == plain and stats.generated_tokens == 12

@@ -117,7 +117,7 @@ def generate(forward: Forward, tokenizer: Tokenizer, prompt: list[int], params: 
     stats.prefill_seconds = time.perf_counter() - started
 
     context, generated = list(prompt), []
-    speculation = Speculation(forward, verify if params.speculative else None)
+    speculation = Speculation(forward, verify if params.speculative else None, capacity=context_length)
     started = last = time.perf_counter()
     stats.finish_reason = "length"
     stopped = False

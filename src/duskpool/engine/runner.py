@@ -1,6 +1,7 @@
 """Engines: what the CLI and the API drive. `LocalEngine` runs the whole model in this process; the
 cluster's gateway is the same interface over a route of nodes."""
 
+import threading
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -11,10 +12,13 @@ import torch
 from duskpool import backends
 from duskpool.engine.generate import PREFILL_CHUNK, GenerationParams, GenerationStats, Piece, check_prompt, generate
 from duskpool.engine.grammar import Vocabulary
+from duskpool.engine.speculative import Verifier
 from duskpool.engine.tokenizer import Tokenizer
 from duskpool.models import ContextOverflowError, ModelSpec, SpanModel
 from duskpool.weights.gguf import GGUFFile, ModelFileError
 
+SPECULATE_UP_TO = 4  # generations at once up to which drafting pays (speculative.Verifier)
+_counting = threading.Lock()
 DEFAULT_CONTEXT = 4096  # a session's KV cache is sized for this unless the model's own context is shorter
 
 
@@ -51,6 +55,7 @@ class Engine:
     spec: ModelSpec  # the model, as the API describes it
     backend: str  # what computes the layers held in this process
     speculative: bool = True  # draft by prompt lookup where the context repeats (engine/speculative.py)
+    generating: int = 0  # generations running now
 
     def open_session(self, capacity: int) -> Session:
         raise NotImplementedError
@@ -66,10 +71,16 @@ class Engine:
         check_prompt(prompt, self.context_length)  # before any cache is allocated
         capacity = min(self.context_length, len(prompt) + params.max_tokens)
         session = self.open_session(capacity)
+        with _counting:
+            self.generating = self.generating + 1
         try:
-            verify = getattr(session, "verify", None) if self.speculative else None
+            verify = None
+            if self.speculative and hasattr(session, "verify"):
+                verify = Verifier(session.verify, lambda: self.generating <= SPECULATE_UP_TO)
             yield from generate(session.forward, self.tokenizer, prompt, params, capacity, stats, verify)
         finally:
+            with _counting:
+                self.generating -= 1
             session.close()
 
     def chat(self, messages: list[dict[str, str]], params: GenerationParams,

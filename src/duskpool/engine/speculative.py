@@ -34,12 +34,25 @@ def lookup(context: list[int], k: int = DRAFT_TOKENS, ngrams: tuple[int, ...] = 
     return []
 
 
+class Verifier:
+    """A session's `verify`, and whether drafting pays now: while few sessions run, a stage's forward costs about
+    the same for 4 rows as for 1; once batches fill the stages, every draft row costs compute the others wait for."""
+
+    def __init__(self, verify: Verify, pays: Callable[[], bool]):
+        self.verify, self.pays = verify, pays
+
+    def __call__(self, tokens: list[int], start: int) -> torch.Tensor:
+        return self.verify(tokens, start)
+
+
 class Speculation:
     """The logits of each next position: from the last verify pass while its drafts hold, else a new pass."""
 
     def __init__(self, forward: Callable[[list[int], int], torch.Tensor], verify: Verify | None,
-                 k: int = DRAFT_TOKENS):
-        self.forward, self.verify, self.k = forward, verify, k
+                 k: int = DRAFT_TOKENS, capacity: int | None = None):
+        """`capacity`: the positions the session's caches hold; drafts stop short of it."""
+        self.forward, self.verify, self.k, self.capacity = forward, verify, k, capacity
+        self.pays: Callable[[], bool] = getattr(verify, "pays", lambda: True)
         self.drafts: list[int] = []  # drafted tokens not yet drawn, and the logits that follow each
         self.ahead: list[torch.Tensor] = []
         self.drafted = self.accepted = 0
@@ -50,7 +63,8 @@ class Speculation:
             self.drafts.pop(0)
             self.accepted += 1
             return self.ahead.pop(0)
-        drafts = lookup(context, self.k) if self.verify is not None else []
+        room = self.k if self.capacity is None else min(self.k, self.capacity - position - 1)
+        drafts = lookup(context, room) if self.verify is not None and room > 0 and self.pays() else []
         if not drafts:
             self.drafts, self.ahead = [], []
             return self.forward([token], position)
