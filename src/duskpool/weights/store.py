@@ -28,8 +28,11 @@ def default_cache_dir() -> Path:
 
 
 def config_metadata(file: GGUFFile) -> dict[str, Any]:
-    """The metadata a node needs to run layers: everything but the tokenizer (which stays home)."""
-    return {k: v for k, v in file.metadata.items() if not k.startswith("tokenizer.")}
+    """The metadata a node needs to run layers: the family and its shape. Not the tokenizer (it stays home), nor
+    the file's names and descriptions (general.*: they would tell a node which public model to fit an inverter
+    of its hidden states against); only general.architecture, which picks the family's code."""
+    return {k: v for k, v in file.metadata.items()
+            if not k.startswith(("tokenizer.", "general.")) or k == "general.architecture"}
 
 
 def tensor_hashes(file: GGUFFile, cache_dir: Path | None = None) -> dict[str, str]:
