@@ -21,6 +21,8 @@ from duskpool.models import KVCache, SpanModel
 from duskpool.models.base import Segment
 
 PREFILL_ROWS = 128  # prompt rows per forward, beside the decode steps: a long prompt never stalls the others
+LIVE_S = 1.0  # a session that sent a step this recently is expected back
+GATHER_MAX_S = 0.05  # the longest a forward waits for the live sessions still on their way
 Done = Callable[[Any, Exception | None], None]  # (output, or None with the error)
 
 
@@ -61,6 +63,7 @@ class Batcher:
         self._ready = threading.Condition()
         self._closed = False
         self.recent: deque[BatchRecord] = deque(maxlen=256)
+        self._seen: dict[int, tuple[float, int]] = {}  # id(cache) -> when its session last sent a step, id(model)
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -69,6 +72,7 @@ class Batcher:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._waiting.append(job)
+            self._seen[id(job.cache)] = time.monotonic(), id(job.model)
             self._ready.notify()
 
     def run(self, model: SpanModel, cache: KVCache, start: int, hidden: Any, logits: int = 0) -> Any:
@@ -96,6 +100,7 @@ class Batcher:
                 self._ready.wait()
             if self._closed:
                 return []
+            self._gather()
             model = self._waiting[0].model
             taken, caches, budget, rest = [], set(), self.prefill_rows, deque()
             for job in self._waiting:
@@ -109,6 +114,23 @@ class Batcher:
                 taken.append(job)
             self._waiting = rest
             return taken
+
+    def _gather(self) -> None:
+        """Under the lock: wait a little (about one forward, at most GATHER_MAX_S) for the sessions that were
+        here within LIVE_S and are not waiting yet. Sessions then travel the route together, one batch each stage,
+        instead of spreading into many small ones (what matters most where the stages share the cores)."""
+        now, model = time.monotonic(), id(self._waiting[0].model)
+        self._seen = {c: (t, m) for c, (t, m) in self._seen.items() if now - t < LIVE_S}
+        recent = [r.seconds for r in list(self.recent)[-8:]]
+        window = min(GATHER_MAX_S, sorted(recent)[len(recent) // 2]) if recent else 0.0
+        deadline = now + window
+        while True:
+            waiting = {id(job.cache) for job in self._waiting}
+            missing = [c for c, (_, m) in self._seen.items() if m == model and c not in waiting]
+            left = deadline - time.monotonic()
+            if not missing or left <= 0 or self._closed:
+                return
+            self._ready.wait(left)
 
     def _work(self) -> None:
         while True:
