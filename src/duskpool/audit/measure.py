@@ -130,7 +130,8 @@ def _texts(tokenizer: Tokenizer | None, vocab_size: int, held_out: Sequence[Sequ
         samples = [texts.Sample(list(s), list(range(len(s))), []) for s in held_out]
     elif tokenizer is not None:
         samples = texts.held_out(tokenizer)
-        notes.append("chat-template tokens are public: not scored, and taken as known by SipIt")
+        if tokenizer.chat_template is not None:
+            notes.append("chat-template tokens are public: not scored, and taken as known by SipIt")
     else:
         samples = texts.random_samples(vocab_size, 4, 32, seed=1)
         notes.append("the model has no tokenizer: held-out and training sequences are random token ids")
