@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from duskpool.backends import load_span
 from duskpool.models import SpanModel
-from duskpool.models.gemma3 import Gemma3
+from duskpool.models.gemma3 import Gemma3, Gemma3Config
 from duskpool.models.llama import Llama
 from duskpool.models.qwen2 import Qwen2
 from duskpool.models.qwen3 import Qwen3
-from duskpool.weights.gguf import GGUFFile
+from duskpool.weights.gguf import GGUFFile, ModelFileError
 
 Q = gguf.GGMLQuantizationType
 QUANT_TYPES = [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0]  # what gguf-py can quantize; K-quants are the real file's
@@ -201,6 +201,30 @@ def test_a_tiny_model_computes_what_transformers_computes_from_its_file(name, qt
     span_logits, span_tokens = run(spans_of(path, model.config.num_hidden_layers), PROMPT, STEPS)
     assert torch.equal(span_logits, our_logits), f"{name} {qtype.name}: three spans changed the logits"
     assert span_tokens == our_tokens
+
+
+def gemma3_metadata(layers: int, **keys) -> dict:
+    """Metadata shaped like Gemma 3 27B's file (62 layers), or with another layer count."""
+    return {"general.architecture": "gemma3", "gemma3.block_count": layers, "gemma3.embedding_length": 5376,
+            "gemma3.attention.head_count": 32, "gemma3.attention.head_count_kv": 16, "gemma3.attention.key_length": 128,
+            "gemma3.feed_forward_length": 21504, "gemma3.vocab_size": 262208, "gemma3.context_length": 131072,
+            "gemma3.attention.layer_norm_rms_epsilon": 1e-6, "gemma3.rope.freq_base": 1e6,
+            "gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0, **keys}
+
+
+def test_gemma3_assumes_what_llama_cpp_assumes_where_the_file_says_nothing():
+    config = Gemma3Config.from_gguf(gemma3_metadata(62, **{"gemma3.attention.sliding_window": 1024}))
+    assert [i for i in range(62) if not config.is_local(i)] == list(range(5, 62, 6))
+    local, full = config.layer(0), config.layer(5)
+    assert (local.sliding_window, local.rope_theta, local.rope_linear_factor) == (1024, 10000.0, 1.0)
+    assert (full.sliding_window, full.rope_theta, full.rope_linear_factor) == (None, 1e6, 8.0)
+    assert config.attention_scale == 168 ** -0.5  # the 27B: dim / heads, not the head size (128)
+    assert Gemma3Config.from_gguf(gemma3_metadata(48)).attention_scale == 128 ** -0.5
+
+    every_layer_global = Gemma3Config.from_gguf(gemma3_metadata(62))  # no sliding window in the file
+    assert not any(every_layer_global.is_local(i) for i in range(62))
+    with pytest.raises(ModelFileError, match="soft-capping"):
+        Gemma3Config.from_gguf(gemma3_metadata(32, **{"gemma3.final_logit_softcapping": 30.0}))
 
 
 # --- the real file: Gemma 3 270M, Q4_K_M (Q4_K, Q5_0, Q6_K and Q8_0 blocks), sliding window 512 -------------------
