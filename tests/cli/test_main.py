@@ -66,7 +66,8 @@ def test_swarm_answers_a_prompt_and_prints_the_placement(tmp_path):
                           env={**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
-    assert "placement: gateway [0, 1) -> 127.0.0.1:" in done.stderr
+    assert "placement: gateway [0, 2) -> 127.0.0.1:" in done.stderr  # the audited default prefix
+    assert "privacy: nodes see the hidden states after layer 2; at --privacy-prefix 2" in done.stderr
 
 
 @pytest.mark.slow

@@ -177,6 +177,9 @@ def _start_gateway(args: argparse.Namespace, addresses: list[str], identity, poo
                             suffix=args.privacy_suffix, routing=args.routing, context_length=args.context,
                             even_split=even_split, replicas=args.replicas, progress=True, backend_name=args.backend)
     print(_placement(gateway), file=sys.stderr)
+    from duskpool.audit.published import privacy_line
+
+    print(privacy_line(path.name, gateway.plan.prefix.stop), file=sys.stderr)
     return gateway
 
 
