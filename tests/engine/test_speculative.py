@@ -36,7 +36,7 @@ def test_greedy_tokens_are_the_same_with_and_without_drafts(engine, text):
     drafted, stats = answer(engine, text, speculative=True)
     assert drafted == plain
     if text is REPEAT:
-        assert stats.accepted_tokens > 0, f"no draft accepted on a repeat-the-text prompt ({stats.drafted_tokens} drafted)"
+        assert stats.accepted_tokens > 0, f"no draft accepted on a repeat prompt ({stats.drafted_tokens} drafted)"
 
 
 def test_a_rejected_draft_leaves_no_trace_in_the_cache(engine):
