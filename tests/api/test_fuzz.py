@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 # requests per operation: a valid one may generate up to CONTEXT tokens (seconds); an invalid one is
 # refused before any generation
 EXAMPLES = {GenerationMode.POSITIVE: 30, GenerationMode.NEGATIVE: 50}
-CONTEXT = 256
+CONTEXT = 128  # short: a valid request may generate to the end of it, and every endpoint gets 30 of them
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
