@@ -2,6 +2,7 @@
 process over mutual TLS. Every message is answered (an error or a valid result), the node never crashes,
 its RSS stays flat, and a well-formed session interleaved throughout still gets the right tokens."""
 
+import os
 import re
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def node(pool, tmp_path_factory):
     process = subprocess.Popen([sys.executable, "-m", "duskpool.cli.main", "node", "--host", "127.0.0.1",
                                 "--port", "0", "--no-announce", "--threads", "1", "--memory-limit", "160M",
                                 "--lend", "always", "--cache-dir", str(tmp_path_factory.mktemp("cache")),
-                                "--identity", str(pool.node_dirs[0])], stdout=subprocess.PIPE, text=True)
+                                "--identity", str(pool.node_dirs[0]), "--exit-with", str(os.getpid())],
+                               stdout=subprocess.PIPE, text=True)  # a test run cut short leaves no node behind
     address = re.search(r"listening on (\S+)", process.stdout.readline()).group(1)
     threading.Thread(target=process.stdout.read, daemon=True).start()
     yield process, address
