@@ -3,11 +3,14 @@
 import time
 from collections.abc import Callable
 from pathlib import Path
+from queue import SimpleQueue
 
 import gguf
 import numpy as np
 import pytest
 
+from duskpool.cluster.proto import duskpool_pb2 as pb
+from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.weights.catalog import bundled_model_path
 
 Q = gguf.GGMLQuantizationType
@@ -27,6 +30,18 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+class RecordingSink(pb_grpc.SinkServicer):
+    """Stands in for a gateway's Sink: every Result a node delivers to it is kept in `delivered`."""
+
+    def __init__(self):
+        self.delivered: SimpleQueue = SimpleQueue()
+
+    def Deliver(self, request_iterator, context):
+        for result in request_iterator:
+            self.delivered.put(result)
+        return pb.Delivered()
 
 
 def greedy_tokens(engine, prompt: list[int], steps: int) -> list[int]:

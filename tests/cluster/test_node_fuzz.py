@@ -24,6 +24,7 @@ from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.transport import open_channel, start_server
 from duskpool.engine.runner import LocalEngine
 from duskpool.security import local_pool
+from tests.conftest import RecordingSink
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +34,6 @@ DIM = 576  # SmolLM2-135M
 
 def rss_bytes(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) * 1024
-
-
-class Sink(pb_grpc.SinkServicer):
-    """The gateway's end, stood in for: the node delivers each message's Result (output or error) here."""
-
-    def __init__(self):
-        self.delivered: SimpleQueue = SimpleQueue()
-
-    def Deliver(self, request_iterator, context):
-        for result in request_iterator:
-            self.delivered.put(result)
-        return pb.Delivered()
 
 
 def hidden_messages(span_dims: int) -> st.SearchStrategy[pb.Hidden]:
@@ -98,7 +87,7 @@ def test_ten_thousand_hostile_messages(node, pool, bundled_model):
     gateway = Gateway.start(bundled_model, [address], identity=pool.gateway, context_length=256, sessions=1,
                             even_split=True, progress=False)
     hop = gateway.route[0]
-    sink = Sink()
+    sink = RecordingSink()  # the gateway's end, stood in for
     sink_server, sink_port = start_server(sink, "127.0.0.1", 0, pool.nodes[1], lambda fp: False)
     sink_address = f"127.0.0.1:{sink_port}"
 

@@ -18,7 +18,7 @@ from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.transport import open_channel, start_server
 from duskpool.security import NodeIdentity, local_pool
 from tests.api.conftest import write_tiny_chat_llama
-from tests.conftest import greedy_tokens, wait_for
+from tests.conftest import RecordingSink, greedy_tokens, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -76,18 +76,6 @@ def pool(tmp_path_factory, bundled_model) -> Iterator[Pool]:
     pool = Pool(tmp_path_factory.mktemp("attacks"), bundled_model)
     yield pool
     pool.close()
-
-
-class Sink(pb_grpc.SinkServicer):
-    """The attacker's own sink: whatever a node sends it (a stolen hidden state, or its refusal)."""
-
-    def __init__(self):
-        self.delivered: SimpleQueue = SimpleQueue()
-
-    def Deliver(self, request_iterator, context):
-        for result in request_iterator:
-            self.delivered.put(result)
-        return pb.Delivered()
 
 
 def denied(call) -> grpc.StatusCode:
@@ -149,7 +137,7 @@ def test_a_member_cannot_end_another_session(pool):
 def test_a_member_cannot_write_into_or_read_from_another_session(pool):
     """Knowing a live session's id, a member sends its own hidden state at position 0 (to overwrite the KV
     cache) with its own sink (to read the output): each node refuses, and the session's answer is unchanged."""
-    sink = Sink()
+    sink = RecordingSink()  # the attacker's own sink
     sink_server, port = start_server(sink, "127.0.0.1", 0, pool.attacker, lambda fp: False)
 
     def overwrite(session: RemoteSession) -> None:

@@ -36,6 +36,13 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
                    help="stop when the answer contains TEXT (repeatable)")
 
 
+def _add_prompt_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", default=None, help="a system message to put before the prompt")
+    parser.add_argument("--raw", action="store_true",
+                        help="complete PROMPT as raw text, without the chat template (so always for a base model, "
+                             "which has none)")
+
+
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None,
                         help="a GGUF file, or a name `duskpool models` lists, such as llama3.2:3b from Ollama "
@@ -98,10 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer PROMPT with the model's chat template applied, streaming the answer to stdout. "
                     "Diagnostics go to stderr.")
     run.add_argument("prompt", help="the user message; '-' reads it from stdin")
-    run.add_argument("--system", default=None, help="a system message to put before the prompt")
-    run.add_argument("--raw", action="store_true",
-                     help="complete PROMPT as raw text, without the chat template (so always for a base model, "
-                          "which has none)")
+    _add_prompt_flags(run)
     _add_model_flags(run)
     _add_compute_flags(run)
     _add_generation_flags(run)
@@ -114,10 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Ctrl-C.")
     swarm.add_argument("prompt", nargs="?", default=None, help="the user message; '-' reads it from stdin")
     swarm.add_argument("--nodes", "-n", type=int, default=3, help="node processes to start (default: 3)")
-    swarm.add_argument("--system", default=None, help="a system message to put before the prompt")
-    swarm.add_argument("--raw", action="store_true",
-                       help="complete PROMPT as raw text, without the chat template (so always for a base model, "
-                            "which has none)")
+    _add_prompt_flags(swarm)
     _add_state_dir_flag(swarm)  # where API keys from `duskpool key create` are
     swarm.add_argument("--insecure", action="store_true",
                        help="plaintext links between the local nodes (debugging only; by default the swarm makes "
@@ -152,10 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("prompt", nargs="?", default=None, help="the user message; '-' reads it from stdin")
     gateway.add_argument("--node", action="append", default=[], metavar="HOST:PORT",
                          help="a node to use (repeatable); without any, nodes are found by mDNS on the LAN")
-    gateway.add_argument("--system", default=None, help="a system message to put before the prompt")
-    gateway.add_argument("--raw", action="store_true",
-                         help="complete PROMPT as raw text, without the chat template (so always for a base model, "
-                              "which has none)")
+    _add_prompt_flags(gateway)
     gateway.add_argument("--join-port", type=int, default=DEFAULT_JOIN_PORT,
                          help=f"port where nodes join with a token (default: {DEFAULT_JOIN_PORT})")
     _add_security_flags(gateway)
