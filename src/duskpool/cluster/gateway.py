@@ -126,9 +126,9 @@ class Gateway(Engine):
     def __init__(self, *, spec: ModelSpec, tokenizer: Tokenizer, context_length: int, plan: planner.Plan,
                  members: Membership, weights: WeightSender, prefix_model: SpanModel, suffix_model: SpanModel,
                  sink: Sink, sink_server: grpc.Server, sink_address: str, identity: NodeIdentity | None,
-                 routing: str):
+                 routing: str, backend: str):
         self.spec, self.tokenizer, self.context_length, self.plan = spec, tokenizer, context_length, plan
-        self.backend = backends.DEFAULT  # what computes the gateway's own layers
+        self.backend = backend  # what computes the gateway's own layers
         self.members, self.weights = members, weights
         self.prefix_model, self.suffix_model = prefix_model, suffix_model
         self.sink, self.sink_address, self._sink_server = sink, sink_address, sink_server
@@ -189,8 +189,7 @@ class Gateway(Engine):
         gateway = cls(spec=spec, tokenizer=tokenizer, context_length=context_length, plan=plan,
                       members=members, weights=weights, prefix_model=prefix_model, suffix_model=suffix_model,
                       sink=sink, sink_server=sink_server, sink_address=f"{sink_host}:{port}", identity=identity,
-                      routing=routing)
-        gateway.backend = backend_name
+                      routing=routing, backend=backend_name)
         try:
             members.load()
             members.start()
