@@ -2,7 +2,7 @@
 decoding give.
 
     .venv/bin/python benchmarks/concurrency.py [--model PATH] [--streams 1,4,16,64] [--tokens 24]
-        [--spec-tokens 48] [--json]
+        [--spec-tokens 48] [--threads N] [--pin] [--json]
 
 Part 1: for each count N of concurrent streams (OpenAI streaming chat, greedy, distinct prompts, one httpx
 client per stream), aggregate tok/s (completion tokens of all streams / wall time from the first request to
@@ -25,9 +25,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.api.conftest
 
+from benchmarks.pipeline import pin  # noqa: E402
 from tests.api.conftest import live_server  # noqa: E402
 
 from duskpool.api.service import Service  # noqa: E402
+from duskpool.backends import backend  # noqa: E402
 from duskpool.cluster.gateway import Gateway  # noqa: E402
 from duskpool.cluster.swarm import LocalSwarm  # noqa: E402
 from duskpool.weights.catalog import BUNDLED_NAME, bundled_model_path  # noqa: E402
@@ -88,11 +90,23 @@ def main() -> None:
     parser.add_argument("--streams", default="1,4,16,64")
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--spec-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=None, help="compute threads per process")
+    parser.add_argument("--pin", action="store_true",
+                        help="give the gateway and each node --threads cores of their own (taskset)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.pin and not args.threads:
+        parser.error("--pin needs --threads")
+    try:
+        prefixes = pin(3, args.threads) if args.pin else None
+    except ValueError as e:
+        parser.error(str(e))
+    if args.threads:
+        backend().set_threads(args.threads)
     counts = [int(n) for n in args.streams.split(",")]
     results, spec = [], {}
-    with tempfile.TemporaryDirectory() as tmp, LocalSwarm(3, cache_root=Path(tmp)) as swarm:
+    with tempfile.TemporaryDirectory() as tmp, LocalSwarm(3, cache_root=Path(tmp), threads=args.threads,
+                                                                     prefixes=prefixes) as swarm:
         gateway = Gateway.start(args.model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
                                 progress=False)
         service = Service(gateway, BUNDLED_NAME, Path(args.model))

@@ -1,6 +1,6 @@
 """Pipeline speed: decode tok/s and time to first token for 1-4 stages, ring vs star, vs one process.
 
-    .venv/bin/python benchmarks/pipeline.py [--model PATH] [--tokens 64] [--max-stages 4] [--netns] [--pin]
+    .venv/bin/python benchmarks/pipeline.py [--model PATH | --shape 1b] [--tokens 64] [--max-stages 4] [--netns] [--pin]
 
 Nodes are real `duskpool node` processes on loopback (and, with --netns as root, in network
 namespaces whose links are shaped like a LAN; the figures are printed next to a latency + bandwidth
@@ -14,6 +14,7 @@ node i the next ones. Without it, all processes share whatever cores the machine
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.cluster.netns
+
+from benchmarks.random_gguf import SHAPES, write_model  # noqa: E402
 
 from duskpool.backends import backend  # noqa: E402
 from duskpool.cluster.gateway import Gateway  # noqa: E402
@@ -50,7 +53,10 @@ def single_process(model: Path, threads: int, tokens: int) -> tuple[LocalEngine,
     """The whole model in this process: the engine, the benchmark's prompt, TTFT in ms and decode tok/s."""
     backend().set_threads(threads)
     local = LocalEngine.load(model)
-    prompt = local.tokenizer.encode(local.tokenizer.render_chat([{"role": "user", "content": QUESTION}]))
+    if local.tokenizer.chat_template:
+        prompt = local.tokenizer.encode(local.tokenizer.render_chat([{"role": "user", "content": QUESTION}]))
+    else:  # a random-weight model: its vocabulary is made up, so the prompt is token ids of the question's length
+        prompt = list(range(2, 2 + 32))
     measure(local, prompt, 8)  # warm-up
     return local, prompt, *measure(local, prompt, tokens)
 
@@ -68,6 +74,8 @@ def pin(stages: int, threads: int) -> list[list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a Llama-3-shaped model with random Q4_0 weights "
+                        "(written to a temporary folder) instead of --model")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--max-stages", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
@@ -78,7 +86,10 @@ def main() -> None:
         prefixes = pin(args.max_stages, args.threads) if args.pin else None
     except ValueError as e:
         parser.error(str(e))
-    model = args.model or bundled_model_path()
+    if args.shape:
+        model = write_model(Path(tempfile.mkdtemp()) / f"llama-{args.shape}-q4_0.gguf", **SHAPES[args.shape])
+    else:
+        model = args.model or bundled_model_path()
     local, prompt, base_ttft, base_rate = single_process(model, args.threads, args.tokens)
     base_ms = 1000 / base_rate
     print(f"model {model.name}, {args.threads} threads per process, prompt {len(prompt)} tokens, "
