@@ -22,6 +22,7 @@ import torch
 
 from duskpool import __version__
 from duskpool.api.tools import ToolFormat, tool_format
+from duskpool.cluster import admission
 from duskpool.cluster.gateway import Gateway
 from duskpool.engine.generate import GenerationParams, GenerationStats, Piece
 from duskpool.engine.grammar import Grammar, Vocabulary
@@ -29,7 +30,6 @@ from duskpool.engine.runner import Engine
 from duskpool.engine.tokenizer import render_chat_with_tools
 
 NODE_POLL_S = 2.0  # how often the dashboard's view of the nodes is refreshed
-KV_SHARE = 0.8  # of the memory a stage lends (free + what its KV caches hold), what sessions may reserve
 
 
 class RequestError(Exception):
@@ -173,7 +173,7 @@ class Service:
         self._waiting = 0
         self._reserved = 0  # KV positions the admitted generations reserve
         self._admitting = 0  # admitted, not yet listed in generations (or embedding)
-        self._local_kv_bytes = int(psutil.virtual_memory().available * KV_SHARE)  # an in-process engine's
+        self._local_kv_bytes = int(psutil.virtual_memory().available * admission.KV_SHARE)  # an in-process engine's
         self.nodes = self._initial_nodes()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_nodes, daemon=True)
@@ -262,18 +262,15 @@ class Service:
     def kv_capacity(self) -> int:
         """KV positions the pool's lent memory holds: the least over the stages, each holding its layers' keys
         and values for every session (a node's free memory plus what its caches hold now, as it last said)."""
-        per_layer = max(1, self.engine.spec.kv_bytes_per_token)
-        gateway = self.gateway
-        if gateway is None:
-            return self._local_kv_bytes // (per_layer * self.engine.spec.n_layers)
-        stages = [int((v.memory_free + v.kv_bytes) * KV_SHARE) // (per_layer * max(1, v.span[1] - v.span[0]))
-                  for v in self.nodes if v.memory_total]
-        return min(stages) if stages else 1 << 40  # not polled yet: the nodes' own checks still hold
+        per_layer = self.engine.spec.kv_bytes_per_token
+        if self.gateway is None:
+            return self._local_kv_bytes // (max(1, per_layer) * self.engine.spec.n_layers)
+        return admission.kv_capacity([(v.memory_free + v.kv_bytes, v.span[1] - v.span[0])
+                                      for v in self.nodes if v.memory_total], per_layer)
 
     def _fits(self, kv_tokens: int) -> bool:
-        if self.max_active is not None and len(self.generations) + self._admitting >= self.max_active:
-            return False
-        return self._reserved == 0 or self._reserved + kv_tokens <= self.kv_capacity()
+        return admission.admits(self._reserved, kv_tokens, self.kv_capacity(), len(self.generations) + self._admitting,
+                                self.max_active)
 
     def _reserve(self, kv_tokens: int) -> None:
         self._reserved += kv_tokens
