@@ -67,10 +67,10 @@ class BatchOps:
         return self.base.rotations(start, tokens, freqs)
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
-                  scale: float | None = None, window: int | None = None) -> torch.Tensor:
+                  scale: float | None = None, window: int | None = None, causal: bool = True) -> torch.Tensor:
         # q: [T, H, d]; keys, values: [Hk, start + T, d]
         if self.mode is None:
-            return self.base.attention(q, keys, values, start, scale, window)
+            return self.base.attention(q, keys, values, start, scale, window, causal)
         scale = q.shape[2] ** -0.5 if scale is None else scale
         if self.mode == "alternatives":
             return _alternatives(q, keys, values, start, scale, window)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from duskpool.models.base import ContextOverflowError, KVCache, ModelSpec, Ops, Span, SpanModel
+from duskpool.models.bert import Bert
 from duskpool.models.gemma3 import Gemma3
 from duskpool.models.llama import Llama
 from duskpool.models.qwen2 import Qwen2
@@ -30,6 +31,7 @@ register("mistral", Llama)
 register("qwen2", Qwen2)
 register("qwen3", Qwen3)
 register("gemma3", Gemma3)
+register("bert", Bert)
 
 
 class ModelFile(Protocol):

@@ -83,6 +83,9 @@ class Ops(Protocol):
     # per step
     def rms_norm(self, x: Array, weight: Array, eps: float) -> Array: ...
 
+    def layer_norm(self, x: Array, weight: Array, bias: Array, eps: float) -> Array:
+        """LayerNorm over the last axis (BERT's): (x - mean) / std * weight + bias."""
+
     def rotations(self, start: int, tokens: int, freqs: np.ndarray) -> Any:
         """The angles of positions start..start+tokens for each rotated pair (freqs: float64 [rotated / 2])."""
 
@@ -91,12 +94,16 @@ class Ops(Protocol):
         Llama) or "halves" (element i with i + rotated/2, GPT-NeoX's)."""
 
     def attention(self, q: Array, keys: Array, values: Array, start: int, scale: float,
-                  window: int | None = None) -> Array:
+                  window: int | None = None, causal: bool = True) -> Array:
         """Causal grouped-query attention of q [T, H, d] at positions start.. over a cache's keys and
-        values; `window`: each query sees only the last `window` positions. Returns [T, H, d]."""
+        values; `window`: each query sees only the last `window` positions; `causal=False`: every query sees
+        every key (an encoder's). Returns [T, H, d]."""
 
     def gated(self, gate_up: Array, activation: str) -> Array:
         """act(gate) * up for gate_up [T, 2F] = [gate | up]; `activation`: "silu" or "gelu_tanh"."""
+
+    def activation(self, x: Array, name: str) -> Array:
+        """act(x) elementwise, for an MLP without a gate: "gelu" (exact, erf: BERT's) or "gelu_tanh"."""
 
     def concat(self, parts: list[Array]) -> Array:
         """The arrays one after the other along their first axis (the rows of a batch's sessions)."""
@@ -119,6 +126,9 @@ class SpanModel(Protocol):
 
     spec: ModelSpec
     layers: range
+    causal: bool  # False: an encoder (BERT), whose positions all see each other: an input passes a span whole,
+    #               from position 0, and there is no next token to predict (no head to generate with)
+    pooling: str  # how an embedding pools the final hidden states: "mean", "cls" (the first) or "last"
 
     def embed(self, tokens: Sequence[int]) -> Array: ...
 
@@ -182,14 +192,15 @@ class Batch:
         parts = zip(self.split(heads), rotations, strict=True)
         return self.ops.concat([self.ops.rope(part, r, pairing) for part, r in parts])
 
-    def attention(self, layer: int, q: Array, k: Array, v: Array, scale: float, window: int | None) -> Array:
+    def attention(self, layer: int, q: Array, k: Array, v: Array, scale: float, window: int | None,
+                  causal: bool = True) -> Array:
         """Each session's k, v [T, Hk, d] stored in its cache, then its queries q [T, H, d] attend over the
         keys and values it holds (Ops.attention). Returns [rows, H, d]."""
         out = []
         parts = zip(self.segments, self.split(q), self.split(k), self.split(v), strict=True)
         for segment, q_part, k_part, v_part in parts:
             keys, values = segment.cache.update(layer, segment.start, k_part, v_part)
-            out.append(self.ops.attention(q_part, keys, values, segment.start, scale, window))
+            out.append(self.ops.attention(q_part, keys, values, segment.start, scale, window, causal))
         return out[0] if len(out) == 1 else self.ops.concat(out)
 
 
@@ -198,6 +209,8 @@ class Span:
     and `head` against `self.ops`; its class methods name its config and its tensors."""
 
     config_class: ClassVar[type]
+    causal = True  # a decoder: each position sees those before it
+    pooling = "mean"  # what llama.cpp's --embeddings does with a generative model
 
     def __init__(self, spec: ModelSpec, layers: range, ops: Ops, n_kv_heads: int, head_dim: int):
         self.spec, self.layers, self.ops = spec, layers, ops

@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType
 
 from duskpool.backends.cpu import native
 from duskpool.backends.cpu.cache import KVCache
-from duskpool.backends.cpu.ops import attention, gated, rms_norm, rope, rotations
+from duskpool.backends.cpu.ops import activation, attention, gated, layer_norm, rms_norm, rope, rotations
 from duskpool.backends.cpu.quant import SUPPORTED_TYPES, Linear, QuantTensor
 from duskpool.weights.gguf import PackedTensor
 
@@ -97,6 +97,6 @@ def matmul_bytes_per_ms() -> float:
     return weight.nbytes / (sorted(timings)[2] * 1000)
 
 
-__all__ = ["KV_VALUE_BYTES", "NAME", "SUPPORTED_TYPES", "attention", "concat", "device", "embedding", "from_bytes",
-           "gated", "linear", "logits", "matmul_bytes_per_ms", "new_cache", "rms_norm", "rope", "rotations",
-           "set_threads", "to_bytes", "vector"]
+__all__ = ["KV_VALUE_BYTES", "NAME", "SUPPORTED_TYPES", "activation", "attention", "concat", "device", "embedding",
+           "from_bytes", "gated", "layer_norm", "linear", "logits", "matmul_bytes_per_ms", "new_cache", "rms_norm",
+           "rope", "rotations", "set_threads", "to_bytes", "vector"]

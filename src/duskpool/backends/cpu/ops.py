@@ -1,4 +1,5 @@
-"""The per-token operations of a transformer layer: RMSNorm, RoPE, attention, the MLP's gate.
+"""The per-token operations of a transformer layer: RMSNorm, RoPE, attention, the MLP's gate (and BERT's
+LayerNorm and plain GELU).
 
 Each has a fused C path (native/ops.c) and the plain torch version it must agree with. On CPU a
 decode step is dozens of tiny ops whose dispatch costs more than their arithmetic, so the C path
@@ -30,6 +31,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, use_c: bool = Tr
     out = torch.empty_like(x)
     lib.dp_rms_norm(_ptr(x), _ptr(weight), eps, _ptr(out), x.shape[0], x.shape[1])
     return out
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [T, dim]; only encoders (BERT) use it, once or twice a layer over a whole input: torch's own is enough
+    return F.layer_norm(x, weight.shape, weight, bias, eps)
 
 
 def rotations(start: int, tokens: int, freqs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,11 +74,12 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_c: bo
 
 
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float | None = None,
-              window: int | None = None, use_c: bool = True) -> torch.Tensor:
+              window: int | None = None, causal: bool = True, use_c: bool = True) -> torch.Tensor:
     """Causal attention of queries q [T, H, d] at positions start.. over keys, values [Hk, start+T, d].
 
     Query head h reads kv head h // (H / Hk) (grouped-query attention); scores are scaled by `scale`
-    (1/sqrt(d) by default); with a `window`, a query sees only its last `window` positions. Returns [T, H, d].
+    (1/sqrt(d) by default); with a `window`, a query sees only its last `window` positions. `causal=False`:
+    every query sees every key (an encoder's attention; the C kernel is causal only). Returns [T, H, d].
     """
     T, H, d = q.shape
     if scale is not None and scale != 1 / math.sqrt(d):
@@ -83,10 +90,10 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: 
         keys, values, start = keys[:, start + 1 - window:], values[:, start + 1 - window:], window - 1
         window = None
     lib = native.library() if use_c else None
-    if lib is None or window is not None or T > C_ATTENTION_MAX_QUERIES or keys.stride(2) != 1 \
+    if lib is None or window is not None or not causal or T > C_ATTENTION_MAX_QUERIES or keys.stride(2) != 1 \
             or q.stride(2) != 1 or q.stride(1) != d:
         query, key = torch.arange(start, start + T)[:, None], torch.arange(start + T)[None, :]
-        visible = (query >= key) & ((query - key < window) if window is not None else True)
+        visible = (query >= key) & ((query - key < window) if window is not None else True) if causal else None
         if SDPA_GQA:
             out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=visible, enable_gqa=True)
         else:  # each kv head serves H / Hk query heads
@@ -111,6 +118,13 @@ def silu_mul(gate_up: torch.Tensor, use_c: bool = True) -> torch.Tensor:
     out = torch.empty(T, F2 // 2)
     lib.dp_silu_mul(_ptr(gate_up), _ptr(out), T, F2 // 2)
     return out
+
+
+def activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """act(x) for an MLP without a gate: "gelu" (exact, with erf: BERT's) or "gelu_tanh"."""
+    if name not in ("gelu", "gelu_tanh"):
+        raise ValueError(f"activation {name!r} is not 'gelu' or 'gelu_tanh'")
+    return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
 
 
 def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from duskpool.backends.mlx import quant
 from duskpool.backends.mlx.cache import KVCache
-from duskpool.backends.mlx.ops import attention, gated, rms_norm, rope, rotations
+from duskpool.backends.mlx.ops import activation, attention, gated, layer_norm, rms_norm, rope, rotations
 from duskpool.backends.mlx.quant import (
     COMPUTE,
     EVAL_LOCK,
@@ -123,6 +123,6 @@ def available() -> bool:
     return mx.metal.is_available() or mx.cuda.is_available()
 
 
-__all__ = ["KV_VALUE_BYTES", "NAME", "SUPPORTED_TYPES", "attention", "available", "concat", "device", "embedding",
-           "from_bytes", "gated", "linear", "logits", "matmul_bytes_per_ms", "new_cache", "rms_norm", "rope",
-           "rotations", "set_threads", "to_bytes", "vector"]
+__all__ = ["KV_VALUE_BYTES", "NAME", "SUPPORTED_TYPES", "activation", "attention", "available", "concat", "device",
+           "embedding", "from_bytes", "gated", "layer_norm", "linear", "logits", "matmul_bytes_per_ms", "new_cache",
+           "rms_norm", "rope", "rotations", "set_threads", "to_bytes", "vector"]

@@ -23,6 +23,11 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, weight, eps)
 
 
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    # x: [T, dim] (BERT's norm)
+    return mx.fast.layer_norm(x, weight, bias, eps)
+
+
 _inverse_freqs: dict[bytes, mx.array] = {}
 
 
@@ -56,16 +61,17 @@ def by_token(x: mx.array) -> mx.array:
 
 
 def attention(q: mx.array, keys: mx.array, values: mx.array, start: int, scale: float,
-              window: int | None = None) -> mx.array:
+              window: int | None = None, causal: bool = True) -> mx.array:
     """Causal grouped-query attention of q [T, H, d] at positions start.. over keys, values [Hk, start+T, d];
-    with a `window`, a query sees only its last `window` positions. Returns [T, H, d]."""
+    with a `window`, a query sees only its last `window` positions; `causal=False`: every query sees every key
+    (an encoder's). Returns [T, H, d]."""
     T = q.shape[0]
     if window is not None and T == 1 and start + 1 > window:  # one query: its window is a slice of the cache
         keys, values, start, window = keys[:, start + 1 - window:], values[:, start + 1 - window:], window - 1, None
-    mask: Any = None
-    if T > 1 and window is None:
+    mask: Any = None  # without one, every query sees every key
+    if T > 1 and causal and window is None:
         mask = "causal"  # the queries are the last T of the keys
-    elif T > 1:
+    elif T > 1 and causal:
         query, key = mx.arange(start, start + T)[:, None], mx.arange(start + T)[None, :]
         mask = (query >= key) & (query - key < window)
     out = mx.fast.scaled_dot_product_attention(by_head(q.astype(keys.dtype))[None], keys[None], values[None],
@@ -87,6 +93,17 @@ def _geglu(gate: mx.array, up: mx.array) -> mx.array:
     g = gate.astype(mx.float32)
     inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) (g + 0.044715 g^3)
     return (0.5 * g * (1 + mx.tanh(inner)) * up.astype(mx.float32)).astype(gate.dtype)
+
+
+def activation(x: mx.array, name: str) -> mx.array:
+    """act(x) for an MLP without a gate: "gelu" (exact, with erf: BERT's) or "gelu_tanh", in float32."""
+    g = x.astype(mx.float32)
+    if name == "gelu":
+        return (0.5 * g * (1 + mx.erf(g * 0.7071067811865476))).astype(x.dtype)  # 1 / sqrt(2)
+    if name != "gelu_tanh":
+        raise ValueError(f"activation {name!r} is not 'gelu' or 'gelu_tanh'")
+    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    return (0.5 * g * (1 + mx.tanh(inner))).astype(x.dtype)
 
 
 def gated(gate_up: mx.array, activation: str) -> mx.array:

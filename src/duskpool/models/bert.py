@@ -1,0 +1,136 @@
+"""BERT as llama.cpp's converter writes it (architecture "bert": all-MiniLM, BGE, E5...): an encoder that embeds.
+
+    x = LayerNorm(token + position + token_type[0])          (every input is "sentence A", as in llama.cpp)
+    x = LayerNorm(x + Wo · Attention(Wq x, Wk x, Wv x))      attention bidirectional, no RoPE
+    x = LayerNorm(x + W2 · gelu(W1 x))                       post-norm; every projection has a bias
+
+No LM head: the final hidden states are pooled into an embedding (`pooling_type`: mean or [CLS]). Because every
+position sees every other one, an input goes through a span whole, from position 0 (`Span.causal` is False).
+Tensor names are llama.cpp's (src/llama-model.cpp, LLM_ARCH_BERT); its graph is src/models/bert.cpp, whose GELU is
+ggml's tanh approximation where BERT's own is exact: we compute BERT's.
+"""
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from duskpool.models.base import Array, Batch, ModelSpec, Ops, Span
+from duskpool.weights.gguf import ModelFileError, PackedTensor
+
+TOKEN_EMBEDDING, POSITIONS, TOKEN_TYPES = "token_embd.weight", "position_embd.weight", "token_types.weight"
+EMBEDDING_NORM = ("token_embd_norm.weight", "token_embd_norm.bias")
+# our name for each weight of a block -> its GGUF name; each has a .weight and a .bias
+BLOCK = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "attn_norm": "attn_output_norm",
+         "up": "ffn_up", "down": "ffn_down", "out_norm": "layer_output_norm"}
+POOLING = {1: "mean", 2: "cls", 3: "last"}  # llama.cpp's pooling_type; 0 (none) pools as mean, 4 (rank) is refused
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    ffn_dim: int
+    norm_eps: float
+    context_length: int  # the learned positions: an input is at most this long
+    pooling: str = "mean"
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any]) -> "BertConfig":
+        def get(key: str, default: Any = None) -> Any:
+            value = meta.get(f"bert.{key}", default)
+            if value is None:
+                raise ModelFileError(f"model metadata lacks 'bert.{key}'")
+            return value
+
+        pooling = int(get("pooling_type", 1))
+        if pooling == 4:
+            raise ModelFileError("this BERT is a reranker (pooling_type rank), which duskpool does not serve")
+        return cls(vocab_size=len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta
+                   else get("vocab_size"), dim=get("embedding_length"), n_layers=get("block_count"),
+                   n_heads=get("attention.head_count"), ffn_dim=get("feed_forward_length"),
+                   norm_eps=float(get("attention.layer_norm_epsilon", 1e-12)), context_length=get("context_length"),
+                   pooling=POOLING.get(pooling, "mean"))
+
+
+class Block:
+    def __init__(self, config: BertConfig, ops: Ops, w: dict[str, PackedTensor]):
+        self.config, self.ops = config, ops
+        self.wqkv = ops.linear([w["q"], w["k"], w["v"]], [w["q.bias"], w["k.bias"], w["v.bias"]])
+        self.wo = ops.linear([w["o"]], [w["o.bias"]])
+        self.up, self.down = ops.linear([w["up"]], [w["up.bias"]]), ops.linear([w["down"]], [w["down.bias"]])
+        self.attn_norm = ops.vector(w["attn_norm"]), ops.vector(w["attn_norm.bias"])
+        self.out_norm = ops.vector(w["out_norm"]), ops.vector(w["out_norm.bias"])
+
+    def norm(self, x: Array, weight_bias: tuple[Array, Array]) -> Array:
+        return self.ops.layer_norm(x, *weight_bias, self.config.norm_eps)
+
+    def __call__(self, x: Array, batch: Batch, layer: int) -> Array:
+        c, T = self.config, x.shape[0]  # x: [T, dim]
+        heads = self.wqkv(x).reshape(T, 3 * c.n_heads, c.head_dim)  # q | k | v heads of each token
+        q, k, v = heads[:, :c.n_heads], heads[:, c.n_heads:2 * c.n_heads], heads[:, 2 * c.n_heads:]
+        attended = batch.attention(layer, q, k, v, 1 / math.sqrt(c.head_dim), None, causal=False)
+        h = self.norm(x + self.wo(attended.reshape(T, c.dim)), self.attn_norm)
+        return self.norm(h + self.down(self.ops.activation(self.up(h), "gelu")), self.out_norm)
+
+
+class Bert(Span):
+    config_class = BertConfig
+    causal = False
+
+    def __init__(self, spec: ModelSpec, config: BertConfig, layers: range, w: dict[str, PackedTensor], ops: Ops,
+                 embed: bool, head: bool):
+        super().__init__(spec, layers, ops, config.n_kv_heads, config.head_dim)
+        self.config, self.pooling = config, config.pooling
+        self.blocks = [Block(config, ops, self.block_weights(w, i)) for i in layers]
+        if embed:
+            self.tokens, self.positions = ops.embedding(w[TOKEN_EMBEDDING]), ops.embedding(w[POSITIONS])
+            self.token_type = ops.embedding(w[TOKEN_TYPES]).rows([0]) if TOKEN_TYPES in w else None  # [1, dim]
+            self.embedding_norm = ops.vector(w[EMBEDDING_NORM[0]]), ops.vector(w[EMBEDDING_NORM[1]])
+
+    @staticmethod
+    def block_weights(w: dict[str, PackedTensor], layer: int) -> dict[str, PackedTensor]:
+        ours = {name: w[f"blk.{layer}.{theirs}.weight"] for name, theirs in BLOCK.items()}
+        return ours | {f"{name}.bias": w[f"blk.{layer}.{theirs}.bias"] for name, theirs in BLOCK.items()}
+
+    @classmethod
+    def tensors_for(cls, config: BertConfig, layers: range, embed: bool, head: bool,
+                    present: Iterable[str]) -> list[str]:
+        wanted = [f"blk.{i}.{theirs}.{part}" for i in layers for theirs in BLOCK.values()
+                  for part in ("weight", "bias")]
+        if embed:  # token types are optional in llama.cpp's loader; a file without them adds nothing there
+            wanted += [TOKEN_EMBEDDING, POSITIONS, *EMBEDDING_NORM] + ([TOKEN_TYPES] if TOKEN_TYPES in present else [])
+        return wanted  # no head: the last block's LayerNorm is the final one
+
+    def embed(self, tokens: Sequence[int]) -> Array:
+        # [T] -> [T, dim] at positions 0..T-1: an encoder's input always starts at 0
+        if len(tokens) > self.config.context_length:
+            raise ValueError(f"an input of {len(tokens)} tokens is longer than this model's "
+                             f"{self.config.context_length} positions")
+        x = self.tokens.rows(tokens) + self.positions.rows(list(range(len(tokens))))
+        if self.token_type is not None:
+            x = x + self.token_type
+        return self.ops.layer_norm(x, *self.embedding_norm, self.config.norm_eps)
+
+    def forward(self, hidden: Array, batch: Batch) -> Array:
+        if any(s.start != 0 for s in batch.segments):
+            raise ValueError("BERT sees its whole input at once: it cannot continue one from a later position")
+        for layer, block in zip(self.layers, self.blocks, strict=True):
+            hidden = block(hidden, batch, layer)
+        return hidden
+
+    def final_norm(self, hidden: Array) -> Array:
+        return hidden  # each block ends in its LayerNorm: the last one's output is what embeddings pool
+
+    def head(self, hidden: Array) -> Array:
+        raise ValueError("BERT is an embedding model: it has no head to predict tokens with")
