@@ -15,6 +15,7 @@ from duskpool.engine.grammar import Vocabulary
 from duskpool.engine.speculative import Verifier
 from duskpool.engine.tokenizer import Tokenizer
 from duskpool.models import ContextOverflowError, ModelSpec, SpanModel
+from duskpool.weights.folder import ModelFolder, open_model
 from duskpool.weights.gguf import GGUFFile, ModelFileError
 
 SPECULATE_UP_TO = 4  # generations at once up to which drafting pays (speculative.Verifier)
@@ -22,10 +23,12 @@ _counting = threading.Lock()
 DEFAULT_CONTEXT = 4096  # a session's KV cache is sized for this unless the model's own context is shorter
 
 
-def load_tokenizer(file: GGUFFile) -> Tokenizer:
+def load_tokenizer(file: GGUFFile | ModelFolder) -> Tokenizer:
     try:
+        if isinstance(file, ModelFolder):
+            return Tokenizer.from_folder(file.path)
         return Tokenizer.from_gguf_metadata(file.metadata)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise ModelFileError(f"{file.path}: {e}") from None
 
 
@@ -46,7 +49,11 @@ class HiddenSession(Session, Protocol):
 
 
 class EmbeddingsUnsupported(NotImplementedError):
-    """The engine's sessions cannot give final hidden states (a gateway over nodes, for now)."""
+    """The engine's sessions cannot give final hidden states."""
+
+
+class CannotGenerate(ValueError):
+    """The model is an encoder (BERT): it embeds, it has no next token to predict."""
 
 
 class Engine:
@@ -56,6 +63,8 @@ class Engine:
     backend: str  # what computes the layers held in this process
     speculative: bool = True  # draft by prompt lookup where the context repeats (engine/speculative.py)
     generating: int = 0  # generations running now
+    causal: bool = True  # False: an encoder, which only embeds (SpanModel.causal)
+    pooling: str = "mean"  # how an embedding pools the final hidden states (SpanModel.pooling)
 
     def open_session(self, capacity: int) -> Session:
         raise NotImplementedError
@@ -68,6 +77,9 @@ class Engine:
     def generate(self, prompt: list[int], params: GenerationParams,
                  stats: GenerationStats | None = None) -> Iterator[Piece]:
         """Yield the answer's text; the session is freed when this ends, fails or is closed early."""
+        if not self.causal:
+            raise CannotGenerate(f"{self.spec.name} is an embedding model ({self.spec.architecture}): it cannot "
+                                 "generate text, only embed it")
         check_prompt(prompt, self.context_length)  # before any cache is allocated
         capacity = min(self.context_length, len(prompt) + params.max_tokens)
         session = self.open_session(capacity)
@@ -90,7 +102,9 @@ class Engine:
 
     def embed(self, tokens: list[int]) -> torch.Tensor:
         """float32 [dim]: the final hidden states (after the model's last norm) averaged over the tokens and
-        scaled to unit length, as llama.cpp's `--embeddings` pools a generative model by default."""
+        scaled to unit length, as llama.cpp's `--embeddings` pools a generative model by default; an encoder's pooled
+        as its file says (mean, or its first token's: [CLS]) and given its input whole (its positions see each
+        other, so a chunk could not see the next)."""
         if not tokens:
             raise ValueError("the input is empty")
         if len(tokens) > self.context_length:
@@ -100,12 +114,19 @@ class Engine:
             if not hasattr(session, "final_hidden"):
                 raise EmbeddingsUnsupported("embeddings need the model's final hidden states, which this engine's "
                                             "sessions do not give (a gateway over nodes cannot yet)")
+            chunk = PREFILL_CHUNK if self.causal else len(tokens)
             total = torch.zeros(self.spec.dim, dtype=torch.float64)
-            for start in range(0, len(tokens), PREFILL_CHUNK):
-                total += session.final_hidden(tokens[start:start + PREFILL_CHUNK], start).double().sum(0)
+            for start in range(0, len(tokens), chunk):
+                hidden = session.final_hidden(tokens[start:start + chunk], start).double()
+                if self.pooling == "mean":  # the sum: scaled to unit length, it is the mean's direction
+                    total += hidden.sum(0)
+                elif self.pooling == "cls" and start == 0:
+                    total = hidden[0]
+                elif self.pooling == "last":
+                    total = hidden[-1]
         finally:
             session.close()
-        return torch.nn.functional.normalize(total / len(tokens), dim=0).float()
+        return torch.nn.functional.normalize(total, dim=0).float()
 
 
 class LocalSession:
@@ -135,12 +156,14 @@ class LocalEngine(Engine):
     def __init__(self, model: SpanModel, tokenizer: Tokenizer, context_length: int, backend: str = backends.DEFAULT):
         self.model, self.tokenizer, self.context_length = model, tokenizer, context_length
         self.spec, self.backend = model.spec, backend
+        self.causal, self.pooling = model.causal, model.pooling
 
     @classmethod
     def load(cls, path: str | Path, context_length: int | None = None, progress: bool = False,
              backend_name: str = backends.DEFAULT) -> "LocalEngine":
-        """`progress`: report the bytes read on stderr (a bar on a terminal, plain lines otherwise)."""
-        file = GGUFFile(path)
+        """`path`: a .gguf file or a model folder. `progress`: report the bytes read on stderr (a bar on a terminal,
+        plain lines otherwise)."""
+        file = open_model(path)
         model = backends.load_span(file, progress=progress, backend_name=backend_name)
         context = min(context_length or DEFAULT_CONTEXT, model.spec.context_length)
         return cls(model, load_tokenizer(file), context, backend_name)
@@ -149,5 +172,5 @@ class LocalEngine(Engine):
         return LocalSession(self.model, capacity)
 
 
-__all__ = ["DEFAULT_CONTEXT", "EmbeddingsUnsupported", "Engine", "HiddenSession", "LocalEngine", "LocalSession",
-           "Session"]
+__all__ = ["DEFAULT_CONTEXT", "CannotGenerate", "EmbeddingsUnsupported", "Engine", "HiddenSession", "LocalEngine",
+           "LocalSession", "Session"]

@@ -1,9 +1,11 @@
-"""The tokenizer a GGUF file describes, rebuilt with the `tokenizers` library, and its chat template.
+"""The tokenizer a GGUF file describes, rebuilt with the `tokenizers` library, and its chat template; or a model
+folder's own tokenizer.json, which that library reads as it is (`Tokenizer.from_folder`).
 
 A GGUF has no `tokenizer.json`: it stores the vocabulary, merges and special ids as metadata under
 llama.cpp's key names. We rebuild the tokenizer the way llama.cpp reads those keys
 (`src/llama-vocab.cpp`), so a prompt becomes the ids the model was trained on. Gemma's sentencepiece
-vocabulary is read as transformers reads it (tests/engine/test_tokenizer.py holds the two to the same ids).
+vocabulary is read as transformers reads it (tests/engine/test_tokenizer.py holds the two to the same ids), and
+BERT's WordPiece as transformers' BertTokenizerFast runs it (tests/models/test_bert.py).
 """
 
 import json
@@ -11,13 +13,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import tokenizers
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
-from tokenizers.models import BPE
+from tokenizers.models import BPE, WordPiece
 
 # tokenizer.ggml.token_type values
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -120,8 +123,10 @@ class Tokenizer:
             backend, add_bos = _build_byte_level(meta, tokens, types)
         elif model == "llama":
             backend, add_bos = _build_sentencepiece(meta, tokens, types), True
+        elif model == "bert":
+            backend, add_bos = _build_wordpiece(meta, tokens, types), True
         else:
-            raise ValueError(f"unsupported tokenizer model {model!r} (supported: 'gpt2', 'llama')")
+            raise ValueError(f"unsupported tokenizer model {model!r} (supported: 'gpt2', 'llama', 'bert')")
 
         # Control and user-defined tokens are matched whole in the text, as llama.cpp does; only control
         # tokens count as special (skipped when decoding). A user-defined token the vocabulary spells another
@@ -134,13 +139,46 @@ class Tokenizer:
 
         n = len(tokens)
         bos, eos = _metadata_id(meta, "bos_token_id", n), _metadata_id(meta, "eos_token_id", n)
+        if model == "bert":  # [CLS] text [SEP]; files converted before gguf-py named them BOS and EOS say cls and sep
+            bos = bos if bos is not None else _metadata_id(meta, "cls_token_id", n)
+            eos = eos if eos is not None else _metadata_id(meta, "seperator_token_id", n)
         stop = {i for i in (eos, _metadata_id(meta, "eot_token_id", n), _metadata_id(meta, "eom_token_id", n))
                 if i is not None}
         stop |= {i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == CONTROL and t in END_OF_TURN}
         return cls(backend, tokens, bos, eos, stop,
                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos)) and bos is not None,
-                   add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None,
+                   add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", model == "bert")) and eos is not None,
                    chat_template=meta.get("tokenizer.chat_template") or _default_template(tokens, types))
+
+    @classmethod
+    def from_folder(cls, path: Path) -> "Tokenizer":
+        """A Hugging Face folder's tokenizer: tokenizer.json as its authors wrote it (vocabulary, merges, pre-tokenizer,
+        decoder, added tokens), tokenizer_config.json's special tokens and chat template (or chat_template.jinja),
+        generation_config.json's end-of-turn ids."""
+        if not (path / "tokenizer.json").is_file():
+            raise ValueError(f"{path} has no tokenizer.json")
+        backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        config = _json(path / "tokenizer_config.json")
+        n = backend.get_vocab_size(with_added_tokens=True)
+        tokens = [backend.id_to_token(i) or "" for i in range(n)]
+
+        def special(key: str) -> int | None:
+            value = config.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            return backend.token_to_id(value) if isinstance(value, str) else None
+
+        bos, eos = special("bos_token"), special("eos_token")
+        # what transformers' fast tokenizer adds: tokenizer.json's post-processor, unless the config says
+        with_special, without = (backend.encode("a", add_special_tokens=flag).ids for flag in (True, False))
+        add_bos = config.get("add_bos_token", bos is not None and with_special[:1] == [bos] != without[:1])
+        add_eos = config.get("add_eos_token", eos is not None and with_special[-1:] == [eos] != without[-1:])
+        generation = _json(path / "generation_config.json").get("eos_token_id")
+        stop = {i for i in [eos, *(generation if isinstance(generation, list) else [generation])] if i is not None}
+        stop |= {i for t in END_OF_TURN if (i := backend.token_to_id(t)) is not None}
+        return cls(backend, tokens, bos, eos, stop, add_bos=bool(add_bos) and bos is not None,
+                   add_eos=bool(add_eos) and eos is not None,
+                   chat_template=_folder_template(path, config) or (
+                       CHATML_TEMPLATE if {"<|im_start|>", "<|im_end|>"} <= set(tokens) else None))
 
     @property
     def vocab_size(self) -> int:
@@ -191,6 +229,25 @@ def _default_template(tokens: list[str], types: list[int]) -> str | None:
     """ChatML for a file without a template whose vocabulary has ChatML's control tokens; else none."""
     control = {t for t, k in zip(tokens, types, strict=True) if k == CONTROL}
     return CHATML_TEMPLATE if {"<|im_start|>", "<|im_end|>"} <= control else None
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _folder_template(path: Path, config: dict[str, Any]) -> str | None:
+    """tokenizer_config.json's chat_template (the default of a list of named ones), else transformers 4.43+'s own
+    file for it."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template:
+        return template
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (path / name).is_file():
+            text = (path / name).read_text()
+            return json.loads(text).get("chat_template") if name.endswith(".json") else text
+    return None
 
 
 def _raise_exception(message: str) -> None:
@@ -256,6 +313,28 @@ def _build_sentencepiece(meta: dict, tokens: list[str], types: list[int]) -> tok
     backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          *([decoders.Strip(" ", 1, 0)] if space_prefix else [])])
+    return backend
+
+
+def _build_wordpiece(meta: dict, tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
+    """BERT's WordPiece, as transformers' BertTokenizerFast runs it: clean the text, split off CJK characters and
+    punctuation, split on whitespace, then the longest pieces from the vocabulary ('##' marks a continuation); a word
+    with no spelling is [UNK]. An uncased vocabulary (no capital letter in it) also lowercases and strips accents."""
+    # llama.cpp's converter stores a "phantom space" spelling: a word's first piece as '▁' + piece, a continuation
+    # without its '##' (control tokens as they are). Spelled back here.
+    words = [t if k == CONTROL else t[1:] if t.startswith("\u2581") else "##" + t
+             for t, k in zip(tokens, types, strict=True)]
+    vocab = {}
+    for i, word in enumerate(words):
+        vocab.setdefault(word, i)
+    unk_id = _metadata_id(meta, "unknown_token_id", len(tokens))
+    backend = tokenizers.Tokenizer(WordPiece(vocab, unk_token=words[unk_id] if unk_id is not None else "[UNK]",
+                                             continuing_subword_prefix="##", max_input_chars_per_word=100))
+    uncased = not any("A" <= c <= "Z" for t, k in zip(tokens, types, strict=True) if k == NORMAL for c in t)
+    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=uncased,
+                                                    lowercase=uncased)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
     return backend
 
 

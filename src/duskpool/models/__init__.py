@@ -1,4 +1,5 @@
-"""Model families, one file each, found by the GGUF's `general.architecture`.
+"""Model families, one file each, found by the GGUF's `general.architecture` (a model folder's config.json is
+read as the same keys: weights/folder.py).
 
 A family is a `Span` subclass (models/base.py) with a config class that has at least `n_layers`, `dim`,
 `vocab_size`, `context_length`, `n_kv_heads` and `head_dim`, and that names its tensors (`tensors_for`).
@@ -15,6 +16,7 @@ from duskpool.models.gemma3 import Gemma3
 from duskpool.models.llama import Llama
 from duskpool.models.qwen2 import Qwen2
 from duskpool.models.qwen3 import Qwen3
+from duskpool.weights.affine import Affine
 from duskpool.weights.gguf import ModelFileError, PackedTensor
 from duskpool.weights.progress import Progress
 
@@ -35,7 +37,8 @@ register("bert", Bert)
 
 
 class ModelFile(Protocol):
-    """A GGUF file, or a model's tensors as a node caches them (weights.store.StoredModel)."""
+    """A GGUF file, a model folder (weights.folder.ModelFolder), or a model's tensors as a node caches them
+    (weights.store.StoredModel)."""
 
     path: Any
     metadata: dict[str, Any]
@@ -89,7 +92,7 @@ def load_model(file: ModelFile, ops: Ops, layers: range | None = None, embed: bo
         if name not in file.tensors:
             raise ModelFileError(f"{file.path} lacks tensor {name}")
         qtype = file.tensors[name].qtype
-        if qtype not in ops.SUPPORTED_TYPES:
+        if qtype not in ops.SUPPORTED_TYPES and not isinstance(qtype, Affine):  # every backend takes MLX's
             raise ModelFileError(f"{file.path}: tensor {name} has quant type {qtype.name}, which duskpool does "
                                  f"not support (supported: {', '.join(t.name for t in ops.SUPPORTED_TYPES)})")
     span = "" if len(layers) == config.n_layers else f" layers [{layers.start}, {layers.stop})"

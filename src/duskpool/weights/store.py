@@ -1,9 +1,11 @@
 """Content hashes of tensors, and the content-addressed cache where nodes keep received weights.
 
-A tensor is named by the sha256 of its bytes as stored in the GGUF file, so a node that restarts,
-or serves a second model sharing tensors with the first, finds them already cached.
+A tensor is named by the sha256 of its bytes as a node receives them (a GGUF file's as stored; a model folder's as
+weights/folder.py reads them), so a node that restarts, or serves a second model sharing tensors with the first,
+finds them already cached.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -15,9 +17,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
 from duskpool import paths
+from duskpool.weights.affine import qtype_of
+from duskpool.weights.folder import ModelFolder
 from duskpool.weights.gguf import GGUFFile, ModelFileError, PackedTensor, TensorInfo
 
 HASH_CACHE_VERSION = 1
@@ -27,7 +30,7 @@ def default_cache_dir() -> Path:
     return paths.cache_dir()
 
 
-def config_metadata(file: GGUFFile) -> dict[str, Any]:
+def config_metadata(file: GGUFFile | ModelFolder) -> dict[str, Any]:
     """The metadata a node needs to run layers: the family and its shape. Not the tokenizer (it stays home), nor
     the file's names and descriptions (general.*: they would tell a node which public model to fit an inverter
     of its hidden states against); only general.architecture, which picks the family's code."""
@@ -35,26 +38,27 @@ def config_metadata(file: GGUFFile) -> dict[str, Any]:
             if not k.startswith(("tokenizer.", "general.")) or k == "general.architecture"}
 
 
-def tensor_hashes(file: GGUFFile, cache_dir: Path | None = None) -> dict[str, str]:
-    """sha256 of every tensor, remembered per (path, size, mtime) so a model is hashed once."""
-    stat = file.path.stat()
-    key = hashlib.sha256(f"{file.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+def _signature(path: Path) -> str:
+    """What changes when a model file, or any file of a model folder, does: path, size and mtime of each."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return "|".join(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in files)
+
+
+def tensor_hashes(file: GGUFFile | ModelFolder, cache_dir: Path | None = None) -> dict[str, str]:
+    """sha256 of every tensor, remembered per (path, size, mtime) of each file so a model is hashed once."""
+    key = hashlib.sha256(_signature(file.path).encode()).hexdigest()[:24]
     memo = (cache_dir or default_cache_dir()) / "hashes" / f"{key}.json"
     if memo.exists():
         saved = json.loads(memo.read_text())
         if saved.get("version") == HASH_CACHE_VERSION:
             return saved["tensors"]
-    hashes = {}
-    with open(file.path, "rb") as f:
-        for name, info in file.tensors.items():
-            f.seek(info.offset)
-            hashes[name] = hashlib.sha256(f.read(info.nbytes)).hexdigest()
+    hashes = {name: hashlib.sha256(file.read_bytes(name)).hexdigest() for name in file.tensors}
     with atomic_file(memo) as f:
         f.write(json.dumps({"version": HASH_CACHE_VERSION, "tensors": hashes}).encode())
     return hashes
 
 
-def model_hash(file: GGUFFile, hashes: dict[str, str]) -> str:
+def model_hash(file: GGUFFile | ModelFolder, hashes: dict[str, str]) -> str:
     """One name for a model's weights and configuration."""
     digest = hashlib.sha256(json.dumps(config_metadata(file), sort_keys=True, default=str).encode())
     for name in sorted(hashes):
@@ -98,19 +102,72 @@ class TensorStore:
         path.unlink(missing_ok=True)
         return False
 
-    def add(self, sha256: str, pieces: Iterable[bytes], nbytes: int) -> None:
-        """Store the tensor whose bytes arrive as `pieces`; raise DamagedTensor (keeping nothing) unless they are
-        `nbytes` long and hash to `sha256`."""
-        digest, size = hashlib.sha256(), 0
-        with atomic_file(self.path(sha256)) as f:
-            for piece in pieces:
-                size += len(piece)
-                if size > nbytes:
-                    raise DamagedTensor(f"tensor {sha256[:12]} arrived longer than its {nbytes} bytes")
-                digest.update(piece)
-                f.write(piece)
-            if size != nbytes or digest.hexdigest() != sha256:
-                raise DamagedTensor(f"tensor {sha256[:12]} arrived damaged")
+    def partial_path(self, sha256: str) -> Path:
+        return self.path(sha256).with_suffix(".part")
+
+    def partial_bytes(self, sha256: str, nbytes: int) -> int:
+        """The bytes of this tensor that a transfer cut short left here: a new one need send only the rest."""
+        try:
+            size = self.partial_path(sha256).stat().st_size
+        except FileNotFoundError:
+            return 0
+        return size if size < nbytes else 0  # a whole one that is still .part failed its hash: start over
+
+    def receive(self, sha256: str, nbytes: int, start: int) -> "PartialTensor":
+        """The tensor to write from byte `start` on (its first `start` bytes are here from an earlier transfer)."""
+        return PartialTensor(self, sha256, nbytes, start)
+
+
+class PartialTensor:
+    """A tensor arriving in order into `<sha256>.part`, hashed as it comes, moved into the store once whole and
+    checked. Cut short (a broken link, a killed node), the file stays: its length is the bytes that arrived.
+    Close it in every case (`with`)."""
+
+    def __init__(self, store: TensorStore, sha256: str, nbytes: int, start: int):
+        self.target, self.path = store.path(sha256), store.partial_path(sha256)
+        self.sha256, self.nbytes, self.size = sha256, nbytes, start
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)  # the same tensor for another span waits for this one
+            if os.fstat(self.fd).st_size < start:
+                raise DamagedTensor(f"tensor {sha256[:12]}: fewer than the {start} bytes said held are here")
+            os.ftruncate(self.fd, start)
+            self.digest = hashlib.sha256()
+            for offset in range(0, start, 2**24):  # the earlier transfer's bytes, checked with the rest at the end
+                self.digest.update(os.pread(self.fd, min(2**24, start - offset), offset))
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Bytes `offset`.. of the tensor; they must follow the bytes written so far."""
+        if offset != self.size:
+            raise DamagedTensor(f"tensor {self.sha256[:12]}: bytes at {offset} arrived where {self.size} was due")
+        if self.size + len(data) > self.nbytes:
+            raise DamagedTensor(f"tensor {self.sha256[:12]} arrived longer than its {self.nbytes} bytes")
+        self.digest.update(data)  # hashlib and pwrite release the GIL: the receive thread runs meanwhile
+        view, done = memoryview(data), 0
+        while done < len(data):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        self.size += len(data)
+
+    def finish(self) -> None:
+        """Move the tensor into the store; raise DamagedTensor (keeping nothing) unless it is whole and hashes
+        to its name."""
+        if self.size != self.nbytes or self.digest.hexdigest() != self.sha256:
+            self.path.unlink(missing_ok=True)
+            raise DamagedTensor(f"tensor {self.sha256[:12]} arrived damaged")
+        os.replace(self.path, self.target)
+
+    def close(self) -> None:
+        os.close(self.fd)  # and with it the lock
+
+    def __enter__(self) -> "PartialTensor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
@@ -137,7 +194,7 @@ class StoredModel:
 
     @staticmethod
     def info(name: str, qtype: int, shape: list[int], nbytes: int) -> TensorInfo:
-        return TensorInfo(name, GGMLQuantizationType(qtype), tuple(shape), 0, nbytes)
+        return TensorInfo(name, qtype_of(qtype), tuple(shape), 0, nbytes)
 
 
 @contextmanager

@@ -7,12 +7,13 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from duskpool.backends.cpu import native
+from duskpool.backends.cpu import affine, native
+from duskpool.weights.affine import Affine
 from duskpool.weights.gguf import PackedTensor
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
-                   Q.IQ4_NL, Q.IQ4_XS)
+                   Q.IQ4_NL, Q.IQ4_XS)  # and MLX's packed weights (weights.affine.Affine), converted at load
 
 # From this many rows of input, dequantizing the weight once and calling BLAS beats the fused kernel
 # (which reads each weight row once for up to 4 rows of x, so its cost grows with every 4 rows).
@@ -39,6 +40,8 @@ class QuantTensor:
     @classmethod
     def from_packed(cls, tensor: PackedTensor) -> "QuantTensor":
         """A weight as its file stored it; a vector is one row."""
+        if isinstance(tensor.qtype, Affine):
+            tensor = affine.to_ggml(tensor)
         shape = tensor.shape
         rows, cols = (1, shape[0]) if len(shape) == 1 else (shape[0], int(np.prod(shape[1:])))
         return cls(torch.from_numpy(tensor.data).view(rows, -1), tensor.qtype, (rows, cols))
