@@ -195,6 +195,7 @@ class Service:
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The chat template applied to messages whose content may be a string or a list of text parts, and
         to tool definitions (OpenAI's shape) when there are any."""
+        self.check_generates()
         if not messages:
             raise RequestError(400, "messages must not be empty", "invalid_request")
         flat = [_template_message(m) for m in messages]
@@ -210,8 +211,15 @@ class Service:
             raise RequestError(400, f"the model's chat template rejected the messages: {e}", "invalid_request") from e
         return self.text_prompt(text)
 
+    def check_generates(self) -> None:
+        """A 400 naming the model when it cannot generate: an embedding model (BERT) only embeds."""
+        if not self.engine.causal:
+            raise RequestError(400, f"{self.model_name} is an embedding model: it cannot generate text or chat; "
+                               "ask /v1/embeddings or /api/embed", "model_cannot_generate")
+
     def tool_format(self) -> ToolFormat:
         """How the model writes tool calls; a 400 naming it when its template takes no tools (as Ollama says)."""
+        self.check_generates()
         fmt = tool_format(self.engine.tokenizer.chat_template)
         if fmt is None:
             raise RequestError(400, f"{self.model_name} does not support tools (its chat template takes none)",
@@ -238,6 +246,7 @@ class Service:
     def budget(self, prompt: list[int], max_tokens: int | None, strict: bool) -> int:
         """How many tokens to generate at most. `strict` (OpenAI) refuses a request that cannot fit, as
         OpenAI does; otherwise (Ollama) generation just stops when the context is full."""
+        self.check_generates()
         context = self.engine.context_length
         if not prompt:
             raise RequestError(400, "the prompt is empty", "invalid_request")
