@@ -20,8 +20,10 @@ span's weights anew. The same function picks where a span goes when its last hol
 node that (re)joins should hold. Copies are budgeted like route layers (weights + KV for every session).
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 GB = 1e9
 
@@ -257,9 +259,8 @@ def replicate(model: ModelProfile, nodes: list[NodeProfile] | tuple[NodeProfile,
     count = {span: sum(span in held_ for held_ in holding.values()) for span in spans}
     rank = {node_id: i for i, node_id in enumerate(sorted(holding))}
 
-    def after_holder(node_id: str, span: Span) -> int:
-        """How far `node_id` comes after the nearest holder of `span`, cycling through the ids."""
-        holders = [rank[h] for h, held_ in holding.items() if span in held_] or [-1]
+    def after_holder(node_id: str, holders: list[int]) -> int:
+        """How far `node_id` comes after the nearest of `holders` (ranks), cycling through the ids."""
         return min((rank[node_id] - h) % len(rank) for h in holders)
 
     added = []
@@ -269,7 +270,9 @@ def replicate(model: ModelProfile, nodes: list[NodeProfile] | tuple[NodeProfile,
             fits = [n for n in nodes if count[span] < target and span not in holding[n.id]
                     and (layers[n.id] + n_layers) * per_layer <= usable_bytes(n, config)]
             if fits:
-                node = min(fits, key=lambda n: (layers[n.id], n.ms_per_layer, after_holder(n.id, span), n.id))
+                # the span's holders once per choice, not once per candidate: a pool of thousands stays linear
+                holders = [rank[h] for h, held_ in holding.items() if span in held_] or [-1]
+                node = min(fits, key=lambda n: (layers[n.id], n.ms_per_layer, after_holder(n.id, holders), n.id))
                 holding[node.id].add(span)
                 layers[node.id] += n_layers
                 count[span] += 1
@@ -323,3 +326,36 @@ def explain(plan: Plan, model: ModelProfile, gateway: NodeProfile,
     lines.append(f"model {model.name}: {plan.predicted_ms_per_token:.1f} ms/token predicted "
                  f"({plan.tokens_per_s:.1f} tok/s), spans [start-stop) run in the order listed")
     return "\n".join(lines)
+
+
+# --- the planner's inputs, from what nodes say about themselves ----------------------------------------------------
+# The gateway as the planner sees it: it holds only the edges and the privacy layers, never middle ones.
+GATEWAY_PROFILE = NodeProfile("gateway", 2**62, 0.0, 0.0, 1e12)
+
+
+def node_profile(client: Any, layer_bytes: int, even: bool = False) -> NodeProfile:
+    """A node as the planner sees it, from `client.info` (its `Info`: node_id, memory_free, matmul_bytes_per_ms) and
+    `client.rtt_ms`: a membership NodeClient, or a simulated node. `even`: all nodes count as equally fast (a local
+    swarm, whose nodes share one CPU)."""
+    info = client.info
+    ms_per_layer = layer_bytes / info.matmul_bytes_per_ms if info.matmul_bytes_per_ms and not even else 1.0
+    return NodeProfile(info.node_id, info.memory_free, ms_per_layer, client.rtt_ms,
+                       bandwidth_bytes_per_s=125e6)  # assume gigabit until measured
+
+
+def even_plan(plan_: Plan, node_ids: list[str]) -> Plan:
+    """`plan_`'s prefix and suffix, with the layers between split as evenly as possible over all nodes."""
+    start, stop, n = plan_.prefix.stop, plan_.suffix.start, len(node_ids)
+    bounds = [start + (stop - start) * i // n for i in range(n + 1)]
+    stages = tuple(Stage(node_id, a, b) for node_id, a, b in zip(node_ids, bounds, bounds[1:], strict=False) if b > a)
+    return dataclasses.replace(plan_, stages=stages, excluded=())
+
+
+def first_plan(model: ModelProfile, clients: list, config: PlanConfig, even: bool, replicas: int) -> Plan:
+    """The route over `clients` (split evenly if `even`: a local swarm, whose nodes share one CPU, gives the speed
+    model nothing to choose), plus `replicas` more copies of each span where memory allows."""
+    plan_ = plan(model, GATEWAY_PROFILE, [node_profile(c, model.layer_bytes) for c in clients], config)
+    if even:
+        plan_ = even_plan(plan_, [c.info.node_id for c in clients])
+    profiles = [node_profile(c, model.layer_bytes, even=even) for c in clients]
+    return with_replicas(plan_, model, profiles, replicas, config)

@@ -27,3 +27,27 @@ class RouteError(RuntimeError):
     def __init__(self, message: str, route: tuple[RouteStage, ...] = ()):
         super().__init__(message)
         self.route = route  # the route the step ran on: where to look for a node that is gone
+
+
+# --- which node runs each span: pure decisions over the holders, which cluster/membership.py keeps and the simulator
+# (simulate/) drives alike. `holders`: span -> the addresses of the live nodes that hold it, its route node first.
+def held_by(holders: dict[Span, list[str]], address: str) -> list[Span]:
+    """The spans the node at `address` holds."""
+    return [span for span, addresses in holders.items() if address in addresses]
+
+
+def orphans(spans: list[Span], holders: dict[Span, list[str]]) -> list[Span]:
+    """The spans no live node holds: they must be loaded somewhere before a route can run."""
+    return [span for span in spans if not holders[span]]
+
+
+def rebuild(spans: list[Span], holders: dict[Span, list[str]], current: dict[Span, str]) -> list[tuple[Span, str]]:
+    """The route as (span, address), every span held: keep a span's current node while it holds it (its sessions'
+    KV stays useful), else take its first holder not on the route yet (a node runs one stage if it can)."""
+    route, used = [], set()
+    for span in spans:
+        live = holders[span]
+        address = current.get(span) if current.get(span) in live else ([a for a in live if a not in used] or live)[0]
+        used.add(address)
+        route.append((span, address))
+    return route

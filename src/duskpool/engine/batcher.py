@@ -101,18 +101,7 @@ class Batcher:
             if self._closed:
                 return []
             self._gather()
-            model = self._waiting[0].model
-            taken, caches, budget, rest = [], set(), self.prefill_rows, deque()
-            for job in self._waiting:
-                decode = job.rows - job.computed == 1
-                if job.model is not model or id(job.cache) in caches or (not decode and budget <= 0):
-                    rest.append(job)
-                    continue
-                if not decode:
-                    budget -= job.rows - job.computed
-                caches.add(id(job.cache))
-                taken.append(job)
-            self._waiting = rest
+            taken, self._waiting = select(self._waiting, self.prefill_rows)
             return taken
 
     def _gather(self) -> None:
@@ -137,12 +126,7 @@ class Batcher:
             jobs = self._take()
             if not jobs:
                 return
-            budget, chunks = self.prefill_rows, []
-            for job in jobs:  # decode steps take one row each; prompts share the budget, oldest first
-                left = job.rows - job.computed
-                n = left if left == 1 else max(1, min(left, budget))
-                budget -= n if left > 1 else 0
-                chunks.append(n)
+            chunks = chunk_rows(jobs, self.prefill_rows)
             try:
                 self._forward(jobs, chunks)
             except Exception as e:  # noqa: BLE001 - one session's bad step must not fail the others'
@@ -195,6 +179,37 @@ class Batcher:
             job.done(output, error)
         except Exception:  # noqa: BLE001 - a callback's failure is its own
             pass
+
+
+# --- the batching rule, pure: the node's batcher and the simulator (simulate/) apply the same one --------------------
+def select(waiting: deque, prefill_rows: int) -> tuple[list, deque]:
+    """(the jobs of the next forward, those left waiting in their order). A forward takes the span of the oldest
+    waiting job, each session once, every decode step (one row left) and prompts while prompt rows are in the budget.
+    A job is anything with `model`, `cache`, `rows` and `computed` (a `Job`, or the simulator's session)."""
+    model = waiting[0].model
+    taken, caches, budget, rest = [], set(), prefill_rows, deque()
+    for job in waiting:
+        decode = job.rows - job.computed == 1
+        if job.model is not model or id(job.cache) in caches or (not decode and budget <= 0):
+            rest.append(job)
+            continue
+        if not decode:
+            budget -= job.rows - job.computed
+        caches.add(id(job.cache))
+        taken.append(job)
+    return taken, rest
+
+
+def chunk_rows(jobs: list, prefill_rows: int) -> list[int]:
+    """Rows each of `jobs` computes in this forward: decode steps one each; prompts share the budget, oldest first
+    (a prompt past it still gets one row, so none starves)."""
+    budget, chunks = prefill_rows, []
+    for job in jobs:
+        left = job.rows - job.computed
+        n = left if left == 1 else max(1, min(left, budget))
+        budget -= n if left > 1 else 0
+        chunks.append(n)
+    return chunks
 
 
 def _tail(ops: Any, job: Job, n: int) -> Any:
