@@ -60,6 +60,9 @@ class Pool:
         finally:
             session.close()
 
+    def node_at(self, address: str) -> NodeService:
+        return self.nodes[self.addresses.index(address)]
+
     def stub(self, address: str, identity: NodeIdentity) -> pb_grpc.NodeStub:
         return pb_grpc.NodeStub(open_channel(address, identity))
 
@@ -136,19 +139,24 @@ def test_a_member_cannot_end_another_session(pool):
 
 def test_a_member_cannot_write_into_or_read_from_another_session(pool):
     """Knowing a live session's id, a member sends its own hidden state at position 0 (to overwrite the KV
-    cache) with its own sink (to read the output): each node refuses, and the session's answer is unchanged."""
+    cache), with its own sink (to read the output) or with the gateway's: each node refuses, and the session's
+    answer is unchanged. Its own sink is no gateway's: the node answers the attacker and dials nothing."""
     sink = RecordingSink()  # the attacker's own sink
     sink_server, port = start_server(sink, "127.0.0.1", 0, pool.attacker, lambda fp: False)
 
     def overwrite(session: RemoteSession) -> None:
         for stage in session.route:
-            hidden = wire.to_wire(pool.gateway.prefix_model, torch.randn(len(pool.prompt), pool.gateway.spec.dim))
-            request = pb.ForwardRequest(session_id=session.id, step=99, position=0, context=session.capacity,
-                                        hidden=hidden, model_hash=pool.gateway.model_hash,
-                                        route=wire.stages_to_wire((stage,)), sink=f"127.0.0.1:{port}")
-            list(pool.stub(stage.address, pool.attacker).Forward(iter([request]), timeout=10))
-            result = sink.delivered.get(timeout=10)
-            assert result.WhichOneof("outcome") == "error" and "another sender" in result.error, result
+            for to in (f"127.0.0.1:{port}", pool.gateway.sink_address):
+                hidden = wire.to_wire(pool.gateway.prefix_model, torch.randn(len(pool.prompt), pool.gateway.spec.dim))
+                request = pb.ForwardRequest(session_id=session.id, step=99, position=0, context=session.capacity,
+                                            hidden=hidden, model_hash=pool.gateway.model_hash,
+                                            route=wire.stages_to_wire((stage,)), sink=to)
+                replies = list(pool.stub(stage.address, pool.attacker).Forward(iter([request]), timeout=10))
+                if to != pool.gateway.sink_address:
+                    assert [r.error for r in replies] == [f"node {pool.node_at(stage.address).node_id}: the sink {to} "
+                                                          "is not a gateway of the pool"]
+        # the refusals that went to the gateway's sink: "another sender", for a step it does not wait for
+        assert wait_for(lambda: all(session.id in n.sessions for n in pool.nodes))
 
     try:
         assert pool.greedy(overwrite) == pool.answer

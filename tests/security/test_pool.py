@@ -81,7 +81,7 @@ def test_redeemed_certificate_is_a_member_certificate_for_the_csr_key(pool: Pool
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(eku) == {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["duskpool-node"]
+    assert san.get_values_for_type(x509.DNSName) == ["duskpool-node", f"{member_id}.member.duskpool"]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("192.168.1.7")]
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert timedelta(days=29) < cert.not_valid_after_utc - datetime.now(UTC) <= timedelta(days=30)
@@ -154,7 +154,8 @@ def test_gateway_identity_is_kept_and_reissued_once_revoked(pool: PoolState) -> 
     assert pool.gateway_identity() == gateway
     san = x509.load_pem_x509_certificate(gateway.cert_pem).extensions.get_extension_for_class(
         x509.SubjectAlternativeName).value
-    assert set(san.get_values_for_type(x509.DNSName)) == {"duskpool-node", "duskpool-gateway"}
+    assert set(san.get_values_for_type(x509.DNSName)) == {"duskpool-node", "duskpool-gateway",
+                                                          f"{gateway.member_id}.member.duskpool"}
     pool.revoke(gateway.member_id)
     assert pool.gateway_identity().fingerprint != gateway.fingerprint
 

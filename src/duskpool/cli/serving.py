@@ -283,7 +283,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     identity = _node_identity(args)
     try:
         serve(args.host, args.port, cache_dir, identity, limit, announce=not args.no_announce, policy=policy,
-              backend_name=args.backend)
+              backend_name=args.backend, identity_dir=_identity_dir(args))
     except KeyboardInterrupt:
         pass
     except OSError as e:  # such as the port taken, or an address not this machine's
@@ -319,7 +319,7 @@ def _node_identity(args: argparse.Namespace):
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
         return None
-    directory = Path(args.identity).expanduser() if args.identity else home() / "node"
+    directory = _identity_dir(args)
     if args.join:
         token, gateway = split_join_arg(args.join)
         address = None if args.host in ("0.0.0.0", "::", "") else args.host
@@ -334,6 +334,11 @@ def _node_identity(args: argparse.Namespace):
         raise ValueError(f"this node has no pool identity ({e}); join a pool with `duskpool node --join "
                          "TOKEN@GATEWAY:7472` (a token comes from `duskpool token` on the gateway), or use "
                          "--insecure to debug") from None
+
+
+def _identity_dir(args: argparse.Namespace) -> Path:
+    """Where the node's certificate and key are kept (a renewed certificate replaces them there)."""
+    return Path(args.identity).expanduser() if args.identity else home() / "node"
 
 
 def _join_when_up(join, gateway: str, patience_s: float = 120.0):

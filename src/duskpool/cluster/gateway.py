@@ -12,8 +12,7 @@ each answering the sink. Either way, every step's outcome (hidden state or error
 Who holds what, and what happens when a node dies or drains, is cluster/membership.py; streaming the nodes
 their weights, cluster/transfer.py. When a step fails because a node is gone, RemoteSession._recover asks
 for a route of live nodes, re-prefills the session's token history there from position 0 and returns the
-failed step's logits: the generate loop never notices. An embedding takes the same path and stops before the head:
-RemoteSession.final_hidden returns the suffix's output after the final norm (nothing new crosses the wire).
+failed step's logits: the generate loop never notices.
 """
 
 import threading
@@ -30,7 +29,7 @@ import torch
 
 from duskpool import backends
 from duskpool.cluster import planner, wire
-from duskpool.cluster.membership import Death, Membership, NodeClient, first_plan, model_profile
+from duskpool.cluster.membership import Death, Membership, NodeClient, connect, first_plan, model_profile
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.route import RouteError, RouteStage, Span
@@ -41,7 +40,7 @@ from duskpool.engine.generate import PREFILL_CHUNK
 from duskpool.engine.runner import DEFAULT_CONTEXT, Engine, load_tokenizer
 from duskpool.engine.tokenizer import Tokenizer
 from duskpool.models import ModelSpec, SpanModel
-from duskpool.security import NodeIdentity, PoolState, peer_fingerprint
+from duskpool.security import NodeIdentity, PoolState, add_renew_service, peer_member
 from duskpool.weights.gguf import GGUFFile
 
 STEP_TIMEOUT_S = 300.0  # a step still unanswered after this is an error (dead nodes are noticed far sooner)
@@ -61,16 +60,16 @@ class Recovery:
 class Sink(pb_grpc.SinkServicer):
     """Where every step ends: nodes deliver its Result here (the last node its hidden state, any node its
     failure), and the step waiting for it wakes. Over TLS a Result counts only from a node of its step's route:
-    a hidden state from the last one, an error from any (`fingerprint_at` says whose certificate is where)."""
+    a hidden state from the last one, an error from any (`member_at` says which member is where)."""
 
     def __init__(self):
         self._pending: dict[tuple[str, int], tuple[Future, tuple[RouteStage, ...]]] = {}
         self._lock = threading.Lock()
-        self.fingerprint_at: Callable[[str], str | None] = lambda address: None
+        self.member_at: Callable[[str], int | str | None] = lambda address: None
         self.refused = 0  # Results from a sender not on their step's route
 
     def Deliver(self, request_iterator: Iterator[pb.Result], context) -> pb.Delivered:
-        sender = peer_fingerprint(context)  # None without TLS
+        sender = peer_member(context)  # None without TLS
         for result in request_iterator:
             self.deliver(result, sender)
         return pb.Delivered()
@@ -87,14 +86,14 @@ class Sink(pb_grpc.SinkServicer):
             self._pending.pop((session_id, step), None)
 
     def deliver(self, result: pb.Result, sender: str | None = None) -> None:
-        """`sender`: the fingerprint of the node that sent it (None: a reply on the gateway's own stream)."""
+        """`sender`: the member that sent it (None: a reply on the gateway's own stream)."""
         with self._lock:
             future, stages = self._pending.get((result.session_id, result.step), (None, ()))
         if future is None:
             return  # a step that gave up already (timed out, or failed through a node gone)
         if sender is not None:
             allowed = stages[-1:] if result.HasField("hidden") else stages
-            if sender not in [self.fingerprint_at(s.address) for s in allowed]:
+            if sender not in [self.member_at(s.address) for s in allowed]:
                 self.refused += 1
                 return
         if result.HasField("hidden"):
@@ -130,7 +129,6 @@ class Gateway(Engine):
                  routing: str, backend: str):
         self.spec, self.tokenizer, self.context_length, self.plan = spec, tokenizer, context_length, plan
         self.backend = backend  # what computes the gateway's own layers
-        self.causal, self.pooling = prefix_model.causal, prefix_model.pooling  # the model's, as every span's
         self.members, self.weights = members, weights
         self.prefix_model, self.suffix_model = prefix_model, suffix_model
         self.sink, self.sink_address, self._sink_server = sink, sink_address, sink_server
@@ -142,7 +140,8 @@ class Gateway(Engine):
         self.batcher = Batcher("gateway")  # the prefix and suffix steps of every session, batched
         # a stream to each route's first node (in star, to every node); a node that refuses a request as malformed
         # answers on it, so those answers go to the sink too
-        self._pushers = Pushers(identity, forward_stream, on_reply=sink.deliver, on_broken=self._on_broken)
+        self._pushers = Pushers(identity, forward_stream, on_reply=sink.deliver, on_broken=self._on_broken,
+                                name_at=members.name_at)
 
     @classmethod
     def start(cls, model_path: str | Path, node_addresses: list[str], *, identity: NodeIdentity | None,
@@ -169,8 +168,7 @@ class Gateway(Engine):
                                     privacy_suffix=suffix)
         clients: list[NodeClient] = []
         try:
-            for address in node_addresses:
-                clients.append(NodeClient(address, identity))
+            clients = connect(node_addresses, identity)  # one that does not answer is skipped, with a warning
             plan = first_plan(model, clients, config, even_split, replicas)
             weights = WeightSender(file, [(s.start, s.stop) for s in plan.stages], progress)
             prefix_model = backends.load_span(file, plan.prefix, embed=True, head=False, backend_name=backend_name)
@@ -180,14 +178,15 @@ class Gateway(Engine):
             listen = "127.0.0.1" if local else "0.0.0.0"
             sink_host = listen if local else local_address_towards(node_addresses[0])  # where nodes reach us
             is_revoked = pool.is_revoked if pool is not None else (lambda fingerprint: False)
-            sink_server, port = start_server(sink, listen, 0, identity, is_revoked)
+            renewals = (lambda server: add_renew_service(server, pool)) if pool is not None else None
+            sink_server, port = start_server(sink, listen, 0, identity, is_revoked, renewals)
         except BaseException:
             for client in clients:
                 client.close()
             raise
         members = Membership(clients, plan, model, config, weights, on_gone=sink.fail_through, identity=identity,
-                             pool=pool, even=even_split, replicas=replicas)
-        sink.fingerprint_at = members.fingerprint_at
+                             pool=pool, even=even_split, replicas=replicas, sink_address=f"{sink_host}:{port}")
+        sink.member_at = members.member_at
         gateway = cls(spec=spec, tokenizer=tokenizer, context_length=context_length, plan=plan,
                       members=members, weights=weights, prefix_model=prefix_model, suffix_model=suffix_model,
                       sink=sink, sink_server=sink_server, sink_address=f"{sink_host}:{port}", identity=identity,
@@ -195,6 +194,7 @@ class Gateway(Engine):
         try:
             members.load()
             members.start()
+            members.check_claims(gateway.time_stage)
         except BaseException:
             gateway.close()
             raise
@@ -238,6 +238,20 @@ class Gateway(Engine):
             return wire.from_wire(self.suffix_model, message, self.context_length)
         except ValueError as e:
             raise RouteError(f"bad hidden state from the route: {e}", stages) from None
+
+    def time_stage(self, stage: RouteStage, tries: int = 3) -> float:
+        """Milliseconds one token takes through `stage` alone (the best of `tries`): what the node actually does."""
+        best = float("inf")
+        session_id = f"timing-{uuid.uuid4().hex}"
+        hidden = torch.zeros(1, self.spec.dim)
+        try:
+            for step in range(tries):
+                started = time.perf_counter()
+                self._step(session_id, step + 1, step, tries, hidden, (stage,))
+                best = min(best, (time.perf_counter() - started) * 1000)
+        finally:
+            self.members.end_session(session_id)
+        return best
 
     def _on_broken(self, pusher, e: Exception) -> None:
         self.sink.fail_through(pusher.address, f"lost the connection to node {pusher.address}")
@@ -318,21 +332,9 @@ class RemoteSession:
         self.history = history
         return logits
 
-    def final_hidden(self, tokens: list[int], start: int) -> torch.Tensor:
-        """The hidden states [T, dim] of `tokens` after the model's final norm (what embeddings pool): the same trip
-        through the route as a step, its suffix output kept instead of turned into logits."""
-        history = self.history[:start] + list(tokens)
-        try:
-            hidden = self._forward(tokens, start, logits=0)
-        except RouteError as failure:
-            hidden = self._recover(history, failure, len(tokens), hidden=True)
-        self.history = history
-        return self.gateway.suffix_model.final_norm(hidden)
-
     def _forward(self, tokens: list[int], start: int, logits: int = 1) -> torch.Tensor:
-        """Logits [logits, vocab] of the last rows (the last one's [vocab] when logits == 1; with logits=0 the
-        hidden states of every row, before the final norm). The gateway's own spans run in its batcher, with the
-        steps of every other session at them."""
+        """Logits [logits, vocab] of the last rows (the last one's [vocab] when logits == 1). The gateway's own
+        spans run in its batcher, with the steps of every other session at them."""
         g = self.gateway
         if start < self.filled:  # a step taken back (a rejected speculative draft): none of it stays
             self.prefix_cache.truncate(start)
@@ -345,11 +347,10 @@ class RemoteSession:
         self.filled = start + len(tokens)
         return out[0] if logits == 1 else out
 
-    def _recover(self, history: list[int], failure: RouteError, rows: int = 1, hidden: bool = False) -> torch.Tensor:
+    def _recover(self, history: list[int], failure: RouteError, rows: int = 1) -> torch.Tensor:
         """Move to a live route and re-prefill `history` (everything fed before, and this step's tokens) there
         under a new session id, from position 0 through the gateway's own prefix and suffix caches too;
-        the logits of its last `rows` positions, which are this step's (`hidden`: their hidden states instead).
-        Raises when the gateway cannot recover."""
+        the logits of its last position, which are this step's. Raises when the gateway cannot recover."""
         g, started, why = self.gateway, time.perf_counter(), str(failure)
         for _ in range(len(g.members.client_at) + 1):  # each round finds another node gone, or gives up
             g.recover(failure)
@@ -359,12 +360,11 @@ class RemoteSession:
             self.suffix_cache.clear()
             self.filled = 0
             try:
-                whole = rows > 1 or hidden  # the step's rows come back as one: all their logits, or hidden states
-                cut = len(history) - rows if whole else len(history)
+                cut = len(history) - rows if rows > 1 else len(history)  # rows > 1: the last ones' logits too
                 for start in range(0, cut, PREFILL_CHUNK):
                     logits = self._forward(history[start:min(start + PREFILL_CHUNK, cut)], start)
-                if whole:
-                    logits = self._forward(history[cut:], cut, 0 if hidden else rows)
+                if rows > 1:
+                    logits = self._forward(history[cut:], cut, rows)
             except RouteError as again:
                 failure = again
                 continue

@@ -7,8 +7,16 @@ holders; a span that lost every holder is loaded onto the node the planner picks
 live holders (`reroute`). A node that answers again at its address, or joins anew (`add_node`), takes spans
 that lack copies. A node whose owner comes back (its health turns NOT_SERVING) drains: it finishes its
 sessions, takes no new ones, and leaves the route until it lends again.
+
+Identity: the gateway learns which member's certificate answers at each address when it first reaches it, and
+from then on talks there only to that member (its channels check the member's name in every handshake); a node
+that comes back at that address with another member's certificate is refused. A node's claimed speed is checked
+against a timed step through it (`check_claims`): one much slower than it claims counts at its measured speed,
+and its spans get copies on other nodes, which the route prefers.
 """
 
+import dataclasses
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,48 +26,101 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from duskpool.cluster import planner
-from duskpool.cluster.planner import GATEWAY_PROFILE, even_plan, first_plan, node_profile  # noqa: F401
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
-from duskpool.cluster.route import RouteError, RouteStage, Span, held_by, orphans, rebuild
+from duskpool.cluster.route import RouteError, RouteStage, Span
 from duskpool.cluster.transfer import WeightSender
 from duskpool.cluster.transport import open_channel
 from duskpool.cluster.wire import DTYPE_BYTES
 from duskpool.models import ModelSpec
-from duskpool.security import NodeIdentity, PoolState, server_fingerprint
+from duskpool.security import (
+    NODE_NAME,
+    NodeIdentity,
+    PoolState,
+    fingerprint,
+    member_id_of,
+    member_name,
+    server_certificate,
+)
 
 REVOCATION_POLL_S = 1.0  # how soon nodes hear of a member revoked with `duskpool nodes revoke` (one SQLite read)
 PROBE_TIMEOUT_S = 2.0  # a node that does not answer a health check this fast is counted as gone
 REJOIN_POLL_S = 3.0  # how often a node counted gone is asked whether it is back (a Wi-Fi blip, a busy CPU)
 REJOIN_GIVE_UP_S = 600.0  # after this long gone, an address is no longer asked
+# A node whose timed step takes more than SLOW_FACTOR × its claimed time per layer + SLOW_SLACK_MS is slower than
+# it claims (the slack absorbs a busy machine's and Python's noise on a small span)
+SLOW_FACTOR, SLOW_SLACK_MS = 4.0, 5.0
+LOCAL_SUBCHANNELS = [("grpc.use_local_subchannel_pool", 1),  # closing another gateway's channel leaves this one
+                     ("grpc.initial_reconnect_backoff_ms", 500),  # a node back from a blip is seen within seconds
+                     ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 class NodeClient:
-    """The gateway's connection to one node, and what it last said about itself."""
+    """The gateway's connection to one node, pinned to the member whose certificate answered there first (or to
+    `expected`, the member learned at that address before), and what it last said about itself."""
 
-    def __init__(self, address: str, identity: NodeIdentity | None, timeout: float = 10.0):
+    def __init__(self, address: str, identity: NodeIdentity | None, timeout: float = 10.0,
+                 expected: int | str | None = None):
         self.address = address
+        self.fingerprint: str | None = None  # of the certificate it serves with, which is also the one it sends with
+        self.member: int | str | None = None  # its member id (a fingerprint for a certificate from before ids)
         # its own connection: closing another gateway's channel to the same node must not touch this one
-        self.channel = open_channel(address, identity, [("grpc.use_local_subchannel_pool", 1),
-                                                        # a node back from a blip is seen within seconds
-                                                        ("grpc.initial_reconnect_backoff_ms", 500),
-                                                        ("grpc.max_reconnect_backoff_ms", 2000)])
-        self.stub = pb_grpc.NodeStub(self.channel)
-        started = time.perf_counter()
+        self.channel = open_channel(address, identity, LOCAL_SUBCHANNELS)
         try:
-            self.info = self.stub.Info(pb.InfoRequest(), timeout=timeout, wait_for_ready=True)
-        except grpc.RpcError as e:
-            raise RouteError(f"cannot reach node {address}: {e.details()}") from None
-        self.rtt_ms = (time.perf_counter() - started) * 1000
-        # the certificate it serves with, which is also the one it sends with: the sink's check of who delivers
-        try:
-            self.fingerprint = server_fingerprint(address, identity) if identity is not None else None
+            started = time.perf_counter()
+            self.info = self._info(timeout)  # waits until the node is up
+            self.rtt_ms = (time.perf_counter() - started) * 1000
+            if identity is not None:
+                cert = server_certificate(address, identity)
+                self.fingerprint, self.member = fingerprint(cert), member_id_of(cert) or fingerprint(cert)
+                if expected is not None and self.member != expected:
+                    raise RouteError(f"node {address} shows the certificate of member {self.member}, not that of "
+                                     f"member {expected}, which served there before")
+                if isinstance(self.member, int):  # from now on, only this member's certificate completes a handshake
+                    self.channel.close()
+                    self.channel = open_channel(address, identity, LOCAL_SUBCHANNELS, name=member_name(self.member))
+                    self.info = self._info(timeout)
         except OSError as e:
             self.channel.close()
             raise RouteError(f"cannot reach node {address}: {e}") from None
+        except RouteError:
+            self.channel.close()
+            raise
+
+    def _info(self, timeout: float) -> pb.NodeInfo:
+        self.stub = pb_grpc.NodeStub(self.channel)
+        try:
+            return self.stub.Info(pb.InfoRequest(), timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise RouteError(f"cannot reach node {self.address}: {e.details()}") from None
+
+    @property
+    def tls_name(self) -> str:
+        """The name its certificate must carry (see transport.open_channel)."""
+        return member_name(self.member) if isinstance(self.member, int) else NODE_NAME
 
     def close(self) -> None:
         self.channel.close()
+
+
+def connect(addresses: list[str], identity: NodeIdentity | None) -> list[NodeClient]:
+    """A client for each node that answers; one that does not (an mDNS announcement of a machine that went to
+    sleep, a typo) is skipped with a warning. Raises RouteError when none answers."""
+    clients, failures = [], []
+    for address in dict.fromkeys(addresses):
+        try:
+            clients.append(NodeClient(address, identity))
+        except RouteError as e:
+            failures.append(str(e))
+            print(f"duskpool: warning: skipping node {address}: {e}", file=sys.stderr, flush=True)
+    if not clients:
+        raise RouteError("no node answered: " + "; ".join(failures))
+    return clients
+
+
+def claimed_ms_per_layer(client: NodeClient, layer_bytes: int) -> float:
+    """What the node says a layer costs it: from the weight bandwidth it reports (0 when it reports none)."""
+    return layer_bytes / client.info.matmul_bytes_per_ms if client.info.matmul_bytes_per_ms > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -78,7 +139,36 @@ def model_profile(spec: ModelSpec) -> planner.ModelProfile:
                                 DTYPE_BYTES["float32"] * spec.dim, spec.edge_bytes)
 
 
-# node_profile, GATEWAY_PROFILE, even_plan and first_plan live in planner.py (pure; the simulator calls them too)
+def node_profile(client: NodeClient, layer_bytes: int, even: bool = False) -> planner.NodeProfile:
+    """`even`: all nodes count as equally fast (a local swarm, whose nodes share one CPU)."""
+    info = client.info
+    ms_per_layer = layer_bytes / info.matmul_bytes_per_ms if info.matmul_bytes_per_ms and not even else 1.0
+    return planner.NodeProfile(info.node_id, info.memory_free, ms_per_layer, client.rtt_ms,
+                               bandwidth_bytes_per_s=125e6)  # assume gigabit until measured
+
+
+# The gateway as the planner sees it: it holds only the edges and the privacy layers, never middle ones.
+GATEWAY_PROFILE = planner.NodeProfile("gateway", 2**62, 0.0, 0.0, 1e12)
+
+
+def even_plan(plan: planner.Plan, node_ids: list[str]) -> planner.Plan:
+    """`plan`'s prefix and suffix, with the layers between split as evenly as possible over all nodes."""
+    start, stop, n = plan.prefix.stop, plan.suffix.start, len(node_ids)
+    bounds = [start + (stop - start) * i // n for i in range(n + 1)]
+    stages = tuple(planner.Stage(node_id, a, b) for node_id, a, b in zip(node_ids, bounds, bounds[1:], strict=False)
+                   if b > a)
+    return dataclasses.replace(plan, stages=stages, excluded=())
+
+
+def first_plan(model: planner.ModelProfile, clients: list[NodeClient], config: planner.PlanConfig, even: bool,
+               replicas: int) -> planner.Plan:
+    """The route over `clients` (split evenly if `even`: a local swarm, whose nodes share one CPU, gives the speed
+    model nothing to choose), plus `replicas` more copies of each span where memory allows."""
+    plan = planner.plan(model, GATEWAY_PROFILE, [node_profile(c, model.layer_bytes) for c in clients], config)
+    if even:
+        plan = even_plan(plan, [c.info.node_id for c in clients])
+    profiles = [node_profile(c, model.layer_bytes, even=even) for c in clients]
+    return planner.with_replicas(plan, model, profiles, replicas, config)
 
 
 # --- the members ------------------------------------------------------------------------------------
@@ -90,11 +180,15 @@ class Membership:
 
     def __init__(self, clients: list[NodeClient], plan: planner.Plan, model: planner.ModelProfile,
                  config: planner.PlanConfig, weights: WeightSender, on_gone: Callable[[str, str], None], *,
-                 identity: NodeIdentity | None, pool: PoolState | None, even: bool, replicas: int):
+                 identity: NodeIdentity | None, pool: PoolState | None, even: bool, replicas: int,
+                 sink_address: str | None = None):
         self.model, self.config, self.weights, self._on_gone = model, config, weights, on_gone
         self.identity, self.pool, self.even, self.replicas = identity, pool, even, replicas
+        self.sink_address = sink_address  # the gateway's sink: nodes send results nowhere else
         self.clients = list(clients)  # the live nodes
         self.client_at = {c.address: c for c in clients}  # every node ever known, by address
+        self.pinned = {c.address: c.member for c in clients}  # the member learned at each address, kept for good
+        self.slow: dict[str, float] = {}  # address -> ms per layer measured, for nodes slower than they claim
         self.gone: dict[str, str] = {}  # address -> why it is counted gone
         # address -> the spans it held when it stopped lending: alive, finishing its sessions, given no new ones
         self.draining: dict[str, list[Span]] = {}
@@ -115,7 +209,9 @@ class Membership:
         self.route = [RouteStage(s.node_id, address_of[s.node_id], s.start, s.stop) for s in plan.stages]
 
     def load(self) -> None:
-        """Stream every holder its span (only the tensors its cache lacks)."""
+        """Tell every node who the members are, then stream every holder its span (only the tensors its cache
+        lacks)."""
+        self.tell_members()
         for span, addresses in self.holders.items():
             for address in addresses:
                 self._load(address, span)
@@ -130,7 +226,10 @@ class Membership:
 
     def _profiles(self) -> list[planner.NodeProfile]:
         """The live nodes as the planner sees them (their memory as it was when they joined)."""
-        return [node_profile(c, self.model.layer_bytes, even=self.even) for c in self._lent()]
+        profiles = [node_profile(c, self.model.layer_bytes, even=self.even) for c in self._lent()]
+        # a node caught slower than it claims counts at its measured speed, local swarm or not
+        return [dataclasses.replace(p, ms_per_layer=max(p.ms_per_layer, self.slow[c.address]))
+                if c.address in self.slow else p for p, c in zip(profiles, self._lent(), strict=True)]
 
     def _lent(self) -> list[NodeClient]:
         """The live nodes that take new sessions (not draining)."""
@@ -147,7 +246,8 @@ class Membership:
         the (address, span) pairs loaded. Loads run outside the lock (a caller may hold it)."""
         with self._lock:
             id_of = {c.info.node_id: c.address for c in self._lent()}
-            held = {c.info.node_id: held_by(self.holders, c.address) for c in self._lent()}
+            held = {c.info.node_id: [span for span, holders in self.holders.items() if c.address in holders]
+                    for c in self._lent()}
             added, _ = planner.replicate(self.model, self._profiles(), spans, held, copies, self.config)
         placed = []
         for stage in added:
@@ -213,7 +313,7 @@ class Membership:
                 if self.broken or not self._route_ok():
                     threading.Thread(target=self._reroute_quietly, daemon=True).start()
                 return
-            self.draining[address] = held_by(self.holders, address)
+            self.draining[address] = [span for span, holders in self.holders.items() if address in holders]
             for span in self.draining[address]:
                 self.holders[span].remove(address)
             on_route = any(s.address == address for s in self.route)
@@ -255,6 +355,11 @@ class Membership:
             raise failure
         self.reroute()
 
+    def _slow_on_route(self) -> bool:
+        """Whether a node slower than it claims is on the route while a faster holder of its span lives."""
+        return any(s.address in self.slow and any(a not in self.slow for a in self.holders[s.span])
+                   for s in self.route)
+
     def _route_ok(self) -> bool:
         return all(self.live(s) and s.address in self.holders[s.span] for s in self.route)
 
@@ -262,20 +367,26 @@ class Membership:
         """Rebuild the route from live holders: a span whose holders are all gone is loaded onto the node
         the planner picks (one with room, holding the fewest layers)."""
         with self._lock:
-            if self._route_ok() and not self.broken:
+            if self._route_ok() and not self.broken and not self._slow_on_route():
                 return
-            if missing := orphans(self.spans, self.holders):
-                self._place(missing, 1)
-            lost = orphans(self.spans, self.holders)
+            orphans = [span for span in self.spans if not self.holders[span]]
+            if orphans:
+                self._place(orphans, 1)
+            lost = [span for span in self.spans if not self.holders[span]]
             if lost:
                 gone = "; ".join(f"{d.node_id} at {d.address}: {d.reason}" for d in self.deaths[-3:])
                 self.broken = (f"layers {', '.join(f'[{a}, {b})' for a, b in lost)} have no live node and no node "
                                f"has room to load them (last gone: {gone})")
                 raise RouteError(self.broken)
-            current = {s.span: s.address for s in self.route}
-            self.route = [RouteStage(self.client_at[address].info.node_id, address, *span)
-                          for span, address in rebuild(self.spans, self.holders, current)]
-            self.broken = None
+            current = {s.span: s.address for s in self.route if s.address not in self.slow}
+            route, used = [], set()
+            for span in self.spans:  # keep a live stage; else its first holder not on the route yet; slow ones last
+                live = sorted(self.holders[span], key=lambda a: a in self.slow)
+                address = current.get(span) if current.get(span) in live else \
+                    ([a for a in live if a not in used] or live)[0]
+                used.add(address)
+                route.append(RouteStage(self.client_at[address].info.node_id, address, *span))
+            self.route, self.broken = route, None
 
     def _reroute_quietly(self) -> None:
         try:
@@ -287,8 +398,9 @@ class Membership:
     def add_node(self, address: str) -> list[Span]:
         """A node joins (or rejoins after a restart, at its new address): it loads copies of the spans that
         lack some (spares first, up to 1 + replicas copies each) and otherwise waits as a spare. Returns
-        the spans it now holds. A route that could not be rebuilt without it is rebuilt."""
-        client = NodeClient(address, self.identity)
+        the spans it now holds. A route that could not be rebuilt without it is rebuilt. Refused: a node whose
+        certificate is revoked, or not that of the member learned at its address."""
+        client = NodeClient(address, self.identity, expected=self.pinned.get(address))
         if self.pool is not None and client.fingerprint is not None and self.pool.is_revoked(client.fingerprint):
             client.close()
             raise RouteError(f"node {address} shows a revoked certificate")
@@ -298,10 +410,12 @@ class Membership:
                 return [span for span, holders in self.holders.items() if address in holders]
             self.gone.pop(address, None)
             self.client_at[address] = client
+            self.pinned[address] = client.member
             self.clients = self.clients + [client]
         self._start_watch(client)
         if self.pool is not None and self.identity is not None:
             _tell_revoked(client, self.pool.revoked_fingerprints())  # if it is gone, its watcher will notice
+        self.tell_members()  # before any route names it
         with self._join_lock:
             placed = self._place(self.spans, 1 + self.replicas)
         if not self._route_ok() or self.broken:
@@ -334,14 +448,64 @@ class Membership:
             if revoked != told:
                 for client in [c for c in self.clients if c.fingerprint in revoked]:
                     self._mark_gone(client, "its certificate was revoked")
+                    self.tell_members()  # no route may name it now
                 # a node that did not hear it is told again next round
                 told = revoked if all([_tell_revoked(c, revoked) for c in self.clients]) else None
             time.sleep(REVOCATION_POLL_S)
 
-    def fingerprint_at(self, address: str) -> str | None:
-        """The certificate of the node the gateway knows at `address` (None: unknown, or no TLS)."""
+    def member_at(self, address: str) -> int | str | None:
+        """The member the gateway knows at `address` (None: unknown, or no TLS)."""
         client = self.client_at.get(address)
-        return client.fingerprint if client is not None else None
+        return client.member if client is not None else None
+
+    def name_at(self, address: str) -> str | None:
+        """The name the certificate at `address` must carry (see transport.Pushers): its member's."""
+        client = self.client_at.get(address)
+        return client.tls_name if client is not None else None
+
+    def tell_members(self) -> None:
+        """Tell every live node which members a route may name (and where) and where this gateway's sink is."""
+        if self.identity is None:
+            return
+        members = pb.MemberList(sinks=[self.sink_address] if self.sink_address else [], members=[
+            pb.MemberAddress(address=c.address, member_id=c.member if isinstance(c.member, int) else 0)
+            for c in self.clients])
+        for client in self.clients:
+            try:
+                client.stub.SetMembers(members, timeout=5)
+            except grpc.RpcError:
+                pass  # gone: its watcher will notice
+
+    def check_claims(self, time_stage: Callable[[RouteStage], float]) -> list[str]:
+        """Time one step through each holder of each span alone (`time_stage`: ms, the gateway's own step) and
+        compare with what the node claims. A node much slower than it claims counts at its measured speed from
+        now on: its spans get copies on other nodes where they fit, and the route prefers those. Returns the
+        addresses caught."""
+        with self._lock:
+            stages = [RouteStage(self.client_at[a].info.node_id, a, *span)
+                      for span, holders in self.holders.items() for a in holders]
+        caught = []
+        for stage in stages:
+            client = self.client_at[stage.address]
+            claimed = claimed_ms_per_layer(client, self.model.layer_bytes)
+            try:
+                measured = max(0.0, time_stage(stage) - client.rtt_ms) / (stage.stop - stage.start)
+            except RouteError:
+                continue  # gone: its watcher will notice
+            if measured > SLOW_FACTOR * claimed + SLOW_SLACK_MS:
+                self.slow[stage.address] = max(measured, self.slow.get(stage.address, 0.0))
+                caught.append(stage.address)
+                print(f"duskpool: node {stage.node_id} at {stage.address} claims {claimed:.2f} ms per layer but took "
+                      f"{measured:.2f}: it counts as that slow, its layers get copies elsewhere", file=sys.stderr,
+                      flush=True)
+        if caught:
+            with self._lock:
+                copies = {span: 1 + sum(a not in self.slow for a in holders)
+                          for span, holders in self.holders.items() if any(a in self.slow for a in holders)}
+            for span, n in copies.items():
+                self._place([span], n)
+            self._reroute_quietly()
+        return caught
 
     def node_info(self, address: str, timeout: float = 2.0) -> pb.NodeInfo:
         return self.client_at[address].stub.Info(pb.InfoRequest(), timeout=timeout)

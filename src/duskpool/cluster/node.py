@@ -24,11 +24,25 @@ from duskpool import __version__, backends
 from duskpool.cluster import transfer, wire
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
-from duskpool.cluster.transport import Pusher, Pushers, deliver_stream, forward_stream, start_server
+from duskpool.cluster.transport import NotAMember, Pusher, Pushers, deliver_stream, forward_stream, start_server
 from duskpool.engine.batcher import Batcher, Job
 from duskpool.idle import Lending, LendPolicy, LendState, MachineState, SleepAssertion, probe, step
 from duskpool.models import KVCache, SpanModel
-from duskpool.security import NodeIdentity, peer_fingerprint, peer_is_gateway
+from duskpool.security import (
+    GATEWAY_NAME,
+    NODE_NAME,
+    JoinError,
+    JoinRefused,
+    NodeIdentity,
+    expiry_warning,
+    member_id_of,
+    member_name,
+    peer_fingerprint,
+    peer_is_gateway,
+    renew,
+    renewal_due,
+    save_identity,
+)
 from duskpool.weights.progress import Progress
 from duskpool.weights.store import TensorStore, atomic_file
 
@@ -53,7 +67,7 @@ class Session:
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, cache_dir: Path, memory_limit: int | None = None, node_id: str | None = None,
                  identity: NodeIdentity | None = None, policy: LendPolicy | None = None,
-                 backend_name: str = backends.DEFAULT):
+                 backend_name: str = backends.DEFAULT, identity_dir: Path | None = None):
         self.backend = backends.backend(backend_name)
         self.store = TensorStore(cache_dir)
         self.configured_policy = self.policy = policy or LendPolicy(lend="always")
@@ -76,12 +90,17 @@ class NodeService(pb_grpc.NodeServicer):
         self._compute = threading.Lock()  # one forward at a time: the kernels use every core already
         self.batcher = Batcher(f"node {self.node_id}", lock=self._compute)  # the steps waiting here, batched
         self.identity = identity
+        self.identity_dir = identity_dir  # where a renewed certificate is saved (None: kept in memory only)
+        self._renewing = threading.Lock()
         # certificate fingerprints the gateway said are revoked, kept across restarts
         self.revoked_path = cache_dir / "revoked.json"
         self.revoked: frozenset[str] = _read_revoked(self.revoked_path)
-        # a stream to each next node, and one to each gateway's sink
-        self._next_nodes = Pushers(identity, forward_stream, on_broken=self._on_next_node_lost)
-        self._sinks = Pushers(identity, deliver_stream)
+        # what the gateway said a route may name: member id at each address, and its sinks (SetMembers)
+        self.members: dict[str, int] = {}
+        self.sinks: frozenset[str] = frozenset()
+        # a stream to each next node, and one to each gateway's sink, each checking the certificate it reaches
+        self._next_nodes = Pushers(identity, forward_stream, on_broken=self._on_next_node_lost, name_at=self._name_at)
+        self._sinks = Pushers(identity, deliver_stream, name_at=self._sink_name_at)
 
     # --- Info -------------------------------------------------------------------------------------
     def Info(self, request: pb.InfoRequest, context) -> pb.NodeInfo:
@@ -167,6 +186,7 @@ class NodeService(pb_grpc.NodeServicer):
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
             try:
                 check_route(request)
+                self._check_members(request)
             except ValueError as e:  # never sent along a route it cannot trust: back to the sender
                 yield pb.Result(session_id=request.session_id, step=request.step, error=f"node {self.node_id}: {e}")
                 continue
@@ -225,6 +245,28 @@ class NodeService(pb_grpc.NodeServicer):
 
         self.batcher.submit(Job(model, cache, request.position, hidden, done))
 
+    def _check_members(self, request: pb.ForwardRequest) -> None:
+        """Over TLS a route names only members the gateway told this node of, and a sink of that gateway."""
+        if self.identity is None:
+            return
+        for stage in request.route[1:]:
+            if self._name_at(stage.address) is None:
+                raise NotAMember(f"the route names {stage.address[:60]}, where no pool member is known")
+        if self._sink_name_at(request.sink) is None:
+            raise NotAMember(f"the sink {request.sink[:60]} is not a gateway of the pool")
+
+    def _name_at(self, address: str) -> str | None:
+        """The name the certificate at `address` must carry: its member's (None: no member is known there)."""
+        if self.identity is None:
+            return NODE_NAME
+        member_id = self.members.get(address)
+        if member_id is None:
+            return None
+        return member_name(member_id) if member_id else NODE_NAME  # 0: a certificate from before member ids
+
+    def _sink_name_at(self, address: str) -> str | None:
+        return GATEWAY_NAME if self.identity is None or address in self.sinks else None
+
     def _open_session(self, request: pb.ForwardRequest, peer: str) -> Session:
         """Under self._lock: a new session, if the message may open one and there is room."""
         if request.position != 0:
@@ -250,14 +292,22 @@ class NodeService(pb_grpc.NodeServicer):
             nxt = pb.ForwardRequest(session_id=request.session_id, step=request.step, position=request.position,
                                     context=request.context, hidden=hidden, model_hash=request.model_hash,
                                     route=request.route[1:], sink=request.sink)
-            self._next_nodes.get(request.route[1].address).send(nxt)
+            try:
+                self._next_nodes.get(request.route[1].address).send(nxt)
+            except NotAMember as e:  # the gateway dropped that member since the step was checked
+                self._fail(request, f"node {self.node_id}: {e}")
         else:
-            self._sinks.get(request.sink).send(pb.Result(session_id=request.session_id, step=request.step,
-                                                         hidden=hidden))
+            self._to_sink(request, pb.Result(session_id=request.session_id, step=request.step, hidden=hidden))
 
     def _fail(self, request: pb.ForwardRequest, error: str) -> None:
         """Tell the gateway (the request's sink) that this step failed here."""
-        self._sinks.get(request.sink).send(pb.Result(session_id=request.session_id, step=request.step, error=error))
+        self._to_sink(request, pb.Result(session_id=request.session_id, step=request.step, error=error))
+
+    def _to_sink(self, request: pb.ForwardRequest, result: pb.Result) -> None:
+        try:
+            self._sinks.get(request.sink).send(result)
+        except NotAMember:  # checked when the step came in; a sink dropped since then hears nothing
+            pass
 
     def _on_next_node_lost(self, pusher: Pusher, e: Exception) -> None:
         self._fail(pusher.last_sent, f"node {self.node_id} lost the next node {pusher.address}: {_reason(e)}")
@@ -275,6 +325,42 @@ class NodeService(pb_grpc.NodeServicer):
         for cache in session.caches.values():
             cache.clear()  # nothing of the session outlives it
         return True
+
+    def SetMembers(self, request: pb.MemberList, context) -> pb.MembersReply:
+        """The members a route may name and the sinks a result may go to; pushers to anything else are closed."""
+        self._require_gateway(context, "name the pool's members")
+        self.members = {m.address: m.member_id for m in request.members}
+        self.sinks = frozenset(request.sinks)
+        self._next_nodes.sweep()
+        self._sinks.sweep()
+        threading.Thread(target=self.renew_if_due, daemon=True, name="renew").start()  # a sink is known now
+        return pb.MembersReply()
+
+    def renew_if_due(self) -> bool:
+        """Renew this node's certificate at a gateway sink once a third of its life is left (or it names no member
+        id); whether it was renewed. New connections, both ways, use the new one; it is saved to identity_dir."""
+        identity = self.identity
+        if identity is None or not self.sinks or not self._renewing.acquire(blocking=False):
+            return False
+        try:
+            if not renewal_due(identity.certificate) and member_id_of(identity.certificate) is not None:
+                return False
+            for sink in sorted(self.sinks):
+                try:
+                    renewed = renew(sink, identity)
+                except (JoinError, JoinRefused) as e:  # this sink's gateway does not keep the pool, or refuses
+                    print(f"duskpool node: certificate renewal at {sink} failed: {e}", file=sys.stderr, flush=True)
+                    continue
+                if self.identity_dir is not None:
+                    save_identity(renewed, self.identity_dir)
+                self.identity = self._next_nodes.identity = self._sinks.identity = renewed
+                expires = renewed.certificate.not_valid_after_utc.strftime("%Y-%m-%d")
+                print(f"duskpool node: certificate renewed at {sink}, valid until {expires}", file=sys.stderr,
+                      flush=True)
+                return True
+            return False
+        finally:
+            self._renewing.release()
 
     def SetRevoked(self, request: pb.RevokedList, context) -> pb.RevokedReply:
         self._require_gateway(context, "revoke members")
@@ -322,6 +408,8 @@ class NodeService(pb_grpc.NodeServicer):
             idle = [sid for sid, s in self.sessions.items() if now - s.last_used > idle_seconds]
         for sid in idle:
             self.end_session(sid)
+        self._next_nodes.sweep()
+        self._sinks.sweep()
 
     def close(self) -> None:
         self.batcher.close()
@@ -365,9 +453,13 @@ def _reason(e: Exception) -> str:
 
 
 def serve(host: str, port: int, cache_dir: Path, identity: NodeIdentity | None, memory_limit: int | None = None,
-          announce: bool = True, policy: LendPolicy | None = None, backend_name: str = backends.DEFAULT) -> None:
+          announce: bool = True, policy: LendPolicy | None = None, backend_name: str = backends.DEFAULT,
+          identity_dir: Path | None = None) -> None:
     """Run a node until interrupted; prints 'listening on HOST:PORT' once ready (the swarm waits for it)."""
-    service = NodeService(cache_dir, memory_limit, identity=identity, policy=policy, backend_name=backend_name)
+    service = NodeService(cache_dir, memory_limit, identity=identity, policy=policy, backend_name=backend_name,
+                          identity_dir=identity_dir)
+    if identity is not None and (warning := expiry_warning(identity.certificate)):
+        print(f"duskpool node: warning: {warning}", file=sys.stderr, flush=True)
     server, bound = start_server(service, host, port, identity, lambda fp: fp in service.revoked)
     stop_watching = threading.Event()
     threading.Thread(target=service.watch_lending, args=(stop_watching,), daemon=True).start()
@@ -383,6 +475,7 @@ def serve(host: str, port: int, cache_dir: Path, identity: NodeIdentity | None, 
     try:
         while server.wait_for_termination(timeout=30):  # True means it timed out: still serving
             service.reap_idle_sessions()
+            service.renew_if_due()
     finally:
         stop_watching.set()
         if announcement is not None:

@@ -3,24 +3,42 @@
 Imports only the standard library, cryptography and grpc (layer `security` in DESIGN.md).
 """
 
-from duskpool.security.certs import GATEWAY_NAME, NODE_NAME, NodeIdentity, fingerprint, load_identity, save_identity
+from duskpool.security.certs import (
+    GATEWAY_NAME,
+    NODE_NAME,
+    NodeIdentity,
+    expiry_warning,
+    fingerprint,
+    load_identity,
+    member_id_of,
+    member_name,
+    renewal_due,
+    save_identity,
+)
 from duskpool.security.join import CAMismatch, JoinError, add_join_service, join, split_join_arg, start_join_server
 from duskpool.security.pool import JoinRefused, JoinToken, LocalPool, Member, PoolState, local_pool, parse_token
+from duskpool.security.renew import add_renew_service, renew
 from duskpool.security.tls import (
     GATEWAY_CHANNEL_OPTIONS,
     NODE_CHANNEL_OPTIONS,
     RevocationInterceptor,
     channel_credentials,
+    peer_certificate,
     peer_fingerprint,
     peer_is_gateway,
+    peer_member,
+    peer_member_id,
+    renewing_server_credentials,
+    server_certificate,
     server_credentials,
-    server_fingerprint,
 )
 
 __all__ = [
     "CAMismatch", "GATEWAY_CHANNEL_OPTIONS", "GATEWAY_NAME", "JoinError", "JoinRefused", "JoinToken", "LocalPool",
     "Member", "NODE_CHANNEL_OPTIONS", "NODE_NAME", "NodeIdentity", "PoolState", "RevocationInterceptor",
-    "add_join_service", "channel_credentials", "fingerprint", "join", "load_identity", "local_pool", "parse_token",
-    "peer_fingerprint", "peer_is_gateway", "save_identity", "server_credentials", "server_fingerprint",
-    "split_join_arg", "start_join_server",
+    "add_join_service", "add_renew_service", "channel_credentials", "expiry_warning", "fingerprint", "join",
+    "load_identity", "local_pool", "member_id_of", "member_name", "parse_token", "peer_certificate",
+    "peer_fingerprint", "peer_is_gateway", "peer_member", "peer_member_id", "renew", "renewal_due",
+    "renewing_server_credentials", "save_identity",
+    "server_certificate", "server_credentials", "split_join_arg", "start_join_server",
 ]

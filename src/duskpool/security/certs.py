@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -15,8 +16,28 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-NODE_NAME = "duskpool-node"  # DNS SAN in every member certificate; the name channels check (nodes are reached by IP)
+NODE_NAME = "duskpool-node"  # DNS SAN in every member certificate: the name checked before a member id is known
 GATEWAY_NAME = "duskpool-gateway"  # DNS SAN only the gateway's certificate has; the join client checks it
+MEMBER_SUFFIX = ".member.duskpool"  # DNS SAN "<id>.member.duskpool": the one member a certificate names
+
+
+def member_name(member_id: int) -> str:
+    """The DNS name only member `member_id`'s certificates carry: a channel that checks it is pinned to that member
+    (nodes are dialled by IP, so channels check a name of ours: grpc.ssl_target_name_override)."""
+    return f"{member_id}{MEMBER_SUFFIX}"
+
+
+def member_id_of(cert: x509.Certificate | bytes) -> int | None:
+    """The member id a certificate (object, PEM or DER) names in its SAN; None for one issued before ids were."""
+    if isinstance(cert, bytes):
+        pem = cert.startswith(b"-----")
+        cert = x509.load_pem_x509_certificate(cert) if pem else x509.load_der_x509_certificate(cert)
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    ids = [n.removesuffix(MEMBER_SUFFIX) for n in names.get_values_for_type(x509.DNSName) if n.endswith(MEMBER_SUFFIX)]
+    return int(ids[0]) if len(ids) == 1 and ids[0].isdigit() else None
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
@@ -37,6 +58,27 @@ def fingerprint(cert: x509.Certificate | bytes) -> str:
     if isinstance(cert, bytes):
         cert = x509.load_pem_x509_certificate(cert)
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+RENEW_AT_LIFE_LEFT = 1 / 3  # a certificate is renewed (and its holder warned) once this much of its life is left
+
+
+def renewal_due(cert: x509.Certificate, now: datetime | None = None) -> bool:
+    """Whether `cert` has less than RENEW_AT_LIFE_LEFT of its life left (or has expired)."""
+    life = cert.not_valid_after_utc - cert.not_valid_before_utc
+    return cert.not_valid_after_utc - (now or datetime.now(UTC)) < life * RENEW_AT_LIFE_LEFT
+
+
+def expiry_warning(cert: x509.Certificate, now: datetime | None = None) -> str | None:
+    """What to tell the user at start when `cert` is near its end (None while it is not)."""
+    if not renewal_due(cert, now):
+        return None
+    left = cert.not_valid_after_utc - (now or datetime.now(UTC))
+    when = cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC")
+    if left.total_seconds() <= 0:
+        return f"this member's certificate expired at {when}: the pool refuses it; join again with a new token"
+    return (f"this member's certificate expires at {when} (in {left.total_seconds() / 86400:.1f} days); it renews "
+            "itself over the pool's mutual TLS once a gateway that keeps the pool is reached")
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey, name: str) -> bytes:
@@ -67,6 +109,10 @@ class NodeIdentity:
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.cert_pem)
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem)
 
     def __repr__(self) -> str:  # never print the key
         return f"NodeIdentity(member_id={self.member_id}, fingerprint={self.fingerprint[:16]}…)"

@@ -41,7 +41,10 @@ from duskpool.security.certs import (
     fingerprint,
     key_pem,
     load_identity,
+    make_csr,
+    member_name,
     new_key,
+    renewal_due,
     save_identity,
     write_private,
 )
@@ -62,8 +65,8 @@ CREATE TABLE IF NOT EXISTS members (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
     role TEXT NOT NULL,            -- 'node' or 'gateway'
-    serial TEXT NOT NULL UNIQUE,   -- certificate serial, lowercase hex
-    fingerprint TEXT NOT NULL UNIQUE,
+    serial TEXT NOT NULL UNIQUE,   -- its current certificate's serial, lowercase hex
+    fingerprint TEXT NOT NULL UNIQUE,  -- and fingerprint (older ones are in `certificates`)
     address TEXT,
     joined_at REAL NOT NULL,       -- unix seconds
     revoked_at REAL
@@ -72,6 +75,12 @@ CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY,         -- sha256 hex of the secret; the secret itself is never stored
     expires_at REAL NOT NULL,
     used_at REAL
+);
+CREATE TABLE IF NOT EXISTS certificates (  -- every certificate issued, a member's renewals too
+    fingerprint TEXT PRIMARY KEY,
+    serial TEXT NOT NULL,
+    member_id INTEGER NOT NULL REFERENCES members(id),
+    expires_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -276,8 +285,8 @@ class PoolState:
                     raise JoinRefused(f"join token expired at {_when(expires_at)}; make a new one with "
                                       "`duskpool token`")
                 db.execute("UPDATE tokens SET used_at = ? WHERE hash = ?", (now, _sha256(secret)))
-                cert = self._sign(csr.public_key(), name, address, "node", datetime.now(UTC), MEMBER_VALID_DAYS)
-                member_id = self._record(db, cert, name, "node", address, now)
+                cert, member_id = self._issue(db, csr.public_key(), name, address, "node", datetime.now(UTC),
+                                              MEMBER_VALID_DAYS)
                 db.execute("COMMIT")
             except BaseException as e:
                 db.execute("ROLLBACK")
@@ -312,32 +321,74 @@ class PoolState:
             raise ValueError(f"role must be 'node' or 'gateway', got {role!r}")
         _check_name(name)
         key = new_key()
-        cert = self._sign(key.public_key(), name, address, role, valid_from or datetime.now(UTC), valid_days)
-        with self._db() as db:
-            member_id = self._record(db, cert, name, role, address, time.time())
+        with self._db() as db, _transaction(db):
+            cert, member_id = self._issue(db, key.public_key(), name, address, role, valid_from or datetime.now(UTC),
+                                          valid_days)
         return NodeIdentity(cert_pem(cert), key_pem(key), self.ca_pem, member_id)
+
+    def renew(self, presented: str, csr_pem: bytes) -> tuple[bytes, int]:
+        """A new certificate for the member whose current certificate has fingerprint `presented` (the one it
+        showed in a mutual TLS handshake), for the key of `csr_pem`: same member id, name and role, a full
+        lifetime from now. Raises JoinRefused for an unknown, superseded or revoked certificate."""
+        csr = self._check_csr(csr_pem)
+        with self._db() as db, _transaction(db):
+            row = db.execute("SELECT id, name, role, address, revoked_at FROM members WHERE fingerprint = ?",
+                             (presented,)).fetchone()
+            if row is None:
+                raise JoinRefused("this certificate is not a member's current one (renewed already, or unknown)")
+            member_id, name, role, address, revoked_at = row
+            if revoked_at is not None:
+                raise JoinRefused(f"member {member_id} is revoked")
+            cert, _ = self._issue(db, csr.public_key(), name, address, role, datetime.now(UTC), MEMBER_VALID_DAYS,
+                                  member_id)
+        log.info("renewed member %d %r's certificate (%s)", member_id, name, fingerprint(cert)[:16])
+        return cert_pem(cert), member_id
 
     def issue_gateway_identity(self, address: str | None = None) -> NodeIdentity:
         """The gateway's certificate: a member like the nodes, plus the GATEWAY_NAME SAN the join client checks."""
         return self.issue_identity("gateway", address, role="gateway")
 
-    def gateway_identity(self, address: str | None = None, renew_within_days: float = 7.0) -> NodeIdentity:
-        """The gateway's identity, kept in state_dir/gateway; (re)issued when missing, near expiry or revoked."""
+    def gateway_identity(self, address: str | None = None) -> NodeIdentity:
+        """The gateway's identity, kept in state_dir/gateway; issued when missing or revoked, renewed (same member,
+        a new key) once a third of its life is left."""
         directory = self.state_dir / "gateway"
         if (directory / "node.crt").exists():
             identity = load_identity(directory)
-            expires = x509.load_pem_x509_certificate(identity.cert_pem).not_valid_after_utc
-            fresh = expires - datetime.now(UTC) > timedelta(days=renew_within_days)
-            if fresh and not self.is_revoked(identity.fingerprint):
-                return identity
+            if not self.is_revoked(identity.fingerprint):
+                if not renewal_due(identity.certificate):
+                    return identity
+                key = new_key()
+                cert, _ = self.renew(identity.fingerprint, make_csr(key, "gateway"))
+                renewed = NodeIdentity(cert, key_pem(key), self.ca_pem, identity.member_id)
+                save_identity(renewed, directory)
+                return renewed
         identity = self.issue_gateway_identity(address)
         save_identity(identity, directory)
         return identity
 
+    def _issue(self, db: sqlite3.Connection, public_key: ec.EllipticCurvePublicKey, name: str, address: str | None,
+               role: str, valid_from: datetime, valid_days: float,
+               member_id: int | None = None) -> tuple[x509.Certificate, int]:
+        """Sign and record a certificate for a new member, or for `member_id` (a renewal); inside the caller's
+        transaction. A new member's row comes first: its certificate carries the id the row gets."""
+        serial = x509.random_serial_number()
+        if member_id is None:
+            cur = db.execute("INSERT INTO members (name, role, serial, fingerprint, address, joined_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?)",
+                             (name, role, format(serial, "x"), f"pending-{serial:x}", address, time.time()))
+            assert cur.lastrowid is not None
+            member_id = cur.lastrowid
+        cert = self._sign(public_key, name, address, role, valid_from, valid_days, member_id, serial)
+        db.execute("UPDATE members SET serial = ?, fingerprint = ? WHERE id = ?",
+                   (format(serial, "x"), fingerprint(cert), member_id))
+        db.execute("INSERT INTO certificates (fingerprint, serial, member_id, expires_at) VALUES (?, ?, ?, ?)",
+                   (fingerprint(cert), format(serial, "x"), member_id, cert.not_valid_after_utc.timestamp()))
+        return cert, member_id
+
     def _sign(self, public_key: ec.EllipticCurvePublicKey, name: str, address: str | None, role: str,
-              valid_from: datetime, valid_days: float) -> x509.Certificate:
+              valid_from: datetime, valid_days: float, member_id: int, serial: int) -> x509.Certificate:
         ca_cert, ca_key = self._ca()
-        sans: list[x509.GeneralName] = [x509.DNSName(NODE_NAME)]
+        sans: list[x509.GeneralName] = [x509.DNSName(NODE_NAME), x509.DNSName(member_name(member_id))]
         if role == "gateway":
             sans.append(x509.DNSName(GATEWAY_NAME))
         ip = _ip_of(address)
@@ -347,7 +398,7 @@ class PoolState:
                              x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
                              x509.NameAttribute(NameOID.COMMON_NAME, name)])
         return (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject).public_key(public_key)
-                .serial_number(x509.random_serial_number())
+                .serial_number(serial)
                 .not_valid_before(valid_from - CLOCK_SKEW).not_valid_after(valid_from + timedelta(days=valid_days))
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
@@ -359,15 +410,6 @@ class PoolState:
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
                 .sign(ca_key, hashes.SHA256()))
-
-    @staticmethod
-    def _record(db: sqlite3.Connection, cert: x509.Certificate, name: str, role: str, address: str | None,
-                now: float) -> int:
-        cur = db.execute("INSERT INTO members (name, role, serial, fingerprint, address, joined_at) "
-                         "VALUES (?, ?, ?, ?, ?, ?)",
-                         (name, role, format(cert.serial_number, "x"), fingerprint(cert), address, now))
-        assert cur.lastrowid is not None
-        return cur.lastrowid
 
     # --- members and revocation ---
 
@@ -394,15 +436,27 @@ class PoolState:
     def is_revoked(self, cert_id: str | int) -> bool:
         """True if the certificate with this fingerprint (sha256 hex) or serial (int or hex) was revoked."""
         key = format(cert_id, "x") if isinstance(cert_id, int) else cert_id.lower()
-        with self._db() as db:
-            row = db.execute("SELECT 1 FROM members WHERE revoked_at IS NOT NULL AND (fingerprint = ? OR serial = ?)",
-                             (key, key)).fetchone()
+        with self._db() as db:  # a revoked member's every certificate: the renewed ones have not expired yet
+            row = db.execute("SELECT 1 FROM members WHERE revoked_at IS NOT NULL AND (fingerprint = ? OR serial = ? "
+                             "OR id IN (SELECT member_id FROM certificates WHERE fingerprint = ? OR serial = ?))",
+                             (key, key, key, key)).fetchone()
         return row is not None
 
     def revoked_fingerprints(self) -> set[str]:
         """Every revoked certificate's fingerprint: what nodes need to refuse revoked peers themselves."""
         with self._db() as db:
-            return {fp for (fp,) in db.execute("SELECT fingerprint FROM members WHERE revoked_at IS NOT NULL")}
+            return {fp for (fp,) in db.execute(
+                "SELECT fingerprint FROM members WHERE revoked_at IS NOT NULL UNION SELECT c.fingerprint "
+                "FROM certificates c JOIN members m ON m.id = c.member_id WHERE m.revoked_at IS NOT NULL")}
+
+    def member_of(self, cert_fingerprint: str) -> Member | None:
+        """The member a certificate (current or earlier) belongs to."""
+        with self._db() as db:
+            row = db.execute("SELECT id, name, role, serial, fingerprint, address, joined_at, revoked_at FROM members "
+                             "WHERE fingerprint = ? OR id IN "
+                             "(SELECT member_id FROM certificates WHERE fingerprint = ?)",
+                             (cert_fingerprint, cert_fingerprint)).fetchone()
+        return Member(*row) if row else None
 
     # --- API keys ---
 
@@ -426,6 +480,17 @@ class PoolState:
         for stored in hashes_:
             ok |= hmac.compare_digest(stored, candidate)
         return ok
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _check_name(name: str) -> None:

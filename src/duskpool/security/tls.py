@@ -1,13 +1,13 @@
 """Mutual TLS for gRPC between pool members, and the per-call revocation check.
 
-Every member certificate carries the DNS name NODE_NAME; nodes are dialled by IP, so channels
-override the name they check with NODE_CHANNEL_OPTIONS. What authenticates a peer is the CA
-signature (gRPC checks it in the handshake, both ways); what ends a member is revocation, which
-TLS cannot know about, so servers add RevocationInterceptor.
+Every member certificate carries the DNS name NODE_NAME and its own `member_name(id)`; nodes are dialled by IP,
+so channels override the name they check (`member_channel_options`): a channel to a known member checks that
+member's name, so only its certificate completes the handshake. What authenticates a peer is the CA signature
+(gRPC checks it in the handshake, both ways); what ends a member is revocation, which TLS cannot know about,
+so servers add RevocationInterceptor.
 """
 
 import functools
-import hashlib
 import logging
 import socket
 import ssl
@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 
-from duskpool.security.certs import GATEWAY_NAME, NODE_NAME, fingerprint, write_private
+from duskpool.security.certs import GATEWAY_NAME, NODE_NAME, NodeIdentity, fingerprint, member_id_of, write_private
 
 log = logging.getLogger("duskpool.security")
 
@@ -27,9 +28,33 @@ NODE_CHANNEL_OPTIONS: list[tuple[str, Any]] = [("grpc.ssl_target_name_override",
 GATEWAY_CHANNEL_OPTIONS: list[tuple[str, Any]] = [("grpc.ssl_target_name_override", GATEWAY_NAME)]
 
 
+def name_options(name: str) -> list[tuple[str, Any]]:
+    """Channel options that make the handshake accept only a certificate carrying DNS name `name`
+    (NODE_NAME: any member; GATEWAY_NAME: the gateway; member_name(id): that member)."""
+    return [("grpc.ssl_target_name_override", name)]
+
+
 def server_credentials(cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> grpc.ServerCredentials:
     """A server that only talks to clients holding a certificate from the pool's CA."""
     return grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True)
+
+
+def renewing_server_credentials(identity: Callable[[], NodeIdentity]) -> grpc.ServerCredentials:
+    """As `server_credentials`, but `identity()` is asked before each handshake, so a renewed certificate is served
+    from the next connection on, without a restart."""
+    def configuration(current: NodeIdentity) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(current.key_pem, current.cert_pem)], current.ca_pem)
+
+    served = [identity()]
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        current = identity()
+        if current is served[0]:
+            return None
+        served[0] = current
+        return configuration(current)
+
+    return grpc.dynamic_ssl_server_credentials(configuration(served[0]), fetch, require_client_authentication=True)
 
 
 def channel_credentials(cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> grpc.ChannelCredentials:
@@ -52,6 +77,24 @@ def peer_fingerprint(context: grpc.ServicerContext) -> str | None:
     """The peer's identity: sha256 hex of its certificate, as PoolState records it; None if it showed none."""
     pem = peer_certificate(context)
     return _fingerprint_of_pem(pem) if pem else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _member_id_of_pem(pem: bytes) -> int | None:
+    return member_id_of(pem)
+
+
+def peer_member_id(context: grpc.ServicerContext) -> int | None:
+    """The member id the peer's verified certificate names (None: none shown, or one from before ids)."""
+    pem = peer_certificate(context)
+    return _member_id_of_pem(pem) if pem else None
+
+
+def peer_member(context: grpc.ServicerContext) -> int | str | None:
+    """Who the peer is across its certificate's renewals: its member id, or for a certificate from before member
+    ids its fingerprint; None without a certificate."""
+    pem = peer_certificate(context)
+    return (_member_id_of_pem(pem) or _fingerprint_of_pem(pem)) if pem else None
 
 
 class RevocationInterceptor(grpc.ServerInterceptor):
@@ -108,10 +151,10 @@ class RevocationInterceptor(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
 
 
-def server_fingerprint(address: str, identity, timeout: float = 5.0) -> str:
-    """The fingerprint of the certificate the pool member at `address` (HOST:PORT) shows, verified against the
-    pool's CA in a TLS handshake of our own (gRPC does not tell a client its server's certificate). `identity`
-    is ours (a NodeIdentity): members' servers want a client certificate."""
+def server_certificate(address: str, identity: NodeIdentity, timeout: float = 5.0) -> x509.Certificate:
+    """The certificate the pool member at `address` (HOST:PORT) shows, verified against the pool's CA in a TLS
+    handshake of our own (gRPC does not tell a client its server's certificate). `identity` is ours: members'
+    servers want a client certificate."""
     host, _, port = address.rpartition(":")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(cadata=identity.ca_pem.decode())
@@ -124,13 +167,11 @@ def server_fingerprint(address: str, identity, timeout: float = 5.0) -> str:
     with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw:
         with context.wrap_socket(raw, server_hostname=NODE_NAME) as tls:
             der = tls.getpeercert(binary_form=True)
-    return hashlib.sha256(der).hexdigest()
+    return x509.load_der_x509_certificate(der)
 
 
 def peer_is_gateway(context: grpc.ServicerContext) -> bool:
     """Whether this call's verified client certificate is the gateway's (only it carries GATEWAY_NAME)."""
-    from cryptography import x509
-
     pem = peer_certificate(context)
     if pem is None:
         return False

@@ -187,3 +187,23 @@ class RevokedList(_message.Message):
 class RevokedReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class MemberAddress(_message.Message):
+    __slots__ = ("address", "member_id")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    member_id: int
+    def __init__(self, address: _Optional[str] = ..., member_id: _Optional[int] = ...) -> None: ...
+
+class MemberList(_message.Message):
+    __slots__ = ("members", "sinks")
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    SINKS_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedCompositeFieldContainer[MemberAddress]
+    sinks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, members: _Optional[_Iterable[_Union[MemberAddress, _Mapping]]] = ..., sinks: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MembersReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

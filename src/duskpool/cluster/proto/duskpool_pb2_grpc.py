@@ -59,6 +59,11 @@ class NodeStub:
                 request_serializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedList.SerializeToString,
                 response_deserializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedReply.FromString,
                 _registered_method=True)
+        self.SetMembers = channel.unary_unary(
+                '/duskpool.v1.Node/SetMembers',
+                request_serializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.MemberList.SerializeToString,
+                response_deserializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.MembersReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -103,6 +108,14 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetMembers(self, request, context):
+        """Gateway -> node: the members a route may name (each address with the member id whose certificate must
+        answer there) and the gateway sinks a result may go to. The node dials no other address.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +143,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.SetRevoked,
                     request_deserializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedList.FromString,
                     response_serializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedReply.SerializeToString,
+            ),
+            'SetMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMembers,
+                    request_deserializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.MemberList.FromString,
+                    response_serializer=duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.MembersReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +285,33 @@ class Node:
             '/duskpool.v1.Node/SetRevoked',
             duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedList.SerializeToString,
             duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.RevokedReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duskpool.v1.Node/SetMembers',
+            duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.MemberList.SerializeToString,
+            duskpool_dot_cluster_dot_proto_dot_duskpool__pb2.MembersReply.FromString,
             options,
             channel_credentials,
             insecure,
