@@ -12,7 +12,8 @@ each answering the sink. Either way, every step's outcome (hidden state or error
 Who holds what, and what happens when a node dies or drains, is cluster/membership.py; streaming the nodes
 their weights, cluster/transfer.py. When a step fails because a node is gone, RemoteSession._recover asks
 for a route of live nodes, re-prefills the session's token history there from position 0 and returns the
-failed step's logits: the generate loop never notices.
+failed step's logits: the generate loop never notices. An embedding takes the same path and stops before the head:
+RemoteSession.final_hidden returns the suffix's output after the final norm (nothing new crosses the wire).
 """
 
 import threading
@@ -129,6 +130,7 @@ class Gateway(Engine):
                  routing: str, backend: str):
         self.spec, self.tokenizer, self.context_length, self.plan = spec, tokenizer, context_length, plan
         self.backend = backend  # what computes the gateway's own layers
+        self.causal, self.pooling = prefix_model.causal, prefix_model.pooling  # the model's, as every span's
         self.members, self.weights = members, weights
         self.prefix_model, self.suffix_model = prefix_model, suffix_model
         self.sink, self.sink_address, self._sink_server = sink, sink_address, sink_server
@@ -332,9 +334,21 @@ class RemoteSession:
         self.history = history
         return logits
 
+    def final_hidden(self, tokens: list[int], start: int) -> torch.Tensor:
+        """The hidden states [T, dim] of `tokens` after the model's final norm (what embeddings pool): the same trip
+        through the route as a step, its suffix output kept instead of turned into logits."""
+        history = self.history[:start] + list(tokens)
+        try:
+            hidden = self._forward(tokens, start, logits=0)
+        except RouteError as failure:
+            hidden = self._recover(history, failure, len(tokens), hidden=True)
+        self.history = history
+        return self.gateway.suffix_model.final_norm(hidden)
+
     def _forward(self, tokens: list[int], start: int, logits: int = 1) -> torch.Tensor:
-        """Logits [logits, vocab] of the last rows (the last one's [vocab] when logits == 1). The gateway's own
-        spans run in its batcher, with the steps of every other session at them."""
+        """Logits [logits, vocab] of the last rows (the last one's [vocab] when logits == 1; with logits=0 the
+        hidden states of every row, before the final norm). The gateway's own spans run in its batcher, with the
+        steps of every other session at them."""
         g = self.gateway
         if start < self.filled:  # a step taken back (a rejected speculative draft): none of it stays
             self.prefix_cache.truncate(start)
@@ -347,10 +361,11 @@ class RemoteSession:
         self.filled = start + len(tokens)
         return out[0] if logits == 1 else out
 
-    def _recover(self, history: list[int], failure: RouteError, rows: int = 1) -> torch.Tensor:
+    def _recover(self, history: list[int], failure: RouteError, rows: int = 1, hidden: bool = False) -> torch.Tensor:
         """Move to a live route and re-prefill `history` (everything fed before, and this step's tokens) there
         under a new session id, from position 0 through the gateway's own prefix and suffix caches too;
-        the logits of its last position, which are this step's. Raises when the gateway cannot recover."""
+        the logits of its last `rows` positions, which are this step's (`hidden`: their hidden states instead).
+        Raises when the gateway cannot recover."""
         g, started, why = self.gateway, time.perf_counter(), str(failure)
         for _ in range(len(g.members.client_at) + 1):  # each round finds another node gone, or gives up
             g.recover(failure)
@@ -360,11 +375,12 @@ class RemoteSession:
             self.suffix_cache.clear()
             self.filled = 0
             try:
-                cut = len(history) - rows if rows > 1 else len(history)  # rows > 1: the last ones' logits too
+                whole = rows > 1 or hidden  # the step's rows come back as one: all their logits, or hidden states
+                cut = len(history) - rows if whole else len(history)
                 for start in range(0, cut, PREFILL_CHUNK):
                     logits = self._forward(history[start:min(start + PREFILL_CHUNK, cut)], start)
-                if rows > 1:
-                    logits = self._forward(history[cut:], cut, rows)
+                if whole:
+                    logits = self._forward(history[cut:], cut, 0 if hidden else rows)
             except RouteError as again:
                 failure = again
                 continue

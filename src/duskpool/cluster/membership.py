@@ -26,9 +26,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from duskpool.cluster import planner
+from duskpool.cluster.planner import GATEWAY_PROFILE, even_plan, first_plan, node_profile  # noqa: F401
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
-from duskpool.cluster.route import RouteError, RouteStage, Span
+from duskpool.cluster.route import RouteError, RouteStage, Span, held_by, orphans, rebuild
 from duskpool.cluster.transfer import WeightSender
 from duskpool.cluster.transport import open_channel
 from duskpool.cluster.wire import DTYPE_BYTES
@@ -139,36 +140,7 @@ def model_profile(spec: ModelSpec) -> planner.ModelProfile:
                                 DTYPE_BYTES["float32"] * spec.dim, spec.edge_bytes)
 
 
-def node_profile(client: NodeClient, layer_bytes: int, even: bool = False) -> planner.NodeProfile:
-    """`even`: all nodes count as equally fast (a local swarm, whose nodes share one CPU)."""
-    info = client.info
-    ms_per_layer = layer_bytes / info.matmul_bytes_per_ms if info.matmul_bytes_per_ms and not even else 1.0
-    return planner.NodeProfile(info.node_id, info.memory_free, ms_per_layer, client.rtt_ms,
-                               bandwidth_bytes_per_s=125e6)  # assume gigabit until measured
-
-
-# The gateway as the planner sees it: it holds only the edges and the privacy layers, never middle ones.
-GATEWAY_PROFILE = planner.NodeProfile("gateway", 2**62, 0.0, 0.0, 1e12)
-
-
-def even_plan(plan: planner.Plan, node_ids: list[str]) -> planner.Plan:
-    """`plan`'s prefix and suffix, with the layers between split as evenly as possible over all nodes."""
-    start, stop, n = plan.prefix.stop, plan.suffix.start, len(node_ids)
-    bounds = [start + (stop - start) * i // n for i in range(n + 1)]
-    stages = tuple(planner.Stage(node_id, a, b) for node_id, a, b in zip(node_ids, bounds, bounds[1:], strict=False)
-                   if b > a)
-    return dataclasses.replace(plan, stages=stages, excluded=())
-
-
-def first_plan(model: planner.ModelProfile, clients: list[NodeClient], config: planner.PlanConfig, even: bool,
-               replicas: int) -> planner.Plan:
-    """The route over `clients` (split evenly if `even`: a local swarm, whose nodes share one CPU, gives the speed
-    model nothing to choose), plus `replicas` more copies of each span where memory allows."""
-    plan = planner.plan(model, GATEWAY_PROFILE, [node_profile(c, model.layer_bytes) for c in clients], config)
-    if even:
-        plan = even_plan(plan, [c.info.node_id for c in clients])
-    profiles = [node_profile(c, model.layer_bytes, even=even) for c in clients]
-    return planner.with_replicas(plan, model, profiles, replicas, config)
+# node_profile, GATEWAY_PROFILE, even_plan and first_plan live in planner.py (pure; the simulator calls them too)
 
 
 # --- the members ------------------------------------------------------------------------------------
@@ -246,8 +218,7 @@ class Membership:
         the (address, span) pairs loaded. Loads run outside the lock (a caller may hold it)."""
         with self._lock:
             id_of = {c.info.node_id: c.address for c in self._lent()}
-            held = {c.info.node_id: [span for span, holders in self.holders.items() if c.address in holders]
-                    for c in self._lent()}
+            held = {c.info.node_id: held_by(self.holders, c.address) for c in self._lent()}
             added, _ = planner.replicate(self.model, self._profiles(), spans, held, copies, self.config)
         placed = []
         for stage in added:
@@ -313,7 +284,7 @@ class Membership:
                 if self.broken or not self._route_ok():
                     threading.Thread(target=self._reroute_quietly, daemon=True).start()
                 return
-            self.draining[address] = [span for span, holders in self.holders.items() if address in holders]
+            self.draining[address] = held_by(self.holders, address)
             for span in self.draining[address]:
                 self.holders[span].remove(address)
             on_route = any(s.address == address for s in self.route)
@@ -369,24 +340,20 @@ class Membership:
         with self._lock:
             if self._route_ok() and not self.broken and not self._slow_on_route():
                 return
-            orphans = [span for span in self.spans if not self.holders[span]]
-            if orphans:
-                self._place(orphans, 1)
-            lost = [span for span in self.spans if not self.holders[span]]
+            if missing := orphans(self.spans, self.holders):
+                self._place(missing, 1)
+            lost = orphans(self.spans, self.holders)
             if lost:
                 gone = "; ".join(f"{d.node_id} at {d.address}: {d.reason}" for d in self.deaths[-3:])
                 self.broken = (f"layers {', '.join(f'[{a}, {b})' for a, b in lost)} have no live node and no node "
                                f"has room to load them (last gone: {gone})")
                 raise RouteError(self.broken)
+            # a node slower than it claims goes last among a span's holders, and leaves the route if another holds it
+            holders = {span: sorted(live, key=lambda a: a in self.slow) for span, live in self.holders.items()}
             current = {s.span: s.address for s in self.route if s.address not in self.slow}
-            route, used = [], set()
-            for span in self.spans:  # keep a live stage; else its first holder not on the route yet; slow ones last
-                live = sorted(self.holders[span], key=lambda a: a in self.slow)
-                address = current.get(span) if current.get(span) in live else \
-                    ([a for a in live if a not in used] or live)[0]
-                used.add(address)
-                route.append(RouteStage(self.client_at[address].info.node_id, address, *span))
-            self.route, self.broken = route, None
+            self.route = [RouteStage(self.client_at[address].info.node_id, address, *span)
+                          for span, address in rebuild(self.spans, holders, current)]
+            self.broken = None
 
     def _reroute_quietly(self) -> None:
         try:
@@ -407,7 +374,7 @@ class Membership:
         with self._lock:
             if self.client_at.get(address) in self.clients:  # known and live: nothing to do
                 client.close()
-                return [span for span, holders in self.holders.items() if address in holders]
+                return held_by(self.holders, address)
             self.gone.pop(address, None)
             self.client_at[address] = client
             self.pinned[address] = client.member
