@@ -277,4 +277,31 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--plot", default=None, metavar="PATH",
                        help="also draw the results as a PNG (needs matplotlib: pip install 'duskpool[audit]')")
     audit.set_defaults(handler=pool.cmd_audit)
+
+    simulate = commands.add_parser(
+        "simulate", help="run the pool's own planner, admission, routing, drain and recovery on a simulated office",
+        description="A discrete-event simulation of an office's Macs and Linux boxes over a working day: owners at "
+                    "their desks 9-18 with breaks and meetings, laptops that leave, batteries, LAN and Wi-Fi, crashes; "
+                    "requests arrive as a Poisson process that follows the day. The placement, the route, admission, "
+                    "lending and recovery are decided by the same code the gateway and nodes run. Prints what it "
+                    "served (tokens/s, latencies, requests completed, re-plans, weights moved, utilisation); progress "
+                    "on stderr.")
+    simulate.add_argument("--nodes", type=int, default=50, help="machines in the office (default: 50)")
+    simulate.add_argument("--hours", type=float, default=1.0, help="simulated hours (default: 1)")
+    simulate.add_argument("--start-hour", type=float, default=0.0, metavar="H",
+                          help="the clock when the simulation starts, 0-24 (default: 0, midnight)")
+    simulate.add_argument("--model-shape", default="70b-q4", metavar="SHAPE",
+                          help="the model's shape: 8b-q4, 32b-q4, 70b-q4 or 405b-q4 (default: 70b-q4)")
+    simulate.add_argument("--requests-per-hour", type=float, default=None, metavar="N",
+                          help="requests per hour at the day's peak (default: one per machine)")
+    simulate.add_argument("--replicas", type=int, default=0, metavar="R",
+                          help="as for the gateway: R more copies of each span where memory allows (default: 0)")
+    simulate.add_argument("--seed", type=int, default=0, help="the same seed gives the same run (default: 0)")
+    simulate.add_argument("--json", action="store_true",
+                          help="print one JSON object (tokens_per_s, ttft_p50_s, token_latency_p99_s, "
+                               "completed_fraction, ...)")
+    simulate.add_argument("--plot", default=None, metavar="PATH",
+                          help="also draw the run over simulated time as a PNG (needs matplotlib: "
+                               "pip install 'duskpool[simulate]')")
+    simulate.set_defaults(handler=pool.cmd_simulate)
     return parser

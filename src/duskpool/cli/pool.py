@@ -1,5 +1,5 @@
-"""Commands on the pool and this machine: init, token, nodes, key, service, models, plan, audit; and what the serving
-commands share with them: where the pool's state is, and the gateway's identity in it."""
+"""Commands on the pool and this machine: init, token, nodes, key, service, models, plan, audit, simulate; and what
+the serving commands share with them: where the pool's state is, and the gateway's identity in it."""
 
 import argparse
 import sys
@@ -164,4 +164,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"duskpool audit: plot written to {report.plot(args.plot)}", file=sys.stderr)
     print(json.dumps(report.to_dict()) if args.json else report.table())
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import json
+
+    from duskpool.simulate import Config, simulate
+    from duskpool.simulate.report import plot
+
+    config = Config(nodes=args.nodes, hours=args.hours, shape=args.model_shape, seed=args.seed,
+                    start_hour=args.start_hour, requests_per_hour=args.requests_per_hour, replicas=args.replicas)
+    config.validate()
+    if args.plot:  # say so now, not after an hour of simulation
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib, which is not installed: "
+                             "pip install 'duskpool[simulate]'") from None
+    started = time.monotonic()
+    report, world = simulate(config, progress=lambda line: print(
+        f"duskpool simulate: {time.monotonic() - started:5.0f} s: {line}", file=sys.stderr, flush=True))
+    wall = time.monotonic() - started
+    print(f"duskpool simulate: done in {wall:.1f} s", file=sys.stderr)
+    if args.plot:
+        title = f"{config.nodes} nodes, {config.shape}, seed {config.seed}"
+        print(f"duskpool simulate: plot written to {plot(world, args.plot, title)}", file=sys.stderr)
+    print(json.dumps(report.to_dict()) if args.json else report.table(wall))
     return 0
