@@ -21,10 +21,10 @@ BODY = {"model": TOOL_MODEL, "prompt": "Hello", "stream": False, "options": {"nu
 
 
 @contextmanager
-def timed_server(service) -> Iterator[str]:
+def timed_server(service, check_key=None) -> Iterator[str]:
     """`service` on 127.0.0.1 as `duskpool serve` runs it (TimedH11Protocol); yields its base URL."""
-    srv = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning",
-                                        http=TimedH11Protocol))
+    srv = uvicorn.Server(uvicorn.Config(create_app(service, check_key), host="127.0.0.1", port=0,
+                                        log_level="warning", http=TimedH11Protocol))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -108,3 +108,31 @@ def test_a_flood_of_stop_strings_is_refused_at_once(url):
         refused = http.post("/api/generate", json={**BODY, "options": {**BODY["options"], "stop": ["x" * 300]}})
         assert refused.status_code == 400 and "longer than 256" in refused.json()["error"]
         assert http.post("/api/generate", json=BODY).status_code == 200
+
+
+def test_the_dashboard_never_takes_a_key_in_its_url(tool_engine, tool_model):
+    """A key in a URL lands in logs, history and Referer headers: `?key=` is refused; the dashboard trades the key,
+    sent once in a header, for an HttpOnly SameSite=Strict cookie its own GETs carry (EventSource sends no headers),
+    and that cookie opens nothing but the dashboard's reads."""
+    from duskpool.api.server import KEY_COOKIE, key_checker
+    from duskpool.api.service import Service
+
+    service = Service(tool_engine, TOOL_MODEL, tool_model)
+    key = "dpk_dashboard"
+    try:
+        with timed_server(service, key_checker([key])) as url, httpx.Client(base_url=url, timeout=60) as http:
+            assert http.get("/").status_code == 200  # the page itself
+            assert http.get(f"/dashboard/state?key={key}").status_code == 401
+            assert http.get(f"/dashboard/events?key={key}").status_code == 401
+            assert http.post("/dashboard/login", json={}, headers={"authorization": "Bearer wrong"}).status_code == 401
+            login = http.post("/dashboard/login", json={}, headers={"authorization": f"Bearer {key}"})
+            assert login.status_code == 204
+            cookie = login.headers["set-cookie"]
+            assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/dashboard/" in cookie, cookie
+            assert http.cookies.get(KEY_COOKIE) == key
+            assert http.get("/dashboard/state").status_code == 200
+            # the cookie is the dashboard's only: not a key for the API, nor for a POST
+            assert http.post("/api/generate", json=BODY, headers={"cookie": f"{KEY_COOKIE}={key}"}).status_code == 401
+            assert http.get("/api/tags", headers={"cookie": f"{KEY_COOKIE}={key}"}).status_code == 401
+    finally:
+        service.close()

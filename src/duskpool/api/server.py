@@ -32,6 +32,8 @@ MAX_BODY_BYTES = 4 * 2**20  # far above any prompt a context holds
 HEADER_TIMEOUT_S = 10.0  # a request's head must arrive within this
 BODY_TIMEOUT_S = 30.0  # and its body (4 MiB at most) within this
 DASHBOARD_PERIOD_S = 1.0
+KEY_COOKIE = "duskpool_key"  # set by POST /dashboard/login (which needs the key in a header) for the dashboard's
+# EventSource, which cannot send headers; HttpOnly and SameSite=Strict, so no script and no other site sends it
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
                415: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
@@ -54,7 +56,8 @@ def error_response(request: Request, status: int, message: str, code: str | None
 class Gatekeeper:
     """In front of the app (plain ASGI, so that a client's disconnect still reaches the handlers):
     - with `check_key`, every request but the dashboard page needs `Authorization: Bearer KEY` (or
-      `x-api-key: KEY`, as Anthropic's clients send it);
+      `x-api-key: KEY`, as Anthropic's clients send it); the dashboard's own GETs may show the cookie its login
+      set instead. A key in a URL is never read (URLs end up in logs, history and Referer headers);
     - without, a request must name this server in `Host` (an IP address or localhost, never a name a web page's
       DNS could point here: DNS rebinding) and come from no other web page's `Origin`: 403 (as Ollama's fix of
       CVE-2024-28224);
@@ -88,8 +91,8 @@ class Gatekeeper:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if not key and request.headers.get("x-api-key"):
             scheme, key = "bearer", request.headers["x-api-key"]
-        if request.url.path.startswith("/dashboard/") and not key:  # EventSource cannot send headers
-            scheme, key = "bearer", request.query_params.get("key", "")
+        if request.url.path.startswith("/dashboard/") and request.method == "GET" and not key:
+            scheme, key = "bearer", request.cookies.get(KEY_COOKIE, "")  # EventSource cannot send headers
         return scheme.lower() == "bearer" and self.check_key(key.strip())
 
     async def __call__(self, scope, receive, send):
@@ -238,6 +241,15 @@ def create_app(service: Service, check_key: Callable[[str], bool] | None = None)
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def dashboard():
         return files("duskpool.api").joinpath("static/dashboard.html").read_text()
+
+    @app.post("/dashboard/login", include_in_schema=False, status_code=204)
+    async def login(request: Request):
+        """Reached only with the key in a header (the Gatekeeper checked it): the dashboard's cookie."""
+        key = request.headers.get("authorization", "").partition(" ")[2] or request.headers.get("x-api-key", "")
+        response = Response(status_code=204)
+        if key:
+            response.set_cookie(KEY_COOKIE, key.strip(), httponly=True, samesite="strict", path="/dashboard/")
+        return response
 
     @app.get("/dashboard/state")
     async def state(request: Request):
