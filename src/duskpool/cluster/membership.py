@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -51,6 +52,7 @@ REJOIN_GIVE_UP_S = 600.0  # after this long gone, an address is no longer asked
 # A node whose timed step takes more than SLOW_FACTOR × its claimed time per layer + SLOW_SLACK_MS is slower than
 # it claims (the slack absorbs a busy machine's and Python's noise on a small span)
 SLOW_FACTOR, SLOW_SLACK_MS = 4.0, 5.0
+CONNECT_TIMEOUT_S = 10.0  # a node named at start (--node, mDNS) that does not answer this fast is skipped
 LOCAL_SUBCHANNELS = [("grpc.use_local_subchannel_pool", 1),  # closing another gateway's channel leaves this one
                      ("grpc.initial_reconnect_backoff_ms", 500),  # a node back from a blip is seen within seconds
                      ("grpc.max_reconnect_backoff_ms", 2000)]
@@ -105,15 +107,21 @@ class NodeClient:
 
 
 def connect(addresses: list[str], identity: NodeIdentity | None) -> list[NodeClient]:
-    """A client for each node that answers; one that does not (an mDNS announcement of a machine that went to
-    sleep, a typo) is skipped with a warning. Raises RouteError when none answers."""
-    clients, failures = [], []
-    for address in dict.fromkeys(addresses):
+    """A client for each node that answers within CONNECT_TIMEOUT_S (all asked at once); one that does not (an
+    mDNS announcement of a machine that went to sleep, a typo) is skipped with a warning. Raises RouteError when
+    none answers."""
+    def reach(address: str) -> NodeClient | RouteError:
         try:
-            clients.append(NodeClient(address, identity))
+            return NodeClient(address, identity, CONNECT_TIMEOUT_S)
         except RouteError as e:
-            failures.append(str(e))
-            print(f"duskpool: warning: skipping node {address}: {e}", file=sys.stderr, flush=True)
+            return e
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(reach, dict.fromkeys(addresses)))
+    clients = [a for a in answers if isinstance(a, NodeClient)]
+    failures = [str(a) for a in answers if isinstance(a, RouteError)]
+    for failure in failures:
+        print(f"duskpool: warning: skipping a node: {failure}", file=sys.stderr, flush=True)
     if not clients:
         raise RouteError("no node answered: " + "; ".join(failures))
     return clients
