@@ -1,8 +1,12 @@
 """Attacks on a real local pool over mutual TLS, by a member holding an ordinary certificate of the pool
 (made here, as `duskpool join` would give one): each is refused, and the pool's answers stay what they were."""
 
+import dataclasses
 import hashlib
+import socket
+import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from queue import Empty, SimpleQueue
 
@@ -10,13 +14,25 @@ import grpc
 import pytest
 import torch
 
-from duskpool.cluster import wire
+from duskpool.cluster import membership, wire
 from duskpool.cluster.gateway import Gateway, RemoteSession, RouteError
+from duskpool.cluster.membership import REJOIN_POLL_S
 from duskpool.cluster.node import NodeService
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.transport import open_channel, start_server
-from duskpool.security import NodeIdentity, local_pool
+from duskpool.security import (
+    JoinError,
+    JoinRefused,
+    NodeIdentity,
+    expiry_warning,
+    fingerprint,
+    load_identity,
+    local_pool,
+    member_id_of,
+    renew,
+    server_certificate,
+)
 from tests.api.conftest import write_tiny_chat_llama
 from tests.conftest import RecordingSink, greedy_tokens, wait_for
 
@@ -188,6 +204,35 @@ def test_the_sink_takes_a_hidden_state_only_from_the_steps_last_node(pool):
     assert pool.greedy() == pool.answer
 
 
+# --- routes name members only; a node dials nothing else, and closes what it no longer uses ------------------
+def test_a_route_may_name_only_members_and_unused_pushers_close(pool):
+    """A member sends node 0 a step whose route goes on to an address no member holds (a port on this machine, or
+    a host of the LAN to probe): refused on the attacker's own stream, and nothing is dialled there. A node's
+    streams to its next hops close once unused; the next step opens them again and answers the same."""
+    node = pool.nodes[0]
+    stage = pool.gateway.route[0]
+    hidden = wire.to_wire(pool.gateway.prefix_model, torch.zeros(1, pool.gateway.spec.dim))
+    for address in ("127.0.0.1:9", "192.0.2.7:7070"):
+        request = pb.ForwardRequest(session_id="probe", step=1, position=0, context=8, hidden=hidden,
+                                    model_hash=pool.gateway.model_hash,
+                                    route=wire.stages_to_wire((stage, dataclasses.replace(stage, address=address))),
+                                    sink=pool.gateway.sink_address)
+        [reply] = list(pool.stub(stage.address, pool.attacker).Forward(iter([request]), timeout=10))
+        assert f"the route names {address}, where no pool member is known" in reply.error, reply
+        assert address not in node._next_nodes.addresses
+    assert "probe" not in node.sessions
+    assert pool.greedy() == pool.answer
+    assert pool.addresses[1] in node._next_nodes.addresses
+    node._next_nodes.IDLE_S = 0.2
+    try:
+        time.sleep(0.3)
+        node._next_nodes.sweep()
+        assert node._next_nodes.addresses == []
+        assert pool.greedy() == pool.answer
+    finally:
+        del node._next_nodes.IDLE_S
+
+
 # --- revocation: a revoked member is out at once, and stays out -------------------------------------
 def test_a_revoked_members_open_stream_is_cut_and_a_restarted_node_remembers(pool, tmp_path):
     """A member opens a Forward stream before it is revoked; the next message after the gateway's push is
@@ -258,3 +303,125 @@ def test_a_tensor_damaged_on_a_nodes_disk_is_fetched_again(tmp_path):
         damaged.write_bytes(bytes(data))
         again, resent = run()
         assert resent == len(data) and again == answer
+
+
+
+# --- identity: a certificate names its member; the gateway pins the member at each address --------------------
+def start_node(root: Path, identity: NodeIdentity, port: int = 0, cls: type[NodeService] = NodeService,
+               **kwargs) -> tuple[NodeService, grpc.Server, str]:
+    node = cls(root, identity=identity, **kwargs)
+    server, bound = start_server(node, "127.0.0.1", port, identity, lambda fp: fp in node.revoked)
+    return node, server, f"127.0.0.1:{bound}"
+
+
+def test_another_member_at_a_nodes_address_is_refused(tmp_path, bundled_model):
+    """Node 1 stops and another member (with an ordinary certificate of the pool) takes its address: the gateway's
+    channels there check node 1's member name, so no handshake with it completes; asked to take the address back,
+    the gateway refuses it. The session moves to node 0 and answers the same; the impostor saw nothing."""
+    local = local_pool(2, root=tmp_path / "pool", address=None)
+    mallory = local.pool.issue_identity("mallory")
+    nodes = [start_node(tmp_path / f"node-{i}", identity) for i, identity in enumerate(local.nodes)]
+    gateway = Gateway.start(bundled_model, [a for _, _, a in nodes], identity=local.gateway, pool=local.pool,
+                            context_length=128, even_split=True, progress=False)
+    impostor = None
+    try:
+        answer = greedy_tokens(gateway, [5, 6, 7, 8], STEPS)
+        _, server, address = nodes[1]
+        assert gateway.members.member_at(address) == local.nodes[1].member_id
+        server.stop(grace=0)
+        impostor = start_node(tmp_path / "impostor", mallory, port=int(address.rsplit(":", 1)[1]))
+        assert wait_for(lambda: address in gateway.members.gone, timeout=10)
+        assert greedy_tokens(gateway, [5, 6, 7, 8], STEPS) == answer
+        with pytest.raises(RouteError, match=f"member {mallory.member_id}, not that of member "
+                                             f"{local.nodes[1].member_id}"):
+            gateway.add_node(address)
+        time.sleep(REJOIN_POLL_S + 1)  # the gateway's own rejoin poll does not take it either
+        assert address in gateway.members.gone
+        assert not impostor[0].spans and not impostor[0].sessions
+    finally:
+        gateway.close()
+        for node, server, _ in nodes + ([impostor] if impostor else []):
+            server.stop(grace=0)
+            node.close()
+        local.close()
+
+
+class SlowNode(NodeService):
+    """A node that claims its machine's real speed and then takes 0.3 s over every step."""
+
+    def _pass_on(self, request: pb.ForwardRequest, hidden: pb.Hidden) -> None:
+        time.sleep(0.3)
+        super()._pass_on(request, hidden)
+
+
+def test_a_node_slower_than_it_claims_is_planned_around(tmp_path, bundled_model):
+    """The gateway times a step through each node: the one far slower than its claimed speed counts at its measured
+    speed, its span is loaded on the other node and the route leaves it; the answers are the pool's."""
+    with local_pool(2, root=tmp_path / "pool", address=None) as local:
+        nodes = [start_node(tmp_path / "node-0", local.nodes[0]),
+                 start_node(tmp_path / "node-1", local.nodes[1], cls=SlowNode)]
+        slow = nodes[1][2]
+        gateway = Gateway.start(bundled_model, [a for _, _, a in nodes], identity=local.gateway, pool=local.pool,
+                                context_length=128, even_split=True, progress=False)
+        try:
+            assert set(gateway.members.slow) == {slow}
+            assert all(s.address != slow for s in gateway.route), gateway.route
+            assert nodes[0][0].spans.keys() >= {(gateway.model_hash, s.start, s.stop) for s in gateway.route}
+            started = time.monotonic()
+            tokens = greedy_tokens(gateway, [5, 6, 7, 8], STEPS)
+            assert time.monotonic() - started < STEPS * 0.3  # no step waited on the slow node
+        finally:
+            gateway.close()
+            for node, server, _ in nodes:
+                server.stop(grace=0)
+                node.close()
+    with local_pool(1, root=tmp_path / "pool-1", address=None) as local:  # the same model on one honest node
+        node, server, address = start_node(tmp_path / "honest", local.nodes[0])
+        gateway = Gateway.start(bundled_model, [address], identity=local.gateway, context_length=128,
+                                even_split=True, progress=False)
+        try:
+            assert greedy_tokens(gateway, [5, 6, 7, 8], STEPS) == tokens
+        finally:
+            gateway.close()
+            server.stop(grace=0)
+            node.close()
+
+
+def test_an_aging_certificate_renews_itself_and_an_unreachable_node_is_skipped(tmp_path, bundled_model, capsys,
+                                                                               monkeypatch):
+    """A node whose certificate has a sixth of its life left warns at start and, once a gateway that keeps the pool
+    names its sink, renews over mutual TLS: same member, a full lifetime, saved, and served to the next handshake
+    without a restart. The old certificate cannot renew again, and a revoked member's every certificate is
+    refused. The gateway also named an address where nothing answers (an mDNS announcement of a machine gone to
+    sleep): skipped with a warning, not fatal."""
+    monkeypatch.setattr(membership, "CONNECT_TIMEOUT_S", 1.0)
+    with local_pool(0, root=tmp_path / "pool", address=None) as local:
+        aging = local.pool.issue_identity("aging", valid_from=datetime.now(UTC) - timedelta(days=25))
+        assert "expires at" in expiry_warning(aging.certificate)
+        node, server, address = start_node(tmp_path / "node", aging, identity_dir=tmp_path / "identity")
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            nowhere = f"127.0.0.1:{closed.getsockname()[1]}"
+        gateway = Gateway.start(bundled_model, [nowhere, address], identity=local.gateway, pool=local.pool,
+                                context_length=128, progress=False)
+        try:
+            assert f"skipping a node: cannot reach node {nowhere}" in capsys.readouterr().err
+            assert [s.address for s in gateway.route] == [address]
+            answer = greedy_tokens(gateway, [5, 6, 7, 8], STEPS)
+            assert wait_for(lambda: node.identity is not aging, timeout=10)
+            renewed = node.identity
+            assert member_id_of(renewed.certificate) == aging.member_id == renewed.member_id
+            assert renewed.certificate.not_valid_after_utc - datetime.now(UTC) > timedelta(days=29)
+            assert load_identity(tmp_path / "identity") == renewed
+            assert fingerprint(server_certificate(address, local.gateway)) == renewed.fingerprint
+            assert greedy_tokens(gateway, [5, 6, 7, 8], STEPS) == answer
+            with pytest.raises(JoinRefused, match="not a member's current one"):
+                renew(gateway.sink_address, aging)  # the old certificate, presented again
+            local.pool.revoke(aging.member_id)
+            assert {aging.fingerprint, renewed.fingerprint} <= local.pool.revoked_fingerprints()
+            with pytest.raises((JoinRefused, JoinError)):
+                renew(gateway.sink_address, renewed)
+        finally:
+            gateway.close()
+            server.stop(grace=0)
+            node.close()

@@ -357,7 +357,7 @@ class Membership:
                                f"has room to load them (last gone: {gone})")
                 raise RouteError(self.broken)
             # a node slower than it claims goes last among a span's holders, and leaves the route if another holds it
-            holders = {span: sorted(live, key=lambda a: a in self.slow) for span, live in self.holders.items()}
+            holders = {span: [a for a in live if a not in self.slow] or live for span, live in self.holders.items()}
             current = {s.span: s.address for s in self.route if s.address not in self.slow}
             self.route = [RouteStage(self.client_at[address].info.node_id, address, *span)
                           for span, address in rebuild(self.spans, holders, current)]
@@ -475,8 +475,8 @@ class Membership:
                       flush=True)
         if caught:
             with self._lock:
-                copies = {span: 1 + sum(a not in self.slow for a in holders)
-                          for span, holders in self.holders.items() if any(a in self.slow for a in holders)}
+                copies = {span: len(holders) + 1 for span, holders in self.holders.items()
+                          if all(a in self.slow for a in holders)}  # one more copy, where none is fast
             for span, n in copies.items():
                 self._place([span], n)
             self._reroute_quietly()
