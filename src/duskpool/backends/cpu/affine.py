@@ -4,8 +4,8 @@
   group of 64 becomes two blocks sharing its scale and bias. The codes are exact; scale and bias are rounded to
   float16 (exact for float16 ones, and for bfloat16 ones whose magnitude is 6e-5 or more). Memory: 5 bits per
   weight (4.5 in an MLX group-64 file: 1.11x).
-- other widths (2, 3, 5, 6, 8) -> F16, the dequantized values (2 bytes per weight: 1.9x an 8-bit file, 3.6x a
-  4-bit one) multiplied by the F16 kernel. No GGUF type holds 8-bit codes with a bias (Q8_0 has none).
+- other widths (2, 3, 5, 6, 8) -> F32, the dequantized values, exact (4 bytes per weight: 3.8x an 8-bit file).
+  No GGUF type holds 8-bit codes with a bias (Q8_0 has none), and F16 rounds them enough to change a greedy token.
 """
 
 import numpy as np
@@ -19,7 +19,7 @@ CHUNK_VALUES = 1 << 22  # values converted per step: bounds the temporaries of a
 
 
 def to_ggml(tensor: PackedTensor) -> PackedTensor:
-    """A packed MLX weight as Q4_1 (4-bit) or F16 (the other widths)."""
+    """A packed MLX weight as Q4_1 (4-bit) or F32 (the other widths)."""
     affine: Affine = tensor.qtype
     rows, cols = tensor.shape
     w, scales, biases = affine.split(tensor.data, rows, cols)
@@ -31,8 +31,8 @@ def to_ggml(tensor: PackedTensor) -> PackedTensor:
             out.append(_q4_1(affine, w[part], scales[part], biases[part], cols))
         else:
             values = affine.dequantize(affine.join(w[part], scales[part], biases[part]), w[part].shape[0], cols)
-            out.append(values.astype(np.float16).view(np.uint8).reshape(-1))
-    return PackedTensor(np.concatenate(out), Q.Q4_1 if affine.bits == 4 else Q.F16, (rows, cols))
+            out.append(values.view(np.uint8).reshape(-1))
+    return PackedTensor(np.concatenate(out), Q.Q4_1 if affine.bits == 4 else Q.F32, (rows, cols))
 
 
 def _q4_1(affine: Affine, w: np.ndarray, scales: np.ndarray, biases: np.ndarray, cols: int) -> np.ndarray:

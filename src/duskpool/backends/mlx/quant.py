@@ -32,6 +32,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
+from duskpool.weights.affine import Affine
 from duskpool.weights.gguf import PackedTensor
 
 Q = GGMLQuantizationType
@@ -166,12 +167,13 @@ def pack(codes: mx.array, bits: int) -> mx.array:
 
 @dataclass
 class Quantized:
-    """A weight [rows, cols] as MLX affine groups of 32: y = x @ W.T through mx.quantized_matmul."""
+    """A weight [rows, cols] as MLX affine groups: y = x @ W.T through mx.quantized_matmul."""
 
     w: mx.array  # uint32 [rows, cols * bits / 32]
-    scales: mx.array  # [rows, cols / 32]: float16 (float32 where a legacy format's d does not fit)
-    biases: mx.array
+    scales: mx.array  # [rows, cols / group_size]: float16 (float32 where a legacy format's d does not fit; an MLX
+    biases: mx.array  # folder's own type, bfloat16 often)
     bits: int
+    group_size: int = GROUP  # 32 for a converted GGUF weight; an MLX folder's own (64 usually)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -183,13 +185,13 @@ class Quantized:
 
     def __call__(self, x: mx.array) -> mx.array:
         x = x.astype(input_type(self.scales.dtype))
-        return mx.quantized_matmul(x, self.w, self.scales, self.biases, transpose=True, group_size=GROUP,
+        return mx.quantized_matmul(x, self.w, self.scales, self.biases, transpose=True, group_size=self.group_size,
                                    bits=self.bits)
 
     def rows(self, index: mx.array) -> mx.array:
         """float32 W[index], dequantized with float32 scales (so exact wherever the conversion is)."""
         return mx.dequantize(self.w[index], self.scales[index].astype(mx.float32),
-                             self.biases[index].astype(mx.float32), group_size=GROUP, bits=self.bits)
+                             self.biases[index].astype(mx.float32), group_size=self.group_size, bits=self.bits)
 
     def dequantize(self) -> mx.array:
         return self.rows(mx.arange(self.shape[0]))
@@ -198,12 +200,13 @@ class Quantized:
         return [self.w, self.scales, self.biases]
 
     def same_form(self, other: "Quantized") -> bool:
-        return self.bits == other.bits and self.scales.dtype == other.scales.dtype and self.shape[1] == other.shape[1]
+        return (self.bits, self.group_size, self.scales.dtype, self.shape[1]) == (
+            other.bits, other.group_size, other.scales.dtype, other.shape[1])
 
     @staticmethod
     def concatenate(parts: "Sequence[Quantized]") -> "Quantized":
         return Quantized(*(mx.concatenate([getattr(p, f) for p in parts]) for f in ("w", "scales", "biases")),
-                         parts[0].bits)
+                         parts[0].bits, parts[0].group_size)
 
 
 @dataclass
@@ -252,6 +255,8 @@ def convert(tensor: PackedTensor, scale_dtype: mx.Dtype = mx.float16) -> Weight:
     """A GGUF tensor as MLX computes with it (a vector is one row); converted on MLX's default device, a chunk
     of rows at a time, into buffers allocated once."""
     rows, cols = _matrix_shape(tensor)
+    if isinstance(tensor.qtype, Affine):
+        return _as_stored(tensor)
     if tensor.qtype in DENSE:
         dtype = DENSE[tensor.qtype]
         raw = tensor.data.view({mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}[dtype])
@@ -289,6 +294,18 @@ def convert(tensor: PackedTensor, scale_dtype: mx.Dtype = mx.float16) -> Weight:
     return Quantized(w, scales, biases, bits)
 
 
+def _as_stored(tensor: PackedTensor) -> Quantized:
+    """An MLX folder's packed weight: already MLX's format, kept as it is."""
+    affine: Affine = tensor.qtype
+    rows, cols = tensor.shape
+    w, scales, biases = affine.split(tensor.data, rows, cols)
+    dtype = DENSE[affine.scale_type]
+    scales, biases = (mx.array(a).view(dtype) if dtype == mx.bfloat16 else mx.array(a) for a in (scales, biases))
+    weight = Quantized(mx.array(w.view(np.uint32)), scales, biases, affine.bits, affine.group_size)
+    evaluate(*weight.arrays())
+    return weight
+
+
 _converted: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id(file bytes) -> (those bytes, their weight)
 
 
@@ -308,6 +325,8 @@ def convert_once(tensor: PackedTensor) -> Weight:
 def reference(tensor: PackedTensor) -> np.ndarray:
     """gguf-py's float32 values of a tensor [rows, cols]: what the conversion is checked against."""
     rows, cols = _matrix_shape(tensor)
+    if isinstance(tensor.qtype, Affine):
+        return tensor.qtype.dequantize(tensor.data, rows, cols)
     if tensor.qtype == Q.F32:
         return tensor.data.view(np.float32).reshape(rows, cols)
     return np.asarray(gguf_dequantize(tensor.data.reshape(rows, -1), tensor.qtype), dtype=np.float32)
