@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from duskpool.backends import load_span
+from duskpool.engine.batcher import Batcher
 from duskpool.engine.generate import GenerationParams
 from duskpool.engine.runner import CannotGenerate, LocalEngine, load_tokenizer
 from duskpool.engine.tokenizer import Tokenizer
@@ -95,6 +96,19 @@ def test_the_engine_pools_as_the_file_says_and_will_not_generate(tmp_path, bert)
         next(mean.generate(tokens, GenerationParams()))
     with pytest.raises(ValueError, match="whole input"):  # an encoder's input cannot be continued later
         mean.model.forward_span(mean.model.embed(tokens[:2]), mean.model.new_cache(8), 2)
+
+
+def test_a_batcher_never_splits_an_encoders_input(bert):
+    """A stage's batcher cuts prompts into chunks of `prefill_rows`; an encoder's chunk could not see the next."""
+    span = load_span(GGUFFile(bert.path))
+    tokens = bert.tokenizer(" ".join(TEXTS[:3]))["input_ids"]
+    batcher = Batcher(prefill_rows=8)
+    try:
+        hidden = batcher.run(span, span.new_cache(len(tokens)), 0, span.embed(tokens))
+    finally:
+        batcher.close()
+    whole = span.forward_span(span.embed(tokens), span.new_cache(len(tokens)), 0)
+    assert len(tokens) > 8 and torch.equal(hidden, whole)
 
 
 def test_a_reranker_is_refused():

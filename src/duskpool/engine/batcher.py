@@ -206,7 +206,9 @@ def chunk_rows(jobs: list, prefill_rows: int) -> list[int]:
     budget, chunks = prefill_rows, []
     for job in jobs:
         left = job.rows - job.computed
-        n = left if left == 1 else max(1, min(left, budget))
+        # an encoder's input (BERT's) is never chunked: its positions all see each other (the simulator's are decoders)
+        whole = left == 1 or not getattr(job.model, "causal", True)
+        n = left if whole else max(1, min(left, budget))
         budget -= n if left > 1 else 0
         chunks.append(n)
     return chunks
