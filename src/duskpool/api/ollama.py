@@ -24,6 +24,7 @@ from duskpool.engine.generate import GenerationParams, GenerationStats, TokenLog
 from duskpool.engine.grammar import Grammar, Vocabulary
 from duskpool.engine.sampling import SamplingParams
 from duskpool.weights.catalog import quant_from_filename
+from duskpool.weights.folder import open_model
 from duskpool.weights.gguf import GGUFFile
 
 NS = 1_000_000_000
@@ -303,12 +304,14 @@ async def embeddings(request: Request, body: EmbeddingsRequest):
 
 @cache
 def _describe(path: Path) -> tuple[dict, dict]:
-    """(Ollama's `details`, `model_info`) from the GGUF header; cached, as the file does not change."""
-    file = GGUFFile(path)
+    """(Ollama's `details`, `model_info`) from the GGUF header or the folder's config.json; cached, as the file does
+    not change."""
+    file = open_model(path)
     params = sum(math.prod(t.shape) for t in file.tensors.values())
     size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.0f}M"
     arch = file.architecture
-    details = {"parent_model": "", "format": "gguf", "family": arch, "families": [arch], "parameter_size": size,
+    details = {"parent_model": "", "format": "gguf" if isinstance(file, GGUFFile) else "safetensors",
+               "family": arch, "families": [arch], "parameter_size": size,
                "quantization_level": quant_from_filename(path.name) or ""}
     info = {k: v for k, v in file.metadata.items()
             if isinstance(v, str | int | float | bool) and not k.startswith("tokenizer.")}
@@ -350,7 +353,9 @@ async def show(request: Request, body: ShowRequest):
     service: Service = request.app.state.service
     service.check_model(body.model or body.name or service.model_name)
     details, info = _describe(service.model_path)
-    template = GGUFFile(service.model_path).metadata.get("tokenizer.chat_template", "")
+    file = open_model(service.model_path)
+    template = (file.metadata.get("tokenizer.chat_template") if isinstance(file, GGUFFile)
+                else service.engine.tokenizer.chat_template) or ""
     entry = _entry(service)
     return {"modelfile": f"FROM {service.model_path}\n", "parameters": "", "template": template,
             "details": details, "model_info": info,

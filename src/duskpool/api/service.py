@@ -28,6 +28,7 @@ from duskpool.engine.generate import GenerationParams, GenerationStats, Piece
 from duskpool.engine.grammar import Grammar, Vocabulary
 from duskpool.engine.runner import Engine
 from duskpool.engine.tokenizer import render_chat_with_tools
+from duskpool.weights.folder import model_size
 
 NODE_POLL_S = 2.0  # how often the dashboard's view of the nodes is refreshed
 
@@ -161,7 +162,7 @@ class Service:
         if (max_active is not None and max_active < 1) or max_queue < 0:
             raise ValueError("max_active must be >= 1 and max_queue >= 0")
         self.engine, self.model_name, self.model_path = engine, model_name, model_path
-        self.model_size = model_path.stat().st_size
+        self.model_size = model_size(model_path)  # a file, or a folder's weights
         self.max_active, self.max_queue, self.queue_timeout_s = max_active, max_queue, queue_timeout_s
         self.metrics = Metrics()
         self.started = time.time()

@@ -20,6 +20,7 @@ from duskpool.engine.runner import load_tokenizer
 from duskpool.engine.tokenizer import Tokenizer
 from duskpool.models import SpanModel, load_model
 from duskpool.weights.catalog import bundled_model_path
+from duskpool.weights.folder import ModelFolder, open_model
 from duskpool.weights.gguf import GGUFFile, ModelFileError
 
 DEFAULT_MAX_PREFIX = 4
@@ -41,13 +42,13 @@ def run_audit(model: str | Path | None = None, max_prefix: int = DEFAULT_MAX_PRE
     """Token recovery per attacker at privacy-prefix depths 0..max_prefix and suffix depths 0..max_suffix
     (None: no suffix side, and only the first max_prefix layers are run).
 
-    `model`: a GGUF file (the bundled model by default). `held_out` / `training`: token id sequences to
-    attack / to fit the attackers on, instead of the shipped prompts and corpus (a model without a tokenizer
-    gets random ids). `wire_dtype`: how hidden states cross the network (the gateway sends float32).
+    `model`: a GGUF file or a model folder (the bundled model by default). `held_out` / `training`: token id
+    sequences to attack / to fit the attackers on, instead of the shipped prompts and corpus (a model without a
+    tokenizer gets random ids). `wire_dtype`: how hidden states cross the network (the gateway sends float32).
     """
     started, cpu_started = time.perf_counter(), time.process_time()
     say = progress or (lambda message: None)
-    file = GGUFFile(Path(model) if model is not None else bundled_model_path())
+    file = open_model(Path(model) if model is not None else bundled_model_path())
     ops = BatchOps()
     edge = load_model(file, ops, range(0), embed=True, head=True)
     L, V = edge.spec.n_layers, edge.spec.vocab_size
@@ -199,7 +200,7 @@ def _interleave(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
                          for x, y in zip(a.tolist(), b.tolist(), strict=True)])
 
 
-def _tokenizer(file: GGUFFile) -> Tokenizer | None:
+def _tokenizer(file: GGUFFile | ModelFolder) -> Tokenizer | None:
     try:
         return load_tokenizer(file)
     except ModelFileError:

@@ -131,11 +131,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from duskpool.cluster.membership import GATEWAY_PROFILE, NodeClient, model_profile, node_profile
     from duskpool.engine.runner import DEFAULT_CONTEXT
     from duskpool.weights.catalog import resolve_model
-    from duskpool.weights.gguf import GGUFFile
+    from duskpool.weights.folder import open_model
 
     if not args.node:
         raise ValueError("give the nodes to plan over with --node HOST:PORT")
-    file = GGUFFile(resolve_model(args.model))
+    file = open_model(resolve_model(args.model))
     profile = model_profile(describe_model(file))
     identity, _ = gateway_security(args)
     nodes = [node_profile(NodeClient(a, identity), profile.layer_bytes) for a in args.node]

@@ -42,7 +42,7 @@ from duskpool.engine.runner import DEFAULT_CONTEXT, Engine, load_tokenizer
 from duskpool.engine.tokenizer import Tokenizer
 from duskpool.models import ModelSpec, SpanModel
 from duskpool.security import NodeIdentity, PoolState, add_renew_service, peer_member
-from duskpool.weights.gguf import GGUFFile
+from duskpool.weights.folder import open_model
 
 STEP_TIMEOUT_S = 300.0  # a step still unanswered after this is an error (dead nodes are noticed far sooner)
 
@@ -162,7 +162,7 @@ class Gateway(Engine):
             raise ValueError(f"routing must be 'ring' or 'star', not {routing!r}")
         if not node_addresses:
             raise ValueError("a gateway needs at least one node (--node HOST:PORT)")
-        file = GGUFFile(model_path)
+        file = open_model(model_path)  # a .gguf file or a model folder
         spec, tokenizer = backends.describe_model(file, backend_name), load_tokenizer(file)
         context_length = min(context_length or DEFAULT_CONTEXT, spec.context_length)
         model = model_profile(spec)

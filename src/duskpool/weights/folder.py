@@ -61,6 +61,11 @@ def is_model_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and bool(_shards(path))
 
 
+def model_size(path: Path) -> int:
+    """Bytes of a model file, or of a folder's weights."""
+    return sum(p.stat().st_size for p in _shards(path)) if path.is_dir() else path.stat().st_size
+
+
 def open_model(path: str | os.PathLike) -> "GGUFFile | ModelFolder":
     """A .gguf file or a model folder, by what `path` is."""
     path = Path(path)
