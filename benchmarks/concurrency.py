@@ -2,7 +2,7 @@
 decoding give.
 
     .venv/bin/python benchmarks/concurrency.py [--model PATH] [--streams 1,4,16,64] [--tokens 24]
-        [--spec-tokens 48] [--threads N] [--pin] [--json]
+        [--spec-tokens 48] [--threads N] [--pin] [--backend cpu|mlx] [--json]
 
 Part 1: for each count N of concurrent streams (OpenAI streaming chat, greedy, distinct prompts, one httpx
 client per stream), aggregate tok/s (completion tokens of all streams / wall time from the first request to
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="compute threads per process")
     parser.add_argument("--pin", action="store_true",
                         help="give the gateway and each node --threads cores of their own (taskset)")
+    parser.add_argument("--backend", default="cpu", help="what the gateway and the nodes compute with (cpu, mlx)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.pin and not args.threads:
@@ -102,13 +103,13 @@ def main() -> None:
     except ValueError as e:
         parser.error(str(e))
     if args.threads:
-        backend().set_threads(args.threads)
+        backend(args.backend).set_threads(args.threads)
     counts = [int(n) for n in args.streams.split(",")]
     results, spec = [], {}
     with tempfile.TemporaryDirectory() as tmp, LocalSwarm(3, cache_root=Path(tmp), threads=args.threads,
-                                                                     prefixes=prefixes) as swarm:
+                                                                     prefixes=prefixes, backend=args.backend) as swarm:
         gateway = Gateway.start(args.model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
-                                progress=False)
+                                progress=False, backend_name=args.backend)
         service = Service(gateway, BUNDLED_NAME, Path(args.model))
         try:
             with live_server(service) as url:

@@ -61,14 +61,14 @@ def single_process(model: Path, threads: int, tokens: int) -> tuple[LocalEngine,
     return local, prompt, *measure(local, prompt, tokens)
 
 
-def pin(stages: int, threads: int) -> list[list[str]]:
-    """Give this process the first `threads` CPUs (before torch or gRPC start threads: they inherit them)
+def pin(stages: int, cores: int) -> list[list[str]]:
+    """Give this process the first `cores` CPUs (before torch or gRPC start threads: they inherit them)
     and return a command prefix per node that gives node i the next ones. Raises if too few CPUs."""
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < (stages + 1) * threads:
-        raise ValueError(f"--pin needs {(stages + 1) * threads} CPUs; this process may use {len(cpus)}")
-    os.sched_setaffinity(0, cpus[:threads])
-    return [["taskset", "-c", ",".join(map(str, cpus[(i + 1) * threads:(i + 2) * threads]))] for i in range(stages)]
+    if len(cpus) < (stages + 1) * cores:
+        raise ValueError(f"--pin needs {(stages + 1) * cores} CPUs; this process may use {len(cpus)}")
+    os.sched_setaffinity(0, cpus[:cores])
+    return [["taskset", "-c", ",".join(map(str, cpus[(i + 1) * cores:(i + 2) * cores]))] for i in range(stages)]
 
 
 def main() -> None:
@@ -81,9 +81,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--netns", action="store_true", help="also run 4 stages across network namespaces")
     parser.add_argument("--pin", action="store_true", help="give each process cores of its own (taskset)")
+    parser.add_argument("--cores", type=int, default=None,
+                        help="with --pin, cores per process (default --threads; one more leaves gRPC a core)")
     args = parser.parse_args()
     try:
-        prefixes = pin(args.max_stages, args.threads) if args.pin else None
+        prefixes = pin(args.max_stages, args.cores or args.threads) if args.pin else None
     except ValueError as e:
         parser.error(str(e))
     if args.shape:
