@@ -68,6 +68,7 @@ class Batcher:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
+        job.model.ops.evaluate(job.hidden)  # built on the caller's thread: computed there (Ops.evaluate)
         with self._ready:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -171,6 +172,7 @@ class Batcher:
             self.on_batch(model, record)
         for job in finished:
             output = job.outputs[0] if len(job.outputs) == 1 else model.ops.concat(job.outputs)
+            model.ops.evaluate(output)  # before it leaves this thread
             self._finish(job, output)
 
     def _finish(self, job: Job, output: Any = None, error: Exception | None = None) -> None:

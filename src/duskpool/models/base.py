@@ -108,6 +108,10 @@ class Ops(Protocol):
     def concat(self, parts: list[Array]) -> Array:
         """The arrays one after the other along their first axis (the rows of a batch's sessions)."""
 
+    def evaluate(self, *arrays: Array) -> None:
+        """Compute the arrays now, on this thread. An array crosses threads only computed: MLX builds a graph
+        lazily, on streams that belong to the thread that built it (since MLX 0.31.2)."""
+
     # what the backend owns
     def new_cache(self, layers: range, n_kv_heads: int, head_dim: int, capacity: int) -> KVCache: ...
 

@@ -68,6 +68,10 @@ def concat(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def evaluate(*arrays: torch.Tensor) -> None:
+    """Nothing to do: torch computes eagerly."""
+
+
 # --- the machine ---------------------------------------------------------------------------------
 def device() -> str:
     return platform.processor() or platform.machine()
@@ -98,5 +102,5 @@ def matmul_bytes_per_ms() -> float:
 
 
 __all__ = ["KV_VALUE_BYTES", "NAME", "SUPPORTED_TYPES", "activation", "attention", "concat", "device", "embedding",
-           "from_bytes", "gated", "layer_norm", "linear", "logits", "matmul_bytes_per_ms", "new_cache", "rms_norm",
-           "rope", "rotations", "set_threads", "to_bytes", "vector"]
+           "evaluate", "from_bytes", "gated", "layer_norm", "linear", "logits", "matmul_bytes_per_ms", "new_cache",
+           "rms_norm", "rope", "rotations", "set_threads", "to_bytes", "vector"]

@@ -124,5 +124,5 @@ def available() -> bool:
 
 
 __all__ = ["KV_VALUE_BYTES", "NAME", "SUPPORTED_TYPES", "activation", "attention", "available", "concat", "device",
-           "embedding", "from_bytes", "gated", "layer_norm", "linear", "logits", "matmul_bytes_per_ms", "new_cache",
-           "rms_norm", "rope", "rotations", "set_threads", "to_bytes", "vector"]
+           "embedding", "evaluate", "from_bytes", "gated", "layer_norm", "linear", "logits", "matmul_bytes_per_ms",
+           "new_cache", "rms_norm", "rope", "rotations", "set_threads", "to_bytes", "vector"]
