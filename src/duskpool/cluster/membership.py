@@ -30,7 +30,7 @@ from duskpool.cluster import planner
 from duskpool.cluster.planner import GATEWAY_PROFILE, even_plan, first_plan, node_profile  # noqa: F401
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
-from duskpool.cluster.route import RouteError, RouteStage, Span, held_by, orphans, rebuild
+from duskpool.cluster.route import RouteError, RouteStage, Span, held_by, orphans, rebuild, take_loaded
 from duskpool.cluster.transfer import WeightSender
 from duskpool.cluster.transport import open_channel
 from duskpool.cluster.wire import DTYPE_BYTES
@@ -236,8 +236,7 @@ class Membership:
             except RouteError:
                 continue  # it died or ran out of room meanwhile: the span stays short of this copy
             with self._lock:
-                if self.client_at[address] in self.clients and address not in self.holders[span]:
-                    self.holders[span].append(address)
+                if self.client_at[address] in self.clients and take_loaded(self.holders, self.draining, address, span):
                     placed.append((address, span))
         return placed
 

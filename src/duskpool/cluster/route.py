@@ -51,3 +51,17 @@ def rebuild(spans: list[Span], holders: dict[Span, list[str]], current: dict[Spa
         used.add(address)
         route.append((span, address))
     return route
+
+
+def take_loaded(holders: dict[Span, list[str]], draining: dict[str, list[Span]], address: str, span: Span) -> bool:
+    """The node at `address` finished loading `span`: it holds it now (True), or, if it stopped lending during the load
+    (its owner came back; a span takes minutes over Wi-Fi), once it lends again. A draining node put among the holders
+    would be put on the route, and refuse every new session there."""
+    if address in draining:
+        if span not in draining[address]:
+            draining[address].append(span)
+        return False
+    if address in holders[span]:
+        return False
+    holders[span].append(address)
+    return True

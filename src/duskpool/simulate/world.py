@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import simpy
 
 from duskpool.cluster import admission, planner
-from duskpool.cluster.route import Span, held_by, orphans, rebuild
+from duskpool.cluster.route import Span, held_by, orphans, rebuild, take_loaded
 from duskpool.engine.batcher import PREFILL_ROWS, chunk_rows, select
 from duskpool.idle.policy import Lending, LendPolicy, LendState, step
 from duskpool.idle.probes import MachineState
@@ -519,8 +519,7 @@ class World:
         for stage in added:
             node, span = self.nodes[stage.node_id], (stage.start, stage.stop)
             yield self.env.timeout(self._count_load(node, span))
-            if node.id in self.live and node.id not in self.holders[span]:
-                self.holders[span].append(node.id)
+            if node.id in self.live and take_loaded(self.holders, self.draining, node.id, span):
                 self.placements += 1
 
     def _count_load(self, node: SimNode, span: Span) -> float:
