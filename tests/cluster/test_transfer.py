@@ -1,10 +1,26 @@
-"""What a node is told about the model: the configuration its span needs, nothing that names the model."""
+"""Weight transfer: what a node is told about the model, and a transfer cut midway that resumes where it stopped."""
 
+import fcntl
 import json
+import os
+from pathlib import Path
 
+import grpc
+import pytest
+
+from duskpool.cluster.gateway import Gateway
+from duskpool.cluster.node import NodeService
+from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.transfer import WeightSender
+from duskpool.cluster.transport import open_channel, start_server
+from duskpool.engine.runner import LocalEngine
 from duskpool.weights.gguf import GGUFFile
 from duskpool.weights.store import config_metadata
+from tests.api.conftest import write_tiny_chat_llama
+from tests.conftest import greedy_tokens, wait_for
+
+SPAN = (0, 1)  # what a gateway with no private prefix (and one private last layer) gives its one node
+CHUNK = 4096  # small chunks, so that the tiny model's tensors take several each
 
 
 def test_nodes_get_the_family_and_its_shape_but_no_names_and_no_tokenizer(bundled_model):
@@ -15,3 +31,95 @@ def test_nodes_get_the_family_and_its_shape_but_no_names_and_no_tokenizer(bundle
     assert sent["general.architecture"] == "llama" and sent["llama.block_count"] == 30
     withheld = [k for k in sent if k.startswith(("tokenizer.", "general.")) and k != "general.architecture"]
     assert not withheld
+
+
+class BrokenLink:
+    """A NodeStub whose channel closes once `chunks` chunks of weights went out on it: a link lost midway."""
+
+    def __init__(self, address: str, chunks: int):
+        self.channel = open_channel(address, None)
+        self.stub, self.chunks = pb_grpc.NodeStub(self.channel), chunks
+
+    def LoadSpan(self, requests):
+        def cut():
+            for sent, request in enumerate(requests):  # the first is the manifest
+                yield request
+                if sent == self.chunks:
+                    self.channel.close()
+                    return
+        return self.stub.LoadSpan(cut())
+
+
+@pytest.fixture
+def node(tmp_path):
+    node = NodeService(tmp_path / "node")
+    server, port = start_server(node, "127.0.0.1", 0, None, lambda fp: False)
+    node.address = f"127.0.0.1:{port}"
+    yield node
+    server.stop(grace=0)
+    node.close()
+
+
+def unlocked(path: Path) -> bool:
+    """Whether no transfer holds the partial tensor at `path` (the node's receive of the cut stream has ended)."""
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+def cut_transfer(sender: WeightSender, node: NodeService, chunks: int) -> tuple[int, Path]:
+    """Send SPAN to `node` over a link lost after `chunks` chunks; (the bytes the node holds then, its partial
+    tensor file)."""
+    with pytest.raises(grpc.RpcError):
+        sender.send(BrokenLink(node.address, chunks), node.address, SPAN)
+    parts = list(node.store.root.rglob("*.part"))
+    assert len(parts) == 1, "the link was lost inside a tensor: that one is kept in part"
+    assert wait_for(lambda: unlocked(parts[0]))
+    return sum(p.stat().st_size for p in node.store.root.rglob("*") if p.is_file()), parts[0]
+
+
+def test_a_transfer_cut_midway_sends_only_the_missing_bytes_the_second_time(tmp_path, node):
+    model = write_tiny_chat_llama(tmp_path / "tiny.gguf")
+    sender = WeightSender(GGUFFile(model), [SPAN], progress=False, chunk_bytes=CHUNK)
+    total = sum(t.nbytes for t in sender.manifests[SPAN].tensors)
+    held, part = cut_transfer(sender, node, chunks=12)
+    assert 0 < part.stat().st_size and held < total
+
+    sent_before = sender.bytes_sent
+    sender.send(pb_grpc.NodeStub(open_channel(node.address, None)), node.address, SPAN)
+    assert node.weight_bytes_received == total - held, "received again what the node held"
+    assert sender.bytes_sent - sent_before == total - held, "sent again what the node held"
+    assert not part.exists()
+
+    gateway = Gateway.start(model, [node.address], identity=None, context_length=64, prefix=0, progress=False)
+    try:
+        assert [(s.start, s.stop) for s in gateway.route] == [SPAN]
+        assert gateway.weight_bytes_sent == 0  # the span that loaded is the one the two transfers made
+        assert greedy_tokens(gateway, [5, 6, 7, 8], 8) == greedy_tokens(LocalEngine.load(model), [5, 6, 7, 8], 8)
+    finally:
+        gateway.close()
+
+
+def test_a_partial_tensor_damaged_on_disk_fails_its_hash_and_is_sent_whole_again(tmp_path, node):
+    model = write_tiny_chat_llama(tmp_path / "tiny.gguf")
+    sender = WeightSender(GGUFFile(model), [SPAN], progress=False, chunk_bytes=CHUNK)
+    total = sum(t.nbytes for t in sender.manifests[SPAN].tensors)
+    _, part = cut_transfer(sender, node, chunks=12)
+    with open(part, "r+b") as f:  # a flipped bit in the bytes the resumed transfer will not send again
+        f.seek(part.stat().st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
+
+    stub = pb_grpc.NodeStub(open_channel(node.address, None))
+    with pytest.raises(grpc.RpcError) as failed:
+        sender.send(stub, node.address, SPAN)
+    assert failed.value.code() == grpc.StatusCode.DATA_LOSS and not part.exists()
+    whole = sum(p.stat().st_size for p in node.store.root.rglob("*") if p.is_file())  # the tensors before it
+    sender.send(stub, node.address, SPAN)
+    assert node.weight_bytes_received == total - whole  # the damaged tensor whole, and those after it
+    nbytes = next(t.nbytes for t in sender.manifests[SPAN].tensors if t.sha256 == part.stem)
+    assert node.store.verified(part.stem, nbytes)

@@ -144,8 +144,9 @@ class NodeService(pb_grpc.NodeServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"span needs {span_bytes / 1e9:.2f} GB, this node has {self.free_bytes() / 1e9:.2f} GB free")
         wanted = transfer.lacking(manifest, self.store)
-        yield pb.LoadSpanReply(missing=list(wanted))
-        bar = Progress(f"weights <- layers [{manifest.start}, {manifest.stop})", sum(wanted.values()), bool(wanted))
+        yield transfer.missing_reply(wanted)
+        bar = Progress(f"weights <- layers [{manifest.start}, {manifest.stop})",
+                       sum(m.nbytes - m.held for m in wanted.values()), bool(wanted))
         received = transfer.receive(request_iterator, wanted, self.store, context, bar.advance)
         bar.close()
         self.weight_bytes_received += received

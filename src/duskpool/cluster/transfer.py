@@ -1,18 +1,21 @@
 """Weight transfer, both ends of `Node.LoadSpan`.
 
     gateway: the span's manifest (every tensor's name, sha256, type, shape, size)  -->  node
-    node:    the sha256 of the tensors its TensorStore lacks                         -->  gateway
-    gateway: those tensors' bytes, in chunks, one tensor after another               -->  node
+    node:    the sha256 of the tensors its TensorStore lacks, and of each the bytes  -->  gateway
+             it holds already (a transfer cut short left them)
+    gateway: the rest of those tensors' bytes, in chunks, one tensor after another  -->  node
     node:    each tensor written to its store whole and checked against its hash; then "ready"
 
 A tensor is named by its content, so a node that restarts, or serves a second model sharing tensors with
-the first, is sent nothing it already holds.
+the first, is sent nothing it already holds; a link that breaks midway costs only the chunks in flight.
 """
 
-import itertools
 import json
+import os
 import queue
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import grpc
 
@@ -24,6 +27,7 @@ from duskpool.weights.gguf import GGUFFile
 from duskpool.weights.progress import Progress
 from duskpool.weights.store import (
     DamagedTensor,
+    PartialTensor,
     StoredModel,
     TensorStore,
     config_metadata,
@@ -31,16 +35,25 @@ from duskpool.weights.store import (
     tensor_hashes,
 )
 
-CHUNK_BYTES = 4 * 2**20
+# 1 MiB a message: a chunk costs a few Python calls and protobuf copies at each end, so not much smaller; and
+# not much bigger, since each copy of a chunk lands in freshly mapped memory above glibc's reuse threshold
+# (a page fault per 4 KiB) and no longer in cache (measured: 16 MiB chunks moved a third of 1 MiB's bytes/s).
+CHUNK_BYTES = 2**20
+
+
+class Missing(NamedTuple):
+    """A tensor a node lacks: its size, and the bytes of it the node holds from a transfer cut short."""
+    nbytes: int
+    held: int = 0
 
 
 # --- the gateway's end ------------------------------------------------------------------------------
 class WeightSender:
     """A model file's spans as the gateway sends them: a manifest per span, and the tensors a node asks for."""
 
-    def __init__(self, file: GGUFFile, spans: list[Span], progress: bool = True):
+    def __init__(self, file: GGUFFile, spans: list[Span], progress: bool = True, chunk_bytes: int = CHUNK_BYTES):
         hashes = tensor_hashes(file)  # sha256 of every tensor, remembered per file
-        self.file, self.progress = file, progress
+        self.file, self.progress, self.chunk_bytes = file, progress, chunk_bytes
         self.model_hash = model_hash(file, hashes)
         metadata = json.dumps(config_metadata(file), default=str)
         self.manifests = {span: self._manifest(span, hashes, metadata) for span in spans}
@@ -54,30 +67,46 @@ class WeightSender:
         return pb.SpanManifest(model_hash=self.model_hash, start=span[0], stop=span[1], metadata_json=metadata,
                                tensors=entries)
 
+    def _pieces(self, name: str, start: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, bytes) of tensor `name` from byte `start` on, in chunks; from a GGUF file each read on its
+        own (no copy of the whole tensor, nor of each slice of it)."""
+        info = self.file.tensors[name]
+        if not isinstance(self.file, GGUFFile):
+            data = self.file.read_bytes(name)
+            yield from ((o, data[o:o + self.chunk_bytes]) for o in range(start, info.nbytes, self.chunk_bytes))
+            return
+        with open(self.file.path, "rb") as f:
+            for offset in range(start, info.nbytes, self.chunk_bytes):
+                piece = os.pread(f.fileno(), min(self.chunk_bytes, info.nbytes - offset), info.offset + offset)
+                if not piece:
+                    raise OSError(f"{self.file.path} ends inside tensor {name}")
+                yield offset, piece
+
     def send(self, stub: pb_grpc.NodeStub, address: str, span: Span) -> None:
-        """Make the node at `address` serve `span`, streaming only the tensors its store lacks.
-        Raises grpc.RpcError when it cannot (gone, out of memory, a tensor damaged on the way)."""
+        """Make the node at `address` serve `span`, streaming only the tensors its store lacks (of one it holds
+        in part, the rest). Raises grpc.RpcError when it cannot (gone, out of memory, a tensor damaged on the way)."""
         manifest = self.manifests[span]
         names_by_hash = {e.sha256: e.name for e in manifest.tensors}
         missing: queue.SimpleQueue = queue.SimpleQueue()  # the node's first reply, for the request stream
 
         def requests() -> Iterator[pb.LoadSpanRequest]:
             yield pb.LoadSpanRequest(manifest=manifest)
-            hashes = missing.get()
-            total = sum(self.file.tensors[names_by_hash[h]].nbytes for h in hashes)
+            wanted = missing.get()
+            total = sum(self.file.tensors[names_by_hash[sha]].nbytes - held for sha, held in wanted)
             bar = Progress(f"weights -> {address} layers [{span[0]}, {span[1]})", total, self.progress and total > 0)
-            for sha in hashes:
-                data = self.file.read_bytes(names_by_hash[sha])
-                for offset in range(0, len(data), CHUNK_BYTES):
-                    piece = data[offset:offset + CHUNK_BYTES]
-                    yield pb.LoadSpanRequest(chunk=pb.TensorChunk(sha256=sha, offset=offset, data=piece))
+            for sha, held in wanted:
+                for offset, piece in self._pieces(names_by_hash[sha], held):
+                    request = pb.LoadSpanRequest()  # fields set one by one: a TensorChunk passed whole is copied slowly
+                    request.chunk.sha256, request.chunk.offset, request.chunk.data = sha, offset, piece
+                    yield request
                     self.bytes_sent += len(piece)
                     bar.advance(len(piece))
             bar.close()
 
         for reply in stub.LoadSpan(requests()):
             if not reply.ready:
-                missing.put(list(reply.missing))
+                held = list(reply.held) or [0] * len(reply.missing)  # a node from before resuming says nothing
+                missing.put(list(zip(reply.missing, held, strict=True)))
 
 
 # --- the node's end ---------------------------------------------------------------------------------
@@ -88,30 +117,54 @@ def read_manifest(requests: Iterator[pb.LoadSpanRequest], context: grpc.Servicer
     return first.manifest
 
 
-def lacking(manifest: pb.SpanManifest, store: TensorStore) -> dict[str, int]:
-    """The tensors of `manifest` that `store` lacks, or holds damaged (each cached one is hashed): sha256 -> bytes."""
-    return {t.sha256: t.nbytes for t in manifest.tensors if not store.verified(t.sha256, t.nbytes)}
+def lacking(manifest: pb.SpanManifest, store: TensorStore) -> dict[str, Missing]:
+    """The tensors of `manifest` that `store` lacks, or holds damaged (each cached one is hashed), by sha256."""
+    return {t.sha256: Missing(t.nbytes, store.partial_bytes(t.sha256, t.nbytes))
+            for t in manifest.tensors if not store.verified(t.sha256, t.nbytes)}
 
 
-def receive(requests: Iterator[pb.LoadSpanRequest], wanted: dict[str, int], store: TensorStore,
+def missing_reply(wanted: dict[str, Missing]) -> pb.LoadSpanReply:
+    """The node's first reply: what to send."""
+    return pb.LoadSpanReply(missing=list(wanted), held=[m.held for m in wanted.values()])
+
+
+def receive(requests: Iterator[pb.LoadSpanRequest], wanted: dict[str, Missing], store: TensorStore,
             context: grpc.ServicerContext, on_bytes: Callable[[int], None]) -> int:
-    """Write the streamed tensors into `store`, each checked against its hash; the bytes received."""
+    """Write the streamed tensors into `store`, each checked against its hash; the bytes received.
+
+    One thread hashes and writes a chunk while this one takes the next off the stream. A stream that ends early
+    or breaks leaves the tensor it was in as a partial file, whose bytes the next transfer does not send again."""
     expected, received = dict(wanted), 0
-
-    def counted(chunks: Iterator[pb.TensorChunk]) -> Iterator[bytes]:
-        nonlocal received
-        for chunk in chunks:
-            received += len(chunk.data)
-            on_bytes(len(chunk.data))
-            yield chunk.data
-
-    for sha, chunks in itertools.groupby((r.chunk for r in requests), key=lambda c: c.sha256):
-        if sha not in expected:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unrequested tensor {sha[:12]}")
-        try:
-            store.add(sha, counted(chunks), expected.pop(sha))
-        except DamagedTensor as e:
-            context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+    tensor: PartialTensor | None = None
+    written: Future | None = None
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="tensor-writer") as writer:
+            for request in requests:
+                chunk = request.chunk
+                if tensor is None or chunk.sha256 != tensor.sha256:
+                    if tensor is not None:
+                        written.result()
+                        tensor.finish()
+                        tensor.close()
+                        tensor = None
+                    if chunk.sha256 not in expected:
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unrequested tensor {chunk.sha256[:12]}")
+                    nbytes, held = expected.pop(chunk.sha256)
+                    tensor = store.receive(chunk.sha256, nbytes, held)
+                elif written is not None:
+                    written.result()  # at most one chunk waits: memory stays two chunks whatever the span
+                data = chunk.data
+                written = writer.submit(tensor.write, chunk.offset, data)
+                received += len(data)
+                on_bytes(len(data))
+            if tensor is not None:
+                written.result()
+                tensor.finish()
+    except DamagedTensor as e:
+        context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+    finally:
+        if tensor is not None:
+            tensor.close()
     if expected:
         context.abort(grpc.StatusCode.DATA_LOSS, f"{len(expected)} tensors never arrived")
     return received

@@ -99,16 +99,18 @@ class LoadSpanRequest(_message.Message):
     def __init__(self, manifest: _Optional[_Union[SpanManifest, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class LoadSpanReply(_message.Message):
-    __slots__ = ("missing", "ready", "received_bytes", "ms_per_layer")
+    __slots__ = ("missing", "ready", "received_bytes", "ms_per_layer", "held")
     MISSING_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     missing: _containers.RepeatedScalarFieldContainer[str]
     ready: bool
     received_bytes: int
     ms_per_layer: float
-    def __init__(self, missing: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., received_bytes: _Optional[int] = ..., ms_per_layer: _Optional[float] = ...) -> None: ...
+    held: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, missing: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., received_bytes: _Optional[int] = ..., ms_per_layer: _Optional[float] = ..., held: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Hidden(_message.Message):
     __slots__ = ("shape", "dtype", "data")
