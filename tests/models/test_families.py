@@ -49,6 +49,8 @@ def families() -> dict[str, Family]:
     transformers = pytest.importorskip("transformers")
     rope = {"rope_type": "default", "rope_theta": 1e6}
     return {
+        "llama": Family(Llama, "llama", lambda: transformers.LlamaConfig(
+            **TINY, num_hidden_layers=4, rope_parameters=rope)),
         "qwen2": Family(Qwen2, "qwen2", lambda: transformers.Qwen2Config(
             **TINY, num_hidden_layers=4, rope_parameters=rope)),
         "qwen3": Family(Qwen3, "qwen3", lambda: transformers.Qwen3Config(
