@@ -43,7 +43,7 @@ def pooled(tool_model):
 
 
 def cosine(a, b) -> float:
-    return float(torch.nn.functional.cosine_similarity(torch.tensor(a).double(), torch.as_tensor(b).double(), dim=0))
+    return float(torch.nn.functional.cosine_similarity(torch.as_tensor(a).double(), torch.as_tensor(b).double(), dim=0))
 
 
 def test_embeddings_match_transformers_through_every_endpoint(tool_url, tool_engine, pooled):
@@ -143,15 +143,34 @@ def test_bert_refuses_to_chat_or_complete(bert_url):
 
 # --- over a swarm ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory, bundled_model):
-    """A gateway over a 2-node local swarm, each span also on the other node (replicas=1)."""
+def swarm2(tmp_path_factory):
     with LocalSwarm(2, cache_root=tmp_path_factory.mktemp("swarm2")) as swarm:
-        gateway = Gateway.start(bundled_model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
-                                replicas=1, progress=False)
-        try:
-            yield swarm, gateway
-        finally:
-            gateway.close()
+        yield swarm
+
+
+def test_bert_over_two_nodes_embeds_as_transformers_does(swarm2, bert):
+    """Every layer on the nodes (the gateway keeps only the embedding), one span each: BERT run as spans, each
+    input through every stage's batcher in one piece."""
+    gateway = Gateway.start(bert.path, swarm2.addresses, identity=swarm2.gateway_identity, even_split=True,
+                            prefix=0, suffix=0, progress=False)
+    try:
+        assert [(s.start, s.stop) for s in gateway.route] == [(0, 1), (1, 2)]
+        for text in BERT_TEXTS:
+            tokens = gateway.tokenizer.encode(text)
+            assert cosine(gateway.embed(tokens), reference_embedding(bert, tokens)) >= 0.999
+    finally:
+        gateway.close()
+
+
+@pytest.fixture(scope="module")
+def two_nodes(swarm2, bundled_model):
+    """A gateway over the 2-node swarm with the bundled model, each span also on the other node (replicas=1)."""
+    gateway = Gateway.start(bundled_model, swarm2.addresses, identity=swarm2.gateway_identity, even_split=True,
+                            replicas=1, progress=False)
+    try:
+        yield swarm2, gateway
+    finally:
+        gateway.close()
 
 
 @pytest.fixture(scope="module")

@@ -249,7 +249,8 @@ class Gateway(Engine):
         try:
             for step in range(tries):
                 started = time.perf_counter()
-                self._step(session_id, step + 1, step, tries, hidden, (stage,))
+                position = step if self.causal else 0  # an encoder's input always starts at 0
+                self._step(session_id, step + 1, position, tries, hidden, (stage,))
                 best = min(best, (time.perf_counter() - started) * 1000)
         finally:
             self.members.end_session(session_id)

@@ -56,8 +56,9 @@ class BertConfig:
         pooling = int(get("pooling_type", 1))
         if pooling == 4:
             raise ModelFileError("this BERT is a reranker (pooling_type rank), which duskpool does not serve")
-        return cls(vocab_size=len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta
-                   else get("vocab_size"), dim=get("embedding_length"), n_layers=get("block_count"),
+        # the converter writes no bert.vocab_size: a node, which is sent no vocabulary, holds no embedding either
+        vocab_size = len(meta.get("tokenizer.ggml.tokens") or []) or int(meta.get("bert.vocab_size", 0))
+        return cls(vocab_size=vocab_size, dim=get("embedding_length"), n_layers=get("block_count"),
                    n_heads=get("attention.head_count"), ffn_dim=get("feed_forward_length"),
                    norm_eps=float(get("attention.layer_norm_epsilon", 1e-12)), context_length=get("context_length"),
                    pooling=POOLING.get(pooling, "mean"))
