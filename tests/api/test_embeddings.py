@@ -120,6 +120,7 @@ def test_bert_embeddings_match_transformers_through_openai_and_ollama(bert, bert
     assert [cosine(e, r) >= 0.999 for e, r in zip(embedded.embeddings, expected, strict=True)] == [True] * 3
     assert embedded.prompt_eval_count == sum(len(t) for t in ids)
     assert cosine(local.embeddings(model=BERT_MODEL, prompt=BERT_TEXTS[2]).embedding, expected[2]) >= 0.999
+    assert local.show(BERT_MODEL).capabilities == ["embedding"]  # as Ollama shows all-minilm
     with pytest.raises(openai.BadRequestError, match="context holds 64"):  # 64 learned positions
         client.embeddings.create(model=BERT_MODEL, input="pool " * 70)
 

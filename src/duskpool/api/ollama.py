@@ -359,7 +359,8 @@ async def show(request: Request, body: ShowRequest):
     entry = _entry(service)
     return {"modelfile": f"FROM {service.model_path}\n", "parameters": "", "template": template,
             "details": details, "model_info": info,
-            "capabilities": ["completion"] + (["tools"] if takes_tools(service.engine.tokenizer.chat_template) else []),
+            "capabilities": ["completion"] + (["tools"] if takes_tools(service.engine.tokenizer.chat_template) else [])
+            if service.engine.causal else ["embedding"],  # what Ollama says of an embedding model (all-minilm)
             "modified_at": entry["modified_at"]}
 
 
