@@ -245,7 +245,7 @@ class Gateway(Engine):
         """Milliseconds one token takes through `stage` alone (the best of `tries`): what the node actually does."""
         best = float("inf")
         session_id = f"timing-{uuid.uuid4().hex}"
-        hidden = torch.zeros(1, self.spec.dim)
+        hidden = self.prefix_model.hidden_from_bytes(bytes(4 * self.spec.dim), 1, "float32")  # in its backend's arrays
         try:
             for step in range(tries):
                 started = time.perf_counter()
