@@ -61,6 +61,7 @@ class SimNode:
     policy: LendPolicy
     days: list[Day] = field(default_factory=list)
     overhead_ms: float | None = None  # per forward; None: the backend's (fleet.FORWARD_OVERHEAD_MS)
+    head_ms: float | None = None  # the gateway's LM head on one row, as measured; None: its bytes over the bandwidth
     # state
     awake: bool = False  # its process runs and the gateway counts it (a sleeping or crashed one does not)
     owner_busy: bool = False
@@ -709,10 +710,13 @@ class World:
             t = self._compute(node, span[1] - span[0], rows, kv, t)
         t += self.gateway.link.hop_ms(self.net, hidden) / 1000
         t = self._compute(self.gateway, len(plan.suffix), rows, kv, t)
-        head = model.edge_bytes / 2  # the LM head is about half the edges
-        t += (head / self.gateway.machine.matmul_bytes_per_ms
-              + heads * 2 * head * 8 / 4.85 / self.gateway.machine.flops_per_ms) / 1000
-        return t - self.env.now
+        return t + self._head_ms(heads) / 1000 - self.env.now
+
+    def _head_ms(self, rows: int) -> float:
+        gateway, head = self.gateway, self.model.edge_bytes / 2  # the LM head is about half the edges
+        if gateway.head_ms is not None:
+            return gateway.head_ms * max(1, rows)
+        return head / gateway.machine.matmul_bytes_per_ms + rows * 2 * head * 8 / 4.85 / gateway.machine.flops_per_ms
 
     def _compute(self, node: SimNode, layers: int, rows: int, kv: int, t: float) -> float:
         if layers == 0:
