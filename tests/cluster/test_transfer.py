@@ -33,18 +33,27 @@ def test_nodes_get_the_family_and_its_shape_but_no_names_and_no_tokenizer(bundle
     assert not withheld
 
 
-class BrokenLink:
-    """A NodeStub whose channel closes once `chunks` chunks of weights went out on it: a link lost midway."""
+def held_bytes(node: NodeService) -> int:
+    """The bytes of tensors in the node's store, whole or in part."""
+    return sum(p.stat().st_size for p in node.store.root.rglob("*") if p.is_file())
 
-    def __init__(self, address: str, chunks: int):
-        self.channel = open_channel(address, None)
-        self.stub, self.chunks = pb_grpc.NodeStub(self.channel), chunks
+
+class BrokenLink:
+    """A NodeStub whose channel closes once the node holds `held` bytes: a link lost in the middle of a tensor
+    (sending stops after the chunk that makes them up, and the node has taken them off the stream)."""
+
+    def __init__(self, node: NodeService, held: int):
+        self.channel = open_channel(node.address, None)
+        self.stub, self.node, self.held = pb_grpc.NodeStub(self.channel), node, held
 
     def LoadSpan(self, requests):
         def cut():
-            for sent, request in enumerate(requests):  # the first is the manifest
+            sent = 0
+            for request in requests:
                 yield request
-                if sent == self.chunks:
+                sent += len(request.chunk.data)
+                if sent == self.held:
+                    assert wait_for(lambda: held_bytes(self.node) == self.held)
                     self.channel.close()
                     return
         return self.stub.LoadSpan(cut())
@@ -70,22 +79,31 @@ def unlocked(path: Path) -> bool:
         return True
 
 
-def cut_transfer(sender: WeightSender, node: NodeService, chunks: int) -> tuple[int, Path]:
-    """Send SPAN to `node` over a link lost after `chunks` chunks; (the bytes the node holds then, its partial
-    tensor file)."""
+def cut_transfer(sender: WeightSender, node: NodeService) -> tuple[int, Path]:
+    """Send SPAN to `node` over a link lost halfway through the first tensor of a few chunks; (the bytes the node
+    holds then, the file of the tensor it holds in part)."""
+    tensors, held = sender.manifests[SPAN].tensors, 0
+    assert len({t.sha256 for t in tensors}) == len(tensors)  # each sent once, in this order
+    for tensor in tensors:
+        chunks = -(-tensor.nbytes // CHUNK)
+        if chunks >= 4:
+            held += chunks // 2 * CHUNK
+            break
+        held += tensor.nbytes
     with pytest.raises(grpc.RpcError):
-        sender.send(BrokenLink(node.address, chunks), node.address, SPAN)
+        sender.send(BrokenLink(node, held), node.address, SPAN)
     parts = list(node.store.root.rglob("*.part"))
     assert len(parts) == 1, "the link was lost inside a tensor: that one is kept in part"
     assert wait_for(lambda: unlocked(parts[0]))
-    return sum(p.stat().st_size for p in node.store.root.rglob("*") if p.is_file()), parts[0]
+    assert held_bytes(node) == held
+    return held, parts[0]
 
 
 def test_a_transfer_cut_midway_sends_only_the_missing_bytes_the_second_time(tmp_path, node):
     model = write_tiny_chat_llama(tmp_path / "tiny.gguf")
     sender = WeightSender(GGUFFile(model), [SPAN], progress=False, chunk_bytes=CHUNK)
     total = sum(t.nbytes for t in sender.manifests[SPAN].tensors)
-    held, part = cut_transfer(sender, node, chunks=12)
+    held, part = cut_transfer(sender, node)
     assert 0 < part.stat().st_size and held < total
 
     sent_before = sender.bytes_sent
@@ -107,7 +125,7 @@ def test_a_partial_tensor_damaged_on_disk_fails_its_hash_and_is_sent_whole_again
     model = write_tiny_chat_llama(tmp_path / "tiny.gguf")
     sender = WeightSender(GGUFFile(model), [SPAN], progress=False, chunk_bytes=CHUNK)
     total = sum(t.nbytes for t in sender.manifests[SPAN].tensors)
-    _, part = cut_transfer(sender, node, chunks=12)
+    _, part = cut_transfer(sender, node)
     with open(part, "r+b") as f:  # a flipped bit in the bytes the resumed transfer will not send again
         f.seek(part.stat().st_size // 2)
         byte = f.read(1)[0]
@@ -118,7 +136,7 @@ def test_a_partial_tensor_damaged_on_disk_fails_its_hash_and_is_sent_whole_again
     with pytest.raises(grpc.RpcError) as failed:
         sender.send(stub, node.address, SPAN)
     assert failed.value.code() == grpc.StatusCode.DATA_LOSS and not part.exists()
-    whole = sum(p.stat().st_size for p in node.store.root.rglob("*") if p.is_file())  # the tensors before it
+    whole = held_bytes(node)  # the tensors before it
     sender.send(stub, node.address, SPAN)
     assert node.weight_bytes_received == total - whole  # the damaged tensor whole, and those after it
     nbytes = next(t.nbytes for t in sender.manifests[SPAN].tensors if t.sha256 == part.stem)

@@ -132,41 +132,45 @@ def receive(requests: Iterator[pb.LoadSpanRequest], wanted: dict[str, Missing], 
             context: grpc.ServicerContext, on_bytes: Callable[[int], None]) -> int:
     """Write the streamed tensors into `store`, each checked against its hash; the bytes received.
 
-    One thread hashes and writes a chunk while this one takes the next off the stream. A stream that ends early
-    or breaks leaves the tensor it was in as a partial file, whose bytes the next transfer does not send again."""
+    One thread hashes a chunk and another writes it while this one takes the next off the stream. A stream that
+    ends early or breaks leaves the tensor it was in as a partial file, whose bytes the next transfer does not
+    send again."""
     expected, received = dict(wanted), 0
     tensor: PartialTensor | None = None
-    written: Future | None = None
+    pending: list[Future] = []  # the last chunk's hash and write: at most one chunk waits, whatever the span
+
+    def done() -> None:
+        for future in pending:
+            future.result()
+        pending.clear()
+
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="tensor-writer") as writer:
+        with ThreadPoolExecutor(1, "tensor-hash") as hasher, ThreadPoolExecutor(1, "tensor-write") as writer:
             for request in requests:
                 chunk = request.chunk
-                if tensor is None or chunk.sha256 != tensor.sha256:
-                    if tensor is not None:
-                        written.result()
-                        tensor.finish()
-                        tensor.close()
-                        tensor = None
+                done()
+                if tensor is None:
                     if chunk.sha256 not in expected:
                         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unrequested tensor {chunk.sha256[:12]}")
-                    nbytes, held = expected.pop(chunk.sha256)
-                    tensor = store.receive(chunk.sha256, nbytes, held)
-                elif written is not None:
-                    written.result()  # at most one chunk waits: memory stays two chunks whatever the span
+                    tensor = store.receive(chunk.sha256, *expected.pop(chunk.sha256))
+                elif chunk.sha256 != tensor.sha256:
+                    raise DamagedTensor(f"tensor {tensor.sha256[:12]} arrived short")
                 data = chunk.data
-                written = writer.submit(tensor.write, chunk.offset, data)
+                pending += [hasher.submit(tensor.hash, data), writer.submit(tensor.write, chunk.offset, data)]
                 received += len(data)
                 on_bytes(len(data))
-            if tensor is not None:
-                written.result()
-                tensor.finish()
+                if chunk.offset + len(data) >= tensor.nbytes:  # its last bytes: checked and kept at once
+                    done()
+                    tensor.finish()
+                    tensor.close()
+                    tensor = None
     except DamagedTensor as e:
         context.abort(grpc.StatusCode.DATA_LOSS, str(e))
     finally:
         if tensor is not None:
-            tensor.close()
-    if expected:
-        context.abort(grpc.StatusCode.DATA_LOSS, f"{len(expected)} tensors never arrived")
+            tensor.close()  # after the executors have finished its last chunk: the .part's length is what arrived
+    if expected or tensor is not None:
+        context.abort(grpc.StatusCode.DATA_LOSS, f"{len(expected) + (tensor is not None)} tensors never arrived whole")
     return received
 
 

@@ -119,9 +119,9 @@ class TensorStore:
 
 
 class PartialTensor:
-    """A tensor arriving in order into `<sha256>.part`, hashed as it comes, moved into the store once whole and
-    checked. Cut short (a broken link, a killed node), the file stays: its length is the bytes that arrived.
-    Close it in every case (`with`)."""
+    """A tensor arriving in order into `<sha256>.part`, written and hashed as it comes (`write` and `hash`, each
+    called in order), moved into the store once whole and checked. Cut short (a broken link, a killed node), the
+    file stays: its length is the bytes that arrived. Close it in every case (`with`)."""
 
     def __init__(self, store: TensorStore, sha256: str, nbytes: int, start: int):
         self.target, self.path = store.path(sha256), store.partial_path(sha256)
@@ -140,13 +140,17 @@ class PartialTensor:
             os.close(self.fd)
             raise
 
+    def hash(self, data: bytes) -> None:
+        """Take the bytes that follow those hashed so far into the tensor's hash (on a thread of its own, beside
+        `write`'s: hashlib and pwrite release the GIL, and each costs about what the other does)."""
+        self.digest.update(data)
+
     def write(self, offset: int, data: bytes) -> None:
         """Bytes `offset`.. of the tensor; they must follow the bytes written so far."""
         if offset != self.size:
             raise DamagedTensor(f"tensor {self.sha256[:12]}: bytes at {offset} arrived where {self.size} was due")
         if self.size + len(data) > self.nbytes:
             raise DamagedTensor(f"tensor {self.sha256[:12]} arrived longer than its {self.nbytes} bytes")
-        self.digest.update(data)  # hashlib and pwrite release the GIL: the receive thread runs meanwhile
         view, done = memoryview(data), 0
         while done < len(data):
             done += os.pwrite(self.fd, view[done:], offset + done)
