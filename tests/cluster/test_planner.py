@@ -2,6 +2,7 @@
 
 import itertools
 import random
+import time
 
 import pytest
 
@@ -338,3 +339,32 @@ def test_replicas_of_unequal_spans_even_out_the_layers_each_node_holds():
     for s in added:
         layers[s.node_id] += s.layers
     assert sorted(layers.values()) == [18, 19, 19], layers
+
+
+def test_exclusions_on_larger_pools_are_still_exact_against_brute_force():
+    rng = random.Random(11)
+    model = ModelProfile("tiny", 7, 1 * 10**9, 1024, 400_000, 10**8)  # 5 layers to place: brute force stays cheap
+    explained = 0
+    for _ in range(12):
+        nodes = random_cluster(rng, 6)
+        try:
+            p = plan(model, GATEWAY, nodes, CONFIG)
+        except ModelDoesNotFit:
+            continue
+        for node_id, reason in p.excluded:
+            if reason.startswith("slower"):
+                forced = brute_force_ms(model, GATEWAY, nodes, CONFIG, must=node_id)
+                assert reason == f"slower than leaving it out: +{forced - p.predicted_ms_per_token:.2f} ms/token"
+                explained += 1
+    assert explained > 10, explained
+
+
+def test_a_pool_of_a_thousand_machines_is_planned_and_explained_in_well_under_a_second():
+    rng = random.Random(5)
+    nodes = [NodeProfile(f"n{i}", rng.choice([5, 11, 24, 48, 96, 140]) * GB, rng.choice([10, 7, 3.5, 1.8, 0.9]),
+                         rng.uniform(0.3, 8), rng.choice([50e6, 110e6])) for i in range(1000)]
+    started = time.perf_counter()
+    p = plan(LLAMA_70B, GATEWAY, nodes, CONFIG)
+    assert time.perf_counter() - started < 3  # it took 16 s when each exclusion was planned anew
+    assert_valid(p, LLAMA_70B, nodes)
+    assert len(p.excluded) == 1000 - len(p.stages)
