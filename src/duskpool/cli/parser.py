@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the model's shape: 8b-q4, 32b-q4, 70b-q4 or 405b-q4 (default: 70b-q4)")
     simulate.add_argument("--requests-per-hour", type=float, default=None, metavar="N",
                           help="requests per hour at the day's peak (default: one per machine)")
+    simulate.add_argument("--max-tokens", type=int, default=1024, metavar="N",
+                          help="what each request asks for, which admission reserves KV for (default: 1024; 0: "
+                               "nothing, as many chat clients send, so each reserves the whole context)")
     simulate.add_argument("--replicas", type=int, default=0, metavar="R",
                           help="as for the gateway: R more copies of each span where memory allows (default: 0)")
     simulate.add_argument("--seed", type=int, default=0, help="the same seed gives the same run (default: 0)")

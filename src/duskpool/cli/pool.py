@@ -174,7 +174,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from duskpool.simulate.report import plot
 
     config = Config(nodes=args.nodes, hours=args.hours, shape=args.model_shape, seed=args.seed,
-                    start_hour=args.start_hour, requests_per_hour=args.requests_per_hour, replicas=args.replicas)
+                    start_hour=args.start_hour, requests_per_hour=args.requests_per_hour, replicas=args.replicas,
+                    max_tokens=args.max_tokens or None)
     config.validate()
     if args.plot:  # say so now, not after an hour of simulation
         try:

@@ -37,6 +37,7 @@ class Config:
     start_hour: float = 0.0  # the clock at the start (0: midnight, the start of a working day)
     requests_per_hour: float | None = None  # at the day's peak; None: one per node (a person asks once an hour)
     replicas: int = 0
+    max_tokens: int | None = 1024  # what clients ask for; None: nothing, so a request reserves the whole context
 
     def validate(self) -> None:
         if self.nodes < 1:
@@ -47,6 +48,8 @@ class Config:
             raise ValueError(f"unknown --model-shape {self.shape!r}: choose one of {', '.join(SHAPES)}")
         if self.requests_per_hour is not None and self.requests_per_hour < 0:
             raise ValueError("--requests-per-hour must not be negative")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"--max-tokens must be at least 1, not {self.max_tokens}")
         if self.replicas < 0:
             raise ValueError(f"--replicas must be >= 0, not {self.replicas}")
         if not 0 <= self.start_hour < 24:
@@ -92,7 +95,7 @@ def simulate(config: Config, progress=None, check: bool = True) -> tuple[Report,
     shape = SHAPES[config.shape]
     model = shape.profile()
     gateway, nodes = fleet(config)
-    options = Options(replicas=config.replicas, check=check, progress=progress)
+    options = Options(replicas=config.replicas, check=check, progress=progress, max_tokens=config.max_tokens)
     world = World(model, flops_per_row(model, shape.bits_per_weight), gateway, nodes, requests(config),
                   config.hours * HOUR, config.seed, options, start=config.start_hour * HOUR)
     started = wall_clock()

@@ -32,7 +32,8 @@ class Report:
     first_plan_ms_per_token: float  # the planner's prediction at batch 1 (gateway compute not counted)
     replans: int  # route rebuilds
     placements: int  # span copies loaded after the first plan
-    weight_bytes_moved: int  # over the network (a node's disk cache is read back instead)
+    weight_bytes_moved: int  # over the network after the first plan's load (a node's disk cache is read back instead)
+    first_load_bytes: int  # the first plan's spans, streamed before serving starts
     deaths: int  # nodes the gateway stopped counting on (crashes, Wi-Fi drops, laptops carried off)
     drains: int  # nodes whose owner came back
     drain_timeouts: int
@@ -65,7 +66,8 @@ class Report:
             f"p50 {s(self.token_latency_p50_s)}, p99 {s(self.token_latency_p99_s)}",
             f"churn: {self.deaths} nodes gone, {self.drains} drains ({self.drain_timeouts} timed out), "
             f"{self.recoveries} sessions recovered (p50 {s(self.recovery_p50_s)}), {self.replans} re-plans, "
-            f"{self.placements} spans loaded, {self.weight_bytes_moved / 1e9:.1f} GB of weights moved",
+            f"{self.placements} spans loaded, {self.weight_bytes_moved / 1e9:.1f} GB of weights moved (after the first "
+            f"plan's {self.first_load_bytes / 1e9:.1f} GB)",
             f"nodes lent: {self.nodes_lent_min}-{self.nodes_lent_max}; {self.nodes_ever_used} ever computed "
             f"(mean utilisation {self.utilisation_mean_of_used:.1%}); busiest: "
             + ", ".join(f"{n} {u:.1%}" for n, u in busiest),
@@ -91,7 +93,8 @@ def report(world, config, wall_s: float) -> Report:
         token_latency_p50_s=world.token_latency.quantile(0.5), token_latency_p99_s=world.token_latency.quantile(0.99),
         recoveries=world.recovery.n, recovery_p50_s=world.recovery.quantile(0.5),
         first_plan_stages=stages, first_plan_ms_per_token=world.plan.predicted_ms_per_token,
-        replans=world.replans, placements=world.placements, weight_bytes_moved=world.weight_bytes,
+        replans=world.replans, placements=world.placements,
+        weight_bytes_moved=world.weight_bytes - world.first_load_bytes, first_load_bytes=world.first_load_bytes,
         deaths=world.deaths, drains=world.drains, drain_timeouts=world.drain_timeouts,
         nodes_lent_min=min((x.lent for x in samples), default=0),
         nodes_lent_max=max((x.lent for x in samples), default=0),

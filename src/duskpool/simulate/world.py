@@ -134,7 +134,7 @@ class Options:
     config: planner.PlanConfig = field(default_factory=lambda: planner.PlanConfig(privacy_prefix=2, privacy_suffix=1))
     replicas: int = 0
     even: bool = False  # split evenly, as `duskpool swarm` does (its nodes share one CPU)
-    max_tokens: int = 1024
+    max_tokens: int | None = 1024  # what each request asks for; None: nothing, it reserves the whole context
     max_queue: int = 512
     queue_timeout_s: float = 120.0
     sample_s: float = 60.0
@@ -251,7 +251,7 @@ class World:
         self.lost: dict[str, int] = {}
         self.tokens = self._tokens_at_sample = 0
         self.ttft, self.token_latency, self.recovery = Histogram(), Histogram(), Histogram()
-        self.replans = self.placements = self.weight_bytes = 0
+        self.replans = self.placements = self.weight_bytes = self.first_load_bytes = 0
         self.deaths = self.drains = self.drain_timeouts = 0
         self.samples: list[Sample] = []
         self.invariant_checks = 0
@@ -434,6 +434,7 @@ class World:
             self.holders[(s.start, s.stop)].append(s.node_id)
             self._count_load(self.nodes[s.node_id], (s.start, s.stop))  # streamed before serving starts
         self.route = tuple(((s.start, s.stop), s.node_id) for s in self.plan.stages)
+        self.first_load_bytes = self.weight_bytes
         self.live = {n.id: n for n in self.nodes.values() if n.awake}  # the others join as they wake
         for node in self.live.values():
             if node.lend.lending is not Lending.AVAILABLE:
@@ -553,7 +554,8 @@ class World:
             if request.arrival >= self.start + self.horizon:
                 return
             yield self.env.timeout(request.arrival - self.env.now)
-            kv = min(self.options.config.context, request.prompt + self.options.max_tokens)
+            context = self.options.config.context  # api/service.py: prompt + max_tokens, else the whole context
+            kv = context if self.options.max_tokens is None else min(context, request.prompt + self.options.max_tokens)
             session = Session(request, kv)
             if len(self.queue) >= self.options.max_queue:
                 self._lose(session, "429: the admission queue is full")
