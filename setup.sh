@@ -44,6 +44,18 @@ install_chromium() {
         echo "setup.sh: could not install chromium; the browser test will be skipped" >&2
 }
 
+# The NEON kernels' test builds them for 64-bit ARM and runs them under qemu; without both it skips and says so.
+install_arm_cross() {
+    if { command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64; } >/dev/null 2>&1 ||
+        ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" != 0 ]; then
+        return 0
+    fi
+    echo "setup.sh: installing gcc-aarch64-linux-gnu and qemu-user for the NEON kernels' test" >&2
+    apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null 2>&1 ||
+        { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null 2>&1; } ||
+        echo "setup.sh: could not install the ARM cross compiler or qemu; the NEON test will be skipped" >&2
+}
+
 case "${1:-}" in
     "")
         install ""
@@ -56,6 +68,7 @@ case "${1:-}" in
     test)
         install "[test,mlx]"  # CI tests the MLX backend on mlx[cpu]
         install_chromium
+        install_arm_cross
         shift
         .venv/bin/ruff check src tests benchmarks
         set +e

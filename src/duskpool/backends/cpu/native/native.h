@@ -5,15 +5,16 @@
 //   matmul.c      dp_matmul: per-block sums of x, rows split over the pool, each range of rows given
 //                 to this CPU's SIMD kernel for the type or else to the scalar matmul
 //   matmul_x86.c  the AVX2/FMA kernels, built where the compiler targets AVX2 and FMA
+//   matmul_neon.c the NEON kernels, built for 64-bit ARM (tests/backends/cpu/test_neon.py runs them
+//                 under qemu-aarch64 against the scalar matmul)
 //   ops.c         the per-token ops of a layer (dp_rms_norm, dp_rope, dp_attention, ...)
 // Matmul and row lookup work straight from GGUF blocks, so quantized weights stay packed in memory;
 // block layouts follow ggml-common.h. All arithmetic is fp32.
 //
 // SIMD kernels plug in per instruction set: a file whose body is guarded by its macro below defines
 // tiled_kernel() and row_kernel_for() (declared at the end), returning NULL for the types it leaves
-// to the scalar matmul. ARM NEON would be matmul_neon.c, its body under DP_NEON, which the
-// `#elif defined(__ARM_NEON)` marked below would set along with DP_SIMD. Where no SIMD file applies
-// (no AVX2, or a build without -march=native), matmul.c's fallbacks return NULL for every type.
+// to the scalar matmul: matmul_x86.c under DP_AVX2, matmul_neon.c under DP_NEON. Where no SIMD file
+// applies (no AVX2, or a build without -march=native), matmul.c's fallbacks return NULL for every type.
 #ifndef DUSKPOOL_NATIVE_H
 #define DUSKPOOL_NATIVE_H
 
@@ -23,7 +24,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #define DP_AVX2 1  // matmul_x86.c
 #define DP_SIMD 1
-// #elif defined(__ARM_NEON): DP_NEON and DP_SIMD, for matmul_neon.c
+#elif defined(__ARM_NEON) && defined(__aarch64__)  // 64-bit ARM: its NEON has the FMAs and sums used
+#define DP_NEON 1  // matmul_neon.c
+#define DP_SIMD 1
 #endif
 
 // Names shared between the files stay out of the library's exported symbols (only dp_* are).
@@ -85,7 +88,7 @@ DP_HIDDEN void parallel_for(range_fn fn, void *ctx, int64_t begin, int64_t end, 
 DP_HIDDEN int64_t chunk_rows(int64_t n);  // rows per chunk for n rows: a few chunks per thread
 
 // ---------------------------------------------------------------------------------------------
-// SIMD kernels (matmul_x86.c; matmul.c returns NULL where none is built)
+// SIMD kernels (matmul_x86.c, matmul_neon.c; matmul.c returns NULL where none is built)
 // Row kernels: one weight row against MB <= MAX_MB rows of x (row stride K), out[m] = dot.
 // Tile kernels: R weight rows (rb bytes apart) against MB rows of x, R * MB <= 4, out[r * MAX_MB + m].
 // sx[m * (K / S) + b] = sum of x[m, S b .. S b + S - 1], for the types with a per-block offset, with
