@@ -43,7 +43,9 @@ def pooled(tool_model):
 
 
 def cosine(a, b) -> float:
-    return float(torch.nn.functional.cosine_similarity(torch.as_tensor(a).double(), torch.as_tensor(b).double(), dim=0))
+    a, b = (x.double() if isinstance(x, torch.Tensor) else torch.tensor(np.asarray(x), dtype=torch.float64)
+            for x in (a, b))  # lists, arrays or tensors
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
 def test_embeddings_match_transformers_through_every_endpoint(tool_url, tool_engine, pooled):

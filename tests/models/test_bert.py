@@ -85,9 +85,10 @@ def test_bert_embeds_as_transformers_does_whole_and_in_spans(tmp_path, bert, qty
         assert torch.allclose(hidden_states(spans, tokens), ours, atol=1e-5), "two spans changed the hidden states"
 
 
-def test_the_engine_pools_as_the_file_says_and_will_not_generate(tmp_path, bert):
-    mean = LocalEngine.load(bert.path)
-    cls = LocalEngine.load(write_tiny_bert(tmp_path, pooling=gguf.PoolingType.CLS).path)
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("mlx", marks=NEEDS_MLX)])
+def test_the_engine_pools_as_the_file_says_and_will_not_generate(tmp_path, bert, backend):
+    mean = LocalEngine.load(bert.path, backend_name=backend)
+    cls = LocalEngine.load(write_tiny_bert(tmp_path, pooling=gguf.PoolingType.CLS).path, backend_name=backend)
     assert cls.pooling == "cls"
     tokens = mean.tokenizer.encode(TEXTS[0])
     assert cosine(mean.embed(tokens), reference_embedding(bert, tokens)) >= 0.999

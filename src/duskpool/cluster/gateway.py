@@ -38,7 +38,7 @@ from duskpool.cluster.transfer import WeightSender
 from duskpool.cluster.transport import Pushers, forward_stream, local_address_towards, start_server
 from duskpool.engine.batcher import Batcher
 from duskpool.engine.generate import PREFILL_CHUNK
-from duskpool.engine.runner import DEFAULT_CONTEXT, Engine, load_tokenizer
+from duskpool.engine.runner import DEFAULT_CONTEXT, Engine, as_torch, load_tokenizer
 from duskpool.engine.tokenizer import Tokenizer
 from duskpool.models import ModelSpec, SpanModel
 from duskpool.security import NodeIdentity, PoolState, add_renew_service, peer_member
@@ -344,7 +344,8 @@ class RemoteSession:
         except RouteError as failure:
             hidden = self._recover(history, failure, len(tokens), hidden=True)
         self.history = history
-        return self.gateway.suffix_model.final_norm(hidden)
+        suffix = self.gateway.suffix_model
+        return as_torch(suffix, suffix.final_norm(hidden))
 
     def _forward(self, tokens: list[int], start: int, logits: int = 1) -> torch.Tensor:
         """Logits [logits, vocab] of the last rows (the last one's [vocab] when logits == 1; with logits=0 the

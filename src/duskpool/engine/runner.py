@@ -5,7 +5,7 @@ import threading
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -129,6 +129,13 @@ class Engine:
         return torch.nn.functional.normalize(total, dim=0).float()
 
 
+def as_torch(model: SpanModel, hidden: Any) -> torch.Tensor:
+    """Hidden states [T, dim] of any backend (an mx.array on MLX) as float32 torch, for pooling: through the
+    little-endian bytes every backend writes for the wire."""
+    data = bytearray(model.hidden_to_bytes(hidden, "float32"))
+    return torch.frombuffer(data, dtype=torch.float32).view(-1, model.spec.dim)
+
+
 class LocalSession:
     def __init__(self, model: SpanModel, capacity: int):
         self.model, self.cache = model, model.new_cache(capacity)
@@ -146,7 +153,8 @@ class LocalSession:
         return self.model.head(hidden[-(rows or len(tokens)):])
 
     def final_hidden(self, tokens: list[int], start: int) -> torch.Tensor:
-        return self.model.final_norm(self.model.forward_span(self.model.embed(tokens), self.cache, start))
+        hidden = self.model.final_norm(self.model.forward_span(self.model.embed(tokens), self.cache, start))
+        return as_torch(self.model, hidden)
 
     def close(self) -> None:
         self.cache.clear()
@@ -173,4 +181,4 @@ class LocalEngine(Engine):
 
 
 __all__ = ["DEFAULT_CONTEXT", "CannotGenerate", "EmbeddingsUnsupported", "Engine", "HiddenSession", "LocalEngine",
-           "LocalSession", "Session"]
+           "LocalSession", "Session", "as_torch"]
