@@ -113,9 +113,11 @@ def main() -> None:
         service = Service(gateway, BUNDLED_NAME, Path(args.model))
         try:
             with live_server(service) as url:
-                run_streams(url, [f"A poem about {TOPICS[0]}"], 4)  # warm-up
                 for n in counts:
                     prompts = [f"A poem about {TOPICS[i % len(TOPICS)]} (number {i})" for i in range(n)]
+                    # warm-up at this count: MLX's CUDA build compiles kernels for each new batch shape (NVRTC,
+                    # seconds each) the first time it meets one; the figures are the steady state
+                    run_streams(url, prompts, 4)
                     results.append(run_streams(url, prompts, args.tokens))
                     print(f"  {n} streams: {results[-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
                 for name, prompt in (("repeat-the-text", REPEAT), ("chat", CHAT)):
