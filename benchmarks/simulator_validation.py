@@ -1,6 +1,7 @@
 """Does `duskpool simulate` agree with a real pool? One small configuration run both ways, printed side by side.
 
-    .venv/bin/python benchmarks/simulator_validation.py [--nodes 3] [--requests 4] [--prompt 48] [--tokens 48]
+    .venv/bin/python benchmarks/simulator_validation.py [--nodes 3] [--requests 6] [--prompt 48] [--tokens 48]
+                                                        [--netns DELAY_MS]
 
 Real: local swarms as `duskpool swarm` starts them (`duskpool node` processes on loopback, the bundled model split
 evenly, privacy prefix 2 and suffix 1; plaintext links) serving a fixed trace: --requests requests one after another,
@@ -25,6 +26,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.cluster.netns
+
+from tests.cluster.netns import Hosts, unavailable_reason  # noqa: E402
+
 from duskpool import backends
 from duskpool.cluster import planner
 from duskpool.cluster.gateway import Gateway
@@ -39,9 +44,13 @@ from duskpool.weights.gguf import GGUFFile
 PREFIX, SUFFIX = 2, 1  # the CLI's defaults
 
 
-def start_pool(stack: ExitStack, model: Path, n_nodes: int) -> Gateway:
-    """A swarm as `duskpool swarm` starts it (plaintext here: TLS is not what is measured), closed with `stack`."""
-    swarm = stack.enter_context(LocalSwarm(n_nodes, insecure=True))
+def start_pool(stack: ExitStack, model: Path, n_nodes: int, hosts: Hosts | None = None,
+               indices: list[int] = ()) -> Gateway:
+    """A swarm as `duskpool swarm` starts it (plaintext here: TLS is not what is measured), closed with `stack`;
+    with `hosts`, node i runs in network namespace indices[i]."""
+    where = {} if hosts is None else {"hosts": [hosts.address(i) for i in indices],
+                                      "prefixes": [hosts.exec_prefix(i) for i in indices]}
+    swarm = stack.enter_context(LocalSwarm(n_nodes, insecure=True, **where))
     gateway = Gateway.start(model, swarm.addresses, identity=None, prefix=PREFIX, suffix=SUFFIX, even_split=True,
                             progress=False)
     stack.callback(gateway.close)
@@ -116,20 +125,33 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=6)
     parser.add_argument("--prompt", type=int, default=48, help="prompt tokens per request")
     parser.add_argument("--tokens", type=int, default=48, help="tokens generated per request")
+    parser.add_argument("--netns", type=float, default=None, metavar="DELAY_MS",
+                        help="run every node in a network namespace whose link adds DELAY_MS (netem; where the kernel "
+                             "has none, a rate limit alone: tbf) at 1 Gbit/s; needs root and iproute2")
     args = parser.parse_args()
     if args.nodes < 3:
         raise SystemExit("--nodes must be at least 3: the 1- and 2-node swarms are the calibration")
     model = bundled_model_path()
     prompt = list(range(100, 100 + args.prompt))  # fixed token ids: the trace, not the text, is what is compared
     sizes = (1, 2, args.nodes)
-    print(f"simulator_validation: swarms of {sizes} nodes on loopback, {model.name}, {args.requests} requests of "
+    where = "on loopback" if args.netns is None else "in network namespaces on a bridge"
+    print(f"simulator_validation: swarms of {sizes} nodes {where}, {model.name}, {args.requests} requests of "
           f"{args.prompt} + {args.tokens} tokens on each, one at a time, alternating", file=sys.stderr, flush=True)
     file = GGUFFile(model)
     span = backends.load_span(file, range(PREFIX, file_layers(model) - SUFFIX), embed=False, head=False)
     steps: dict[int, list[float]] = {k: [] for k in sizes}
     layer_ms = []
     with ExitStack() as stack:
-        pools = {k: start_pool(stack, model, k) for k in sizes}
+        hosts, first = None, 0
+        if args.netns is not None:
+            if (why := unavailable_reason()) is not None:
+                raise SystemExit(f"--netns: {why}")
+            hosts = stack.enter_context(Hosts(sum(sizes), delay_ms=args.netns))
+            print(f"simulator_validation: links: {hosts.link}", file=sys.stderr, flush=True)
+        pools = {}
+        for k in sizes:
+            pools[k] = start_pool(stack, model, k, hosts, list(range(first, first + k)))
+            first += k
         for gateway in pools.values():
             per_token_s(gateway, prompt, args.tokens)  # warm every route up
         # alternate, so that calibration and validation share whatever else loads this machine
