@@ -23,7 +23,7 @@ from duskpool.simulate.fleet import (
     owner_day,
 )
 from duskpool.simulate.report import Report, report
-from duskpool.simulate.world import Options, Request, SimNode, World, wall_clock
+from duskpool.simulate.world import Options, Request, SimNode, World
 
 GATEWAY_MACHINE = "Mac mini M4 Pro 64GB"  # the trusted machine: wired, always on
 
@@ -98,12 +98,11 @@ def simulate(config: Config, progress=None, check: bool = True) -> tuple[Report,
     options = Options(replicas=config.replicas, check=check, progress=progress, max_tokens=config.max_tokens)
     world = World(model, flops_per_row(model, shape.bits_per_weight), gateway, nodes, requests(config),
                   config.hours * HOUR, config.seed, options, start=config.start_hour * HOUR)
-    started = wall_clock()
     try:
         world.run()
     except planner.ModelDoesNotFit as e:
         raise ValueError(f"the simulated pool cannot hold {config.shape} at the start: {e}") from None
-    return report(world, config, wall_clock() - started), world
+    return report(world, config), world
 
 
 __all__ = ["Config", "Report", "simulate"]

@@ -121,8 +121,9 @@ def draw_link(rng: random.Random, wifi: bool) -> Link:
 # --- an owner's day ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Day:
-    """When the owner uses the machine (`busy`), and for a laptop when it is in the building and awake (`awake`).
-    Times in seconds from midnight. A desktop is awake all day unless `off_at_night`."""
+    """When the owner uses the machine (`busy`) and when it is awake (`awake`: a laptop while it is in the building
+    and not at a meeting; a desktop all day, or from arrival to departure if it is shut down at night). Times in
+    seconds on the simulation's clock."""
     busy: tuple[tuple[float, float], ...]
     awake: tuple[tuple[float, float], ...]
     plugged: bool  # a laptop on its charger at the desk (otherwise on battery all day)

@@ -75,8 +75,8 @@ class Report:
         return "\n".join(lines)
 
 
-def report(world, config, wall_s: float) -> Report:
-    """The report of a finished `world` (simulate.World)."""
+def report(world, config) -> Report:
+    """The report of a finished `world` (simulate.World); no wall time in it: the same seed gives the same report."""
     horizon = world.horizon
     samples = world.samples
     used = {n.id: n.busy_s / horizon for n in world.nodes.values() if n.busy_s > 0}

@@ -17,11 +17,8 @@ cached on disk are read back instead). One batch travels a route at a time (the 
 travel together); two routes that share a node queue for it.
 """
 
-import dataclasses
 import math
 import random
-import sys
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -783,14 +780,3 @@ def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
         else:
             out.append((a, b))
     return out
-
-
-def wall_clock() -> float:
-    return time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"duskpool simulate: {message}", file=sys.stderr, flush=True)
-
-
-__all__ = ["Info", "InvariantViolated", "Options", "Request", "SimNode", "World", "dataclasses"]
