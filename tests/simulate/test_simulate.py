@@ -68,6 +68,24 @@ def test_a_route_node_that_dies_mid_generation_is_replaced_and_its_sessions_fini
     assert all(node_id != victim.id or victim.awake for _, node_id in world.route)
 
 
+def test_one_session_decodes_at_the_planners_predicted_speed_plus_the_gateways_own_layers():
+    """At batch 1 a token costs what the planner predicts (its stages' layers and the hops into them) plus what the
+    gateway's profile leaves out (membership.GATEWAY_PROFILE: 0 ms per layer, no link): its own layers and head, and
+    the hop back into it."""
+    world = _world(3, [Request(1.0, 16, 200)], replicas=0)
+    exact = Link("ethernet", 0.4, 0.0, 125e6)  # the bandwidth the planner assumes, no jitter
+    for node in [world.gateway, *world.nodes.values()]:
+        node.link, node.overhead_ms = exact, 0.0
+    world.run()
+    gateway = world.gateway
+    own = (gateway.forward_ms(3, world.model.layer_bytes, 1, 0, world.flops) + world._head_ms(1)
+           + exact.rtt_ms / 2 + 1000 * world.model.hidden_bytes_per_token / exact.bandwidth_bytes_per_s)
+    expected_s = (world.plan.predicted_ms_per_token + own) / 1000
+    # the simulator also reads the session's KV at every layer (here under 1% of the weights' bytes); the
+    # histogram's buckets are 1% wide
+    assert world.token_latency.quantile(0.5) == pytest.approx(expected_s, rel=0.015)
+
+
 def test_the_invariant_checker_catches_a_span_left_uncovered_while_a_node_has_room():
     world = _world(3, [])
     for node in world.nodes.values():
