@@ -1,8 +1,10 @@
 """Weight transfer: what a node is told about the model, and a transfer cut midway that resumes where it stopped."""
 
 import fcntl
+import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -15,7 +17,7 @@ from duskpool.cluster.transfer import WeightSender
 from duskpool.cluster.transport import open_channel, start_server
 from duskpool.engine.runner import LocalEngine
 from duskpool.weights.gguf import GGUFFile
-from duskpool.weights.store import config_metadata
+from duskpool.weights.store import TensorStore, config_metadata
 from tests.api.conftest import write_tiny_chat_llama
 from tests.conftest import greedy_tokens, wait_for
 
@@ -141,3 +143,23 @@ def test_a_partial_tensor_damaged_on_disk_fails_its_hash_and_is_sent_whole_again
     assert node.weight_bytes_received == total - whole  # the damaged tensor whole, and those after it
     nbytes = next(t.nbytes for t in sender.manifests[SPAN].tensors if t.sha256 == part.stem)
     assert node.store.verified(part.stem, nbytes)
+
+
+def test_a_tensor_stored_by_another_transfer_while_this_one_waited_is_left_as_it_is(tmp_path):
+    """Two spans share a tensor and load at once: the second transfer waits for the first's lock on the partial
+    file, then finds the tensor stored; what it receives is dropped, not written over the stored copy."""
+    store, data = TensorStore(tmp_path), os.urandom(5000)
+    sha = hashlib.sha256(data).hexdigest()
+    with ThreadPoolExecutor(1) as other:
+        first = store.receive(sha, len(data), 0)
+        second = other.submit(store.receive, sha, len(data), 0)
+        assert not wait_for(second.done, timeout=0.5), "the second transfer should wait for the first"
+        first.hash(data)
+        first.write(0, data)
+        first.finish()
+        first.close()
+        with second.result(timeout=10) as late:
+            late.hash(bytes(len(data)))
+            late.write(0, bytes(len(data)))
+            late.finish()
+    assert store.verified(sha, len(data)) and not store.partial_path(sha).exists()

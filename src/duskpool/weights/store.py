@@ -127,9 +127,14 @@ class PartialTensor:
         self.target, self.path = store.path(sha256), store.partial_path(sha256)
         self.sha256, self.nbytes, self.size = sha256, nbytes, start
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = self._open_locked()
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)  # the same tensor for another span waits for this one
+            # a transfer of the same tensor for another span finished it while this one waited for the lock:
+            # this one's bytes are taken off the stream and dropped, the store's copy stays
+            self.stored_meanwhile = self.target.exists()
+            if self.stored_meanwhile:
+                self.path.unlink()  # the empty file just made: a transfer after this one opens its own
+                return
             if os.fstat(self.fd).st_size < start:
                 raise DamagedTensor(f"tensor {sha256[:12]}: fewer than the {start} bytes said held are here")
             os.ftruncate(self.fd, start)
@@ -140,10 +145,24 @@ class PartialTensor:
             os.close(self.fd)
             raise
 
+    def _open_locked(self) -> int:
+        """The .part file, open and locked. Another transfer of the same tensor holds the lock until it is done,
+        and may have moved the file into the store by then: the path is opened anew until the lock is on it."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
     def hash(self, data: bytes) -> None:
         """Take the bytes that follow those hashed so far into the tensor's hash (on a thread of its own, beside
         `write`'s: hashlib and pwrite release the GIL, and each costs about what the other does)."""
-        self.digest.update(data)
+        if not self.stored_meanwhile:
+            self.digest.update(data)
 
     def write(self, offset: int, data: bytes) -> None:
         """Bytes `offset`.. of the tensor; they must follow the bytes written so far."""
@@ -152,13 +171,15 @@ class PartialTensor:
         if self.size + len(data) > self.nbytes:
             raise DamagedTensor(f"tensor {self.sha256[:12]} arrived longer than its {self.nbytes} bytes")
         view, done = memoryview(data), 0
-        while done < len(data):
+        while done < len(data) and not self.stored_meanwhile:
             done += os.pwrite(self.fd, view[done:], offset + done)
         self.size += len(data)
 
     def finish(self) -> None:
         """Move the tensor into the store; raise DamagedTensor (keeping nothing) unless it is whole and hashes
         to its name."""
+        if self.stored_meanwhile:
+            return
         if self.size != self.nbytes or self.digest.hexdigest() != self.sha256:
             self.path.unlink(missing_ok=True)
             raise DamagedTensor(f"tensor {self.sha256[:12]} arrived damaged")
