@@ -27,6 +27,9 @@ class QuantTensor:
     data: torch.Tensor  # uint8 [rows, row_bytes], the file's bytes
     qtype: GGMLQuantizationType
     shape: tuple[int, int]  # (rows, cols) = (out_features, in_features)
+    # float32 [rows, groups]: added to every value of its group of cols; what an MLX weight converted to Q8_0 has
+    # beyond Q8_0's d * q (affine.py)
+    group_bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         block_size, block_bytes = GGML_QUANT_SIZES[self.qtype]
@@ -35,26 +38,31 @@ class QuantTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel()
+        return self.data.numel() + (0 if self.group_bias is None else self.group_bias.numel() * 4)
 
     @classmethod
     def from_packed(cls, tensor: PackedTensor) -> "QuantTensor":
         """A weight as its file stored it; a vector is one row."""
+        bias = None
         if isinstance(tensor.qtype, Affine):
-            tensor = affine.to_ggml(tensor)
+            tensor, bias = affine.to_ggml(tensor)
         shape = tensor.shape
         rows, cols = (1, shape[0]) if len(shape) == 1 else (shape[0], int(np.prod(shape[1:])))
-        return cls(torch.from_numpy(tensor.data).view(rows, -1), tensor.qtype, (rows, cols))
+        return cls(torch.from_numpy(tensor.data).view(rows, -1), tensor.qtype, (rows, cols),
+                   None if bias is None else torch.from_numpy(bias))
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Dequantized rows W[index]: float32 [len(index), cols] (an embedding lookup)."""
         index = index.reshape(-1).to(torch.int64).contiguous()
         lib = native.library()
         if lib is None:
-            return self._dequantize_numpy(self.data[index])
-        out = torch.empty(index.numel(), self.shape[1], dtype=torch.float32)
-        lib.dp_dequantize_rows(self.qtype, self.data.data_ptr(), self.data.shape[1], index.data_ptr(),
-                               index.numel(), self.shape[1], out.data_ptr())
+            out = self._dequantize_numpy(self.data[index])
+        else:
+            out = torch.empty(index.numel(), self.shape[1], dtype=torch.float32)
+            lib.dp_dequantize_rows(self.qtype, self.data.data_ptr(), self.data.shape[1], index.data_ptr(),
+                                   index.numel(), self.shape[1], out.data_ptr())
+        if self.group_bias is not None:
+            out += self.group_bias[index].repeat_interleave(self.shape[1] // self.group_bias.shape[1], dim=1)
         return out
 
     def dequantize(self) -> torch.Tensor:
@@ -69,12 +77,18 @@ class QuantTensor:
             return
         lib.dp_matmul(self.qtype, self.data.data_ptr(), self.data.shape[1], 0, self.shape[0], self.shape[1],
                       x.data_ptr(), x.shape[0], out.data_ptr(), out.stride(0))
+        if self.group_bias is not None:  # sum_g bias[r, g] * (the sum of x over group g)
+            out += x.view(x.shape[0], self.group_bias.shape[1], -1).sum(-1) @ self.group_bias.t()
 
     def _dequantize_numpy(self, blocks: torch.Tensor) -> torch.Tensor:
         if self.qtype == Q.F32:
             return blocks.contiguous().view(torch.float32).clone()
         values = gguf_dequantize(blocks.numpy(), self.qtype)
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+
+def _same_groups(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.shape[1] == b.shape[1])
 
 
 class Linear:
@@ -89,9 +103,11 @@ class Linear:
         self.parts: list[QuantTensor] = []
         for part in parts:
             last = self.parts[-1] if self.parts else None
-            if last is not None and last.qtype == part.qtype and last.shape[1] == part.shape[1]:
+            if last is not None and last.qtype == part.qtype and last.shape[1] == part.shape[1] and _same_groups(
+                    last.group_bias, part.group_bias):
+                bias = None if part.group_bias is None else torch.cat([last.group_bias, part.group_bias])
                 self.parts[-1] = QuantTensor(torch.cat([last.data, part.data]), part.qtype,
-                                             (last.shape[0] + part.shape[0], part.shape[1]))
+                                             (last.shape[0] + part.shape[0], part.shape[1]), bias)
             else:
                 self.parts.append(part)
         self.in_features = parts[0].shape[1]
