@@ -68,9 +68,12 @@ def hf_folder(name: str, path: Path, sharded: bool = False) -> Path:
     return path
 
 
-def mlx_folder(name: str, path: Path, bits: int, group_size: int) -> tuple[Path, dict[str, torch.Tensor]]:
+def mlx_folder(name: str, path: Path, bits: int, group_size: int,
+               shard_keys: int | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
     """The family's tiny model as mlx-lm's convert -q writes it (bf16, its matrices quantized); and the state dict
-    of the values the packed weights stand for (dequantized in float32)."""
+    of the values the packed weights stand for (dequantized in float32). `shard_keys`: that many arrays per file,
+    in order, with an index, as mlx-lm shards a large model (a weight's codes, scales and biases may then be in
+    two files)."""
     mx = pytest.importorskip("mlx.core")
     model = tiny_model(name)
     arrays, values = {}, {}
@@ -86,7 +89,15 @@ def mlx_folder(name: str, path: Path, bits: int, group_size: int) -> tuple[Path,
             arrays[key] = weight
         values[key] = torch.from_numpy(np.array(weight.astype(mx.float32)))
     path.mkdir()
-    mx.save_safetensors(str(path / "model.safetensors"), arrays, metadata={"format": "mlx"})
+    keys = list(arrays)
+    shards = [keys[i:i + (shard_keys or len(keys))] for i in range(0, len(keys), shard_keys or len(keys))]
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if shard_keys else "model.safetensors"
+        mx.save_safetensors(str(path / file), {k: arrays[k] for k in shard}, metadata={"format": "mlx"})
+        weight_map |= dict.fromkeys(shard, file)
+    if shard_keys:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     config = model.config.to_dict() | {"quantization": {"group_size": group_size, "bits": bits}}
     (path / "config.json").write_text(json.dumps(config))
     write_tokenizer(path)
@@ -177,7 +188,8 @@ def test_an_mlx_folder_computes_what_its_dequantized_weights_do(name, bits, grou
 
 @NEEDS_MLX
 def test_an_mlx_folder_is_sent_to_nodes_and_cached_by_content(tmp_path):
-    path, state = mlx_folder("llama", tmp_path / "llama", 4, 64)
+    path, state = mlx_folder("llama", tmp_path / "llama", 4, 64, shard_keys=7)  # 7: shards cut weights apart
+    assert len(list(path.glob("*.safetensors"))) > 2
     _, their_tokens = their_run(reference_of("llama", state), PROMPT, STEPS)
     with two_nodes(tmp_path) as addresses:
         tokens, sent = swarm_tokens(path, addresses)

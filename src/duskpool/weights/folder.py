@@ -47,10 +47,9 @@ GEMMA_BLOCK = {**BLOCK, "post_attention_layernorm": "post_attention_norm", "pre_
 
 @dataclass(frozen=True)
 class Stored:
-    """Where a tensor's bytes are: a safetensors file and the byte range of each array it is made of."""
+    """Where a tensor's bytes are: the file and byte range of each array it is made of."""
 
-    file: Path
-    ranges: tuple[tuple[int, int], ...]  # (offset, nbytes): one, or weight/scales/biases of an MLX weight
+    ranges: tuple[tuple[Path, int, int], ...]  # (file, offset, nbytes): one, or an MLX weight's codes/scales/biases
     qtype: Any  # as stored: GGMLQuantizationType | Affine
     shape: tuple[int, ...]  # (rows, cols) as computed with
     permute_heads: int = 0  # llama.cpp's q/k row permutation over this many heads
@@ -123,8 +122,7 @@ class ModelFolder:
         self.metadata = metadata_from_config(self.config, arch)
         self.block = GEMMA_BLOCK if arch == "gemma3" else BLOCK
         self.stored: dict[str, Stored] = {}
-        for shard in shards:
-            self._index(shard)
+        self._index(shards)
         self.tensors = {name: _info(name, s) for name, s in self.stored.items()}
 
     @property
@@ -147,28 +145,30 @@ class ModelFolder:
                 return f"blk.{index}.{self.block[module]}", hf_name
         return None
 
-    def _index(self, shard: Path) -> None:
-        table, data_start = _header(shard)
-        for key, entry in table.items():
-            module, _, kind = key.rpartition(".")
-            if kind in ("scales", "biases") or self._gguf_name(module) is None:
-                continue  # an MLX weight's scales and biases are read with it
-            ours, hf_module = self._gguf_name(module)
-            if kind not in ("weight", "bias"):
-                continue  # rotary_emb.inv_freq and the like: computed, not read
-            name = f"{ours}.{kind}"
+    def _index(self, shards: list[Path]) -> None:
+        table: dict[str, tuple[Path, int, dict[str, Any]]] = {}  # every shard's: an MLX weight's parts may straddle
+        for shard in shards:
+            entries, data_start = _header(shard)
+            table |= {key: (shard, data_start, entry) for key, entry in entries.items()}
+
+        def where(key: str) -> tuple[Path, int, int]:
+            shard, data_start, entry = table[key]
             begin, end = entry["data_offsets"]
-            shape = tuple(entry["shape"])
+            return shard, data_start + begin, end - begin
+
+        for key, (shard, _, entry) in table.items():
+            module, _, kind = key.rpartition(".")
+            names = self._gguf_name(module)
+            if names is None or kind not in ("weight", "bias"):
+                continue  # an MLX weight's scales and biases (read with it), rotary_emb.inv_freq, a vision tower...
+            ours, hf_module = names
+            name, shape = f"{ours}.{kind}", tuple(entry["shape"])
             if entry["dtype"] == "U32" and f"{module}.scales" in table:
-                affine = self._affine(hf_module, table[f"{module}.scales"])
-                cols = shape[1] * 32 // affine.bits
-                ranges = [(data_start + begin, end - begin)]
-                for part in ("scales", "biases"):
-                    b, e = table[f"{module}.{part}"]["data_offsets"]
-                    ranges.append((data_start + b, e - b))
-                qtype, shape = affine, (shape[0], cols)
+                affine = self._affine(hf_module, table[f"{module}.scales"][2])
+                ranges = [where(key), where(f"{module}.scales"), where(f"{module}.biases")]
+                qtype, shape = affine, (shape[0], shape[1] * 32 // affine.bits)
             elif entry["dtype"] in DTYPES:
-                ranges, qtype = [(data_start + begin, end - begin)], DTYPES[entry["dtype"]]
+                ranges, qtype = [where(key)], DTYPES[entry["dtype"]]
             else:
                 raise ModelFileError(f"{shard}: tensor {key} is {entry['dtype']}, which duskpool does not read "
                                      f"(supported: {', '.join(DTYPES)} and MLX's packed U32)")
@@ -176,7 +176,7 @@ class ModelFolder:
             if self.permute_qk and ours.endswith(("attn_q", "attn_k")) and kind == "weight":
                 heads = self._heads(ours.endswith("attn_k"))
             plus_one = self.architecture == "gemma3" and ours.endswith("norm")
-            self.stored[name] = Stored(shard, tuple(ranges), qtype, shape, heads, plus_one)
+            self.stored[name] = Stored(tuple(ranges), qtype, shape, heads, plus_one)
 
     def _affine(self, hf_module: str, scales: dict[str, Any]) -> Affine:
         if not self.quantization:
@@ -194,13 +194,13 @@ class ModelFolder:
     def read(self, name: str) -> PackedTensor:
         s = self.stored[name]
         parts = []
-        with open(s.file, "rb") as f:
-            for offset, nbytes in s.ranges:
-                part = np.empty(nbytes, dtype=np.uint8)
+        for file, offset, nbytes in s.ranges:
+            part = np.empty(nbytes, dtype=np.uint8)
+            with open(file, "rb") as f:
                 f.seek(offset)
                 if f.readinto(part) != nbytes:
-                    raise ModelFileError(f"{s.file} is truncated inside tensor {name}")
-                parts.append(part)
+                    raise ModelFileError(f"{file} is truncated inside tensor {name}")
+            parts.append(part)
         if s.plus_one:
             values = _floats(parts[0], s.qtype)
             return PackedTensor((values + 1).astype(np.float32).view(np.uint8), Q.F32, s.shape)
@@ -218,7 +218,7 @@ def _info(name: str, s: Stored) -> TensorInfo:
     """The tensor as `read` gives it: a Gemma norm becomes float32."""
     if s.plus_one:
         return TensorInfo(name, Q.F32, s.shape, 0, 4 * int(np.prod(s.shape)))
-    return TensorInfo(name, s.qtype, s.shape, 0, sum(n for _, n in s.ranges))
+    return TensorInfo(name, s.qtype, s.shape, 0, sum(n for _, _, n in s.ranges))
 
 
 def _floats(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -268,8 +268,8 @@ def metadata_from_config(config: dict[str, Any], arch: str) -> dict[str, Any]:
         put("rope.scaling.type", kind)  # the family refuses it, naming it
     if arch == "llama" and (c.get("attention_bias") or c.get("mlp_bias")):
         raise ModelFileError("Llama with biases on its projections is not supported")
-    if arch == "qwen2" and c.get("use_sliding_window"):
-        raise ModelFileError("Qwen2 with sliding-window layers (use_sliding_window) is not supported")
+    if arch in ("qwen2", "qwen3") and c.get("use_sliding_window"):
+        raise ModelFileError(f"{arch} with sliding-window layers (use_sliding_window) is not supported")
     if arch == "llama" and c.get("sliding_window"):  # Mistral's
         put("attention.sliding_window", c["sliding_window"])
     if arch == "gemma3":
