@@ -35,10 +35,10 @@ from duskpool.weights.store import (
     tensor_hashes,
 )
 
-# 1 MiB a message: a chunk costs a few Python calls and protobuf copies at each end, so not much smaller; and
-# not much bigger, since each copy of a chunk lands in freshly mapped memory above glibc's reuse threshold
-# (a page fault per 4 KiB) and no longer in cache (measured: 16 MiB chunks moved a third of 1 MiB's bytes/s).
-CHUNK_BYTES = 2**20
+# 256 KiB a message. Bigger is slower: each copy of a chunk lands in freshly mapped memory (glibc maps blocks
+# that big anew: a page fault per 4 KiB) and no longer in cache. Measured with benchmarks/transfer.py on the
+# 16-CPU GPU machine: 256 KiB 0.64-0.67 GB/s, 1 MiB 0.58-0.63, 4 MiB 0.39-0.45, 16 MiB a third of 1 MiB here.
+CHUNK_BYTES = 256 * 2**10
 
 
 class Missing(NamedTuple):
