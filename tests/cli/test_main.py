@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from duskpool.backends import backend
 from duskpool.cli.main import main
 from tests.conftest import Q, write_tiny_llama
 
@@ -79,3 +80,4 @@ def test_plan_explains_the_placement(capsys, tmp_path):
                                "--state-dir", str(swarm.pool.pool.state_dir))
     assert code == 0
     assert "ms/token" in out and "gateway" in out
+    assert f"cpu ({backend('cpu').device()})" in out  # each node's backend and device, as its Info says

@@ -126,7 +126,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from duskpool.backends import describe_model
+    import dataclasses
+
+    from duskpool.backends import backend, describe_model, pick
     from duskpool.cluster import planner
     from duskpool.cluster.membership import GATEWAY_PROFILE, NodeClient, model_profile, node_profile
     from duskpool.engine.runner import DEFAULT_CONTEXT
@@ -141,9 +143,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     nodes = [node_profile(NodeClient(a, identity), profile.layer_bytes) for a in args.node]
     config = planner.PlanConfig(context=args.context or DEFAULT_CONTEXT, privacy_prefix=args.privacy_prefix,
                                 privacy_suffix=args.privacy_suffix)
-    placement = planner.with_replicas(planner.plan(profile, GATEWAY_PROFILE, nodes, config), profile, nodes,
+    here = pick("auto")  # what a gateway started here computes its own layers with
+    gateway = dataclasses.replace(GATEWAY_PROFILE, backend=f"{here} ({backend(here).device()})")
+    placement = planner.with_replicas(planner.plan(profile, gateway, nodes, config), profile, nodes,
                                       args.replicas, config)
-    print(planner.explain(placement, profile, GATEWAY_PROFILE, nodes, config))
+    print(planner.explain(placement, profile, gateway, nodes, config))
     return 0
 
 

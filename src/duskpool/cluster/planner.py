@@ -52,6 +52,7 @@ class NodeProfile:
     ms_per_layer: float  # measured decode time of one layer at batch 1
     rtt_ms: float  # round trip to the gateway; half of it is charged per hop into this node
     bandwidth_bytes_per_s: float
+    backend: str = ""  # what computes there, as `plan` shows it: "mlx (Apple M2 Max GPU)", "cpu (...)"
 
 
 @dataclass(frozen=True)
@@ -325,11 +326,12 @@ def explain(plan: Plan, model: ModelProfile, gateway: NodeProfile,
     config = config or PlanConfig()
     by_id = {n.id: n for n in nodes}
     per_layer = layer_memory(model, config)
-    rows = [("node", "layers", "span", "memory used/usable", "ms/layer", "compute ms", "hop ms")]
+    rows = [("node", "backend", "layers", "span", "memory used/usable", "ms/layer", "compute ms", "hop ms")]
 
     def row(machine: NodeProfile, layers: int, span: str, used: float, compute: float, hop: str) -> None:
-        rows.append((machine.id, str(layers), span, f"{used / GB:.1f}/{usable_bytes(machine, config) / GB:.1f} GB",
-                     f"{machine.ms_per_layer:.2f}", f"{compute:.2f}", hop))
+        rows.append((machine.id, machine.backend or "-", str(layers), span,
+                     f"{used / GB:.1f}/{usable_bytes(machine, config) / GB:.1f} GB", f"{machine.ms_per_layer:.2f}",
+                     f"{compute:.2f}", hop))
 
     n_private = len(plan.prefix) + len(plan.suffix)
     private = ", ".join(f"{r.start}-{r.stop}" for r in (plan.prefix, plan.suffix) if len(r))
@@ -342,7 +344,7 @@ def explain(plan: Plan, model: ModelProfile, gateway: NodeProfile,
             f"{s.hop_ms:.2f}")
 
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
-    text_columns = (0, 2)  # node and span; the numbers are right-aligned
+    text_columns = (0, 1, 3)  # node, backend and span; the numbers are right-aligned
     lines = ["  ".join(c.ljust(widths[k]) if k in text_columns else c.rjust(widths[k]) for k, c in enumerate(r))
              for r in rows]
     lines += [f"{node_id}: no layers, {reason}" for node_id, reason in plan.excluded]
@@ -363,8 +365,9 @@ def node_profile(client: Any, layer_bytes: int, even: bool = False) -> NodeProfi
     swarm, whose nodes share one CPU)."""
     info = client.info
     ms_per_layer = layer_bytes / info.matmul_bytes_per_ms if info.matmul_bytes_per_ms and not even else 1.0
+    backend = f"{info.backend} ({info.device})" if info.backend and info.device else info.backend
     return NodeProfile(info.node_id, info.memory_free, ms_per_layer, client.rtt_ms,
-                       bandwidth_bytes_per_s=125e6)  # assume gigabit until measured
+                       bandwidth_bytes_per_s=125e6, backend=backend)  # assume gigabit until measured
 
 
 def even_plan(plan_: Plan, node_ids: list[str]) -> Plan:
