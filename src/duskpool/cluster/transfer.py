@@ -105,7 +105,9 @@ class WeightSender:
 
         for reply in stub.LoadSpan(requests()):
             if not reply.ready:
-                held = list(reply.held) or [0] * len(reply.missing)  # a node from before resuming says nothing
+                held = list(reply.held)
+                if len(held) != len(reply.missing):  # a node from before resuming says nothing: each tensor whole
+                    held = [0] * len(reply.missing)
                 missing.put(list(zip(reply.missing, held, strict=True)))
 
 
