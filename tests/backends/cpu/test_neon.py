@@ -16,8 +16,9 @@ from tests.conftest import random_quantized
 
 Q = gguf.GGMLQuantizationType
 CC, QEMU, SYSROOT = "aarch64-linux-gnu-gcc", "qemu-aarch64", "/usr/aarch64-linux-gnu"
-NEON_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.Q4_K, Q.Q5_K, Q.Q6_K]
-SCALAR_TYPES = [Q.Q2_K, Q.Q3_K, Q.IQ4_XS]  # left to the scalar matmul on ARM: the driver must say so
+NEON_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.IQ4_XS, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F32, Q.F16,
+              Q.BF16]
+SCALAR_TYPES = [Q.Q2_K, Q.Q3_K]  # left to the scalar matmul on ARM: the driver must say so
 N, K = 37, 512  # weight rows (odd: the thread pool's last range is short), values per row
 
 
@@ -33,17 +34,18 @@ def driver(tmp_path_factory) -> Path:
     return binary
 
 
-def run(driver: Path, tmp_path: Path, qtype: Q, M: int, seed: int) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray]:
+def run(driver: Path, tmp_path: Path, qtype: Q, M: int, seed: int, K: int = K) -> tuple[bool, np.ndarray, ...]:
     """(whether a SIMD kernel ran, dp_matmul's y, the scalar matmul's y, the float64 reference), each [M, N]."""
     rng = np.random.default_rng(seed)
-    blocks = np.ascontiguousarray(random_quantized(rng, N, K, qtype)).view(np.uint8).reshape(N, -1)
+    weight = random_quantized(rng, N, K, qtype)
+    blocks = np.ascontiguousarray(weight).view(np.uint8).reshape(N, -1)
     x = rng.standard_normal((M, K)).astype(np.float32)
     (tmp_path / "in").write_bytes(np.array([qtype, N, K, M, blocks.shape[1]], np.int32).tobytes()
                                   + blocks.tobytes() + x.tobytes())
     subprocess.run([QEMU, "-L", SYSROOT, str(driver), str(tmp_path / "in"), str(tmp_path / "out")], check=True,
                    timeout=120)
     out = np.frombuffer((tmp_path / "out").read_bytes(), np.float32, offset=4).reshape(2, M, N)
-    reference = x.astype(np.float64) @ gguf.quants.dequantize(blocks, qtype).reshape(N, K).astype(np.float64).T
+    reference = x.astype(np.float64) @ gguf.quants.dequantize(weight, qtype).reshape(N, K).astype(np.float64).T
     return bool(np.frombuffer((tmp_path / "out").read_bytes()[:4], np.int32)[0]), out[0], out[1], reference
 
 
@@ -56,6 +58,14 @@ def test_neon_kernels_match_the_scalar_matmul_and_gguf(driver, tmp_path, qtype, 
     # the same sums in another order (and, for Q4_0/Q4_1, x rearranged per block): fp32 rounding apart
     np.testing.assert_allclose(y, scalar, rtol=0, atol=2e-5 * scale, err_msg=f"{qtype.name}: NEON vs scalar C")
     np.testing.assert_allclose(y, reference, rtol=0, atol=2e-5 * scale, err_msg=f"{qtype.name}: NEON vs gguf-py")
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16], ids=lambda q: q.name)
+def test_float_rows_of_an_odd_width(driver, tmp_path, qtype):
+    simd, y, scalar, reference = run(driver, tmp_path, qtype, 2, seed=int(qtype), K=77)  # the last 1 value alone
+    assert simd
+    np.testing.assert_allclose(y, scalar, rtol=0, atol=2e-5 * np.abs(reference).max())
+    np.testing.assert_allclose(y, reference, rtol=0, atol=2e-5 * np.abs(reference).max())
 
 
 @pytest.mark.parametrize("qtype", SCALAR_TYPES, ids=lambda q: q.name)

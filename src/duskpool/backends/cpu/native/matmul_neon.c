@@ -2,7 +2,8 @@
 // method on 128-bit vectors. Each weight row is read once and dotted with every row of x block by
 // block: d * sum(q * x) (+ m * sum(x) for the types with a min, sum(x) per 32 values from matmul.c),
 // the quants widened to fp32 and multiplied in with FMAs. Row kernels only (no tiles): Q4_0, Q4_1,
-// Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q5_K and Q6_K; the other types stay with the scalar matmul.
+// Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS, Q4_K, Q5_K, Q6_K, F32, F16 and BF16; Q2_K and Q3_K stay with the
+// scalar matmul.
 #include "native.h"
 
 #ifdef DP_NEON
@@ -119,6 +120,24 @@ static void iq4_nl_rows(const uint8_t *w, int64_t K, const float *x, const float
     ROWS_OUT
 }
 
+// IQ4_XS: d, scales_h, scales_l[4], qs[128]: IQ4_NL's codes in 8 sub-blocks of 32, each scaled by
+// d * (its 6-bit scale - 32)
+static void iq4_xs_rows(const uint8_t *w, int64_t K, const float *x, const float *sx, int MB, float *out) {
+    ROWS_DECL
+    const int8x16_t table = vld1q_s8(iq4_values);
+    for (int64_t sb = 0; sb < K / 256; sb++, w += 136) {
+        const float d = f16(w);
+        for (int ib = 0; ib < 8; ib++) {
+            const uint8x16_t codes = vld1q_u8(w + 8 + 16 * ib);
+            float32x4_t lo[4], hi[4];
+            widen_s8(vqtbl1q_s8(table, vandq_u8(codes, vdupq_n_u8(15))), lo);
+            widen_s8(vqtbl1q_s8(table, vshrq_n_u8(codes, 4)), hi);
+            block32(lo, hi, d * (scale_iq4_xs(w, ib) - 32), 0.0f, sb * 8 + ib, x, K, sx, acc, macc, MB);
+        }
+    }
+    ROWS_OUT
+}
+
 // Q4_K and Q5_K: 256 values in 8 sub-blocks of 32, each with a 6-bit scale and min: d * sc * q - dmin * mn.
 // Group g (64 values) has 32 bytes of nibbles: low nibbles sub-block 2g, high 2g + 1; Q5_K adds bit 2g
 // (low) or 2g + 1 (high) of qh[l] as the fifth bit of value l.
@@ -185,6 +204,36 @@ static void q6_k_rows(const uint8_t *w, int64_t K, const float *x, const float *
     ROWS_OUT
 }
 
+// F32, F16, BF16: 4 values at a time as floats, then the tail (K need not be a multiple of 4)
+DP_INLINE float32x4_t float4(const uint8_t *p, const int type) {
+    if (type == F32) return vld1q_f32((const float *)p);
+    const uint16x4_t h = vld1_u16((const uint16_t *)p);
+    if (type == F16) return vcvt_f32_f16(vreinterpret_f16_u16(h));
+    return vreinterpretq_f32_u32(vshlq_n_u32(vmovl_u16(h), 16));
+}
+
+static inline float float1(const uint8_t *p, const int type) {
+    if (type == F32) { float f; memcpy(&f, p, 4); return f; }
+    if (type == F16) return f16(p);
+    const uint32_t b = (uint32_t)(p[0] | (p[1] << 8)) << 16; float f; memcpy(&f, &b, 4); return f;
+}
+
+static void float_rows(const uint8_t *w, int64_t K, const float *x, int MB, float *out, const int type) {
+    ROWS_DECL
+    const int size = type == F32 ? 4 : 2;
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+        const float32x4_t v = float4(w + k * size, type);
+        for (int m = 0; m < MB; m++) acc[m] = vfmaq_f32(acc[m], v, vld1q_f32(x + m * K + k));
+    }
+    for (; k < K; k++)
+        for (int m = 0; m < MB; m++) macc[m] += float1(w + k * size, type) * x[m * K + k];
+    ROWS_OUT
+}
+
+static void rows_f32(const uint8_t *w, int64_t K, const float *x, const float *sx, int MB, float *out) { (void)sx; float_rows(w, K, x, MB, out, F32); }
+static void rows_f16(const uint8_t *w, int64_t K, const float *x, const float *sx, int MB, float *out) { (void)sx; float_rows(w, K, x, MB, out, F16); }
+static void rows_bf16(const uint8_t *w, int64_t K, const float *x, const float *sx, int MB, float *out) { (void)sx; float_rows(w, K, x, MB, out, BF16); }
 static void rows_q4_0(const uint8_t *w, int64_t K, const float *x, const float *sx, int MB, float *out) { q4_rows(w, K, x, sx, MB, out, 0); }
 static void rows_q4_1(const uint8_t *w, int64_t K, const float *x, const float *sx, int MB, float *out) { q4_rows(w, K, x, sx, MB, out, 1); }
 static void rows_q5_0(const uint8_t *w, int64_t K, const float *x, const float *sx, int MB, float *out) { q5_rows(w, K, x, sx, MB, out, 0); }
@@ -205,6 +254,10 @@ row_kernel row_kernel_for(int type) {
     case Q4_K: return rows_q4_k;
     case Q5_K: return rows_q5_k;
     case Q6_K: return q6_k_rows;
+    case IQ4_XS: return iq4_xs_rows;
+    case F32: return rows_f32;
+    case F16: return rows_f16;
+    case BF16: return rows_bf16;
     default: return NULL;
     }
 }
