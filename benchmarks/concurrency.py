@@ -119,6 +119,9 @@ def main() -> None:
                     # seconds each) the first time it meets one; the figures are the steady state
                     run_streams(url, prompts, 4)
                     results.append(run_streams(url, prompts, args.tokens))
+                    # how full the batches were: sessions per forward over each stage's last 64 forwards
+                    results[-1]["batch"] = [gateway.batcher.mean_sessions()] + [
+                        gateway.node_info(a).batch_sessions for a in swarm.addresses]
                     print(f"  {n} streams: {results[-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
                 for name, prompt in (("repeat-the-text", REPEAT), ("chat", CHAT)):
                     for on in (False, True):
@@ -141,14 +144,15 @@ def main() -> None:
                                           for (n, on), v in spec.items() if on != "same" for r, acc in [v]}}))
         return
     print("| streams | agg tok/s | × 1 stream | TTFT p50 s (×) | TTFT p99 s (×) | inter-token p50 ms (×) "
-          "| inter-token p99 ms (×) |")
-    print("|---|---|---|---|---|---|---|")
+          "| inter-token p99 ms (×) | sessions/forward (gateway, nodes) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['streams']} | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.2f} "
               f"| {r['ttft_p50']:.2f} ({r['ttft_p50'] / base['ttft_p50']:.1f}) "
               f"| {r['ttft_p99']:.2f} ({r['ttft_p99'] / base['ttft_p99']:.1f}) "
               f"| {r['itl_p50'] * 1000:.0f} ({r['itl_p50'] / base['itl_p50']:.1f}) "
-              f"| {r['itl_p99'] * 1000:.0f} ({r['itl_p99'] / base['itl_p99']:.1f}) |")
+              f"| {r['itl_p99'] * 1000:.0f} ({r['itl_p99'] / base['itl_p99']:.1f}) "
+              f"| {', '.join(f'{b:.1f}' for b in r['batch'])} |")
     print()
     print("| task | tok/s off | tok/s on | on / off | acceptance | same text |")
     print("|---|---|---|---|---|---|")
