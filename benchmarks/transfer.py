@@ -5,7 +5,9 @@ loopback, in MB/s, beside a raw TLS socket copy of as many bytes measured in the
 
 The node is a child process serving LoadSpan with the node's own receive path (transfer.lacking, transfer.receive,
 the TensorStore) but not the span's load, which is compute, not transfer; its store is emptied before each run.
-The model is a random Llama-shaped Q4_K GGUF written once into a temp dir.
+The raw copy's receiver only reads into a buffer, where the node also hashes and writes every byte: the ratio's 1.0
+is a ceiling no node reaches. Beside each MB/s, the CPU seconds per GB of each end, which a loaded machine's
+sharing changes less than the rate. The model is a random Llama-shaped Q4_K GGUF written once into a temp dir.
 """
 
 import argparse
@@ -104,7 +106,7 @@ class Clock:
         self.sender_cpu, self.node_cpu = now[0] - self.cpu[0], now[1] - self.cpu[1]
 
     def report(self, nbytes: int) -> str:
-        """MB/s, and CPU seconds per GB at each end: what a loaded machine's sharing does not change much."""
+        """MB/s, and CPU seconds per GB at each end."""
         return (f"{nbytes / self.seconds / 1e6:6.0f} MB/s (CPU s/GB: sender {self.sender_cpu / nbytes * 1e9:4.2f},"
                 f" node {self.node_cpu / nbytes * 1e9:4.2f})")
 
