@@ -23,7 +23,7 @@ from duskpool.api.tools import Answer, CallEnd, CallParser, CallStart, Event, Te
 from duskpool.engine.generate import GenerationParams, GenerationStats, TokenLogprob
 from duskpool.engine.grammar import Grammar, Vocabulary
 from duskpool.engine.sampling import SamplingParams
-from duskpool.weights.catalog import quant_from_filename
+from duskpool.weights.catalog import folder_quant, quant_from_filename
 from duskpool.weights.folder import open_model
 from duskpool.weights.gguf import GGUFFile
 
@@ -312,7 +312,7 @@ def _describe(path: Path) -> tuple[dict, dict]:
     arch = file.architecture
     details = {"parent_model": "", "format": "gguf" if isinstance(file, GGUFFile) else "safetensors",
                "family": arch, "families": [arch], "parameter_size": size,
-               "quantization_level": quant_from_filename(path.name) or ""}
+               "quantization_level": (folder_quant(path) if path.is_dir() else quant_from_filename(path.name)) or ""}
     info = {k: v for k, v in file.metadata.items()
             if isinstance(v, str | int | float | bool) and not k.startswith("tokenizer.")}
     return details, info | {"general.parameter_count": params}

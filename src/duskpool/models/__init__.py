@@ -70,7 +70,8 @@ def describe(file: ModelFile, ops: Ops) -> ModelSpec:
 
     layer_bytes = max((nbytes(family.tensors_for(config, range(i, i + 1), False, False, ()))
                        for i in range(config.n_layers)), default=0)
-    return ModelSpec(name=Path(str(file.path)).name, architecture=file.metadata["general.architecture"],
+    name = getattr(file, "name", None) or Path(str(file.path)).name  # a folder names itself (weights/folder.py)
+    return ModelSpec(name=name, architecture=file.metadata["general.architecture"],
                      n_layers=config.n_layers, dim=config.dim, vocab_size=config.vocab_size,
                      context_length=config.context_length,
                      kv_bytes_per_token=2 * config.n_kv_heads * config.head_dim * ops.KV_VALUE_BYTES,

@@ -32,6 +32,12 @@ INDEX = "model.safetensors.index.json"
 # is read from its text_config
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
                  "qwen3": ("qwen3", False), "gemma3_text": ("gemma3", False), "gemma3": ("gemma3", False)}
+# What transformers' config class assumes where a config.json leaves a field out (Gemma 3 4B/12B/27B's text_config
+# gives only what differs from them)
+DEFAULTS = {"gemma3": {"vocab_size": 262208, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                       "rms_norm_eps": 1e-6, "rope_theta": 1e6, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                       "rope_local_base_freq": 10000.0, "max_position_embeddings": 131072,
+                       "sliding_window_pattern": 6}}
 # where the text model's tensors live in a checkpoint, by the class that wrote it
 PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 HEADS = ("lm_head", "language_model.lm_head")
@@ -113,13 +119,17 @@ class ModelFolder:
         if model_type not in ARCHITECTURES:
             raise ModelFileError(f"model architecture '{model_type}' (config.json model_type) is not supported "
                                  f"(supported: {', '.join(ARCHITECTURES)})")
-        self.config = config.get("text_config", config) if model_type == "gemma3" else config
+        arch, self.permute_qk = ARCHITECTURES[model_type]
+        text = config.get("text_config", config) if model_type == "gemma3" else config
+        self.config = DEFAULTS.get(arch, {}) | text
         self.quantization = config.get("quantization")  # mlx-lm's: {"group_size": 64, "bits": 4, per-module...}
         if self.quantization and self.quantization.get("mode", "affine") != "affine":
             raise ModelFileError(f"{self.path}: MLX quantization mode '{self.quantization['mode']}' is not "
                                  "supported (only affine)")
-        arch, self.permute_qk = ARCHITECTURES[model_type]
-        self.metadata = metadata_from_config(self.config, arch)
+        try:
+            self.metadata = metadata_from_config(self.config, arch)
+        except KeyError as e:
+            raise ModelFileError(f"{self.path}: config.json lacks {e}") from None
         self.block = GEMMA_BLOCK if arch == "gemma3" else BLOCK
         self.stored: dict[str, Stored] = {}
         self._index(shards)
@@ -128,6 +138,14 @@ class ModelFolder:
     @property
     def architecture(self) -> str:
         return self.metadata["general.architecture"]
+
+    @property
+    def name(self) -> str:
+        """The repo a Hugging Face cache snapshot is of (`org/name`), else the folder's name."""
+        repo = self.path.parent.parent.name
+        if self.path.parent.name == "snapshots" and repo.startswith("models--"):
+            return "/".join(repo.split("--")[1:])
+        return self.path.name
 
     def _gguf_name(self, hf_name: str) -> tuple[str, str] | None:
         """`model.layers.3.mlp.up_proj` -> (`blk.3.ffn_up`, the HF module); None for a tensor no family reads."""
