@@ -87,9 +87,14 @@ def test_ten_thousand_hostile_messages(node, pool, bundled_model):
     gateway = Gateway.start(bundled_model, [address], identity=pool.gateway, context_length=256, sessions=1,
                             even_split=True, progress=False)
     hop = gateway.route[0]
-    sink = RecordingSink()  # the gateway's end, stood in for
-    sink_server, sink_port = start_server(sink, "127.0.0.1", 0, pool.nodes[1], lambda fp: False)
+    sink = RecordingSink()  # the gateway's end, stood in for: a second sink of the gateway's, told to the node
+    sink_server, sink_port = start_server(sink, "127.0.0.1", 0, pool.gateway, lambda fp: False)
     sink_address = f"127.0.0.1:{sink_port}"
+    # the members a route may name: the node, and two where nobody listens (a next node it cannot reach)
+    members = {address: pool.nodes[0].member_id, "127.0.0.1:1": 0, "[::1]:1": 0}
+    sinks = {gateway.sink_address, sink_address}
+    gateway.members.clients[0].stub.SetMembers(pb.MemberList(
+        sinks=sorted(sinks), members=[pb.MemberAddress(address=a, member_id=m) for a, m in members.items()]))
 
     # the well-formed session: greedy tokens through the node, fed one step per 100 hostile messages
     local = LocalEngine.load(bundled_model)
@@ -151,7 +156,9 @@ def test_ten_thousand_hostile_messages(node, pool, bundled_model):
                                     sink=sink_address if sink == "ours" else bad_sink)
         outbox.put(request)
         counts["sent"] += 1
-        answer = reply_for(step, valid_route(request), request)  # a route it cannot trust is answered to us here
+        # a route it cannot trust, or one naming a non-member or a sink of no gateway, is answered to us here
+        to_sink = valid_route(request) and request.sink in sinks and all(s.address in members for s in route[1:])
+        answer = reply_for(step, to_sink, request)
         if answer.error:
             counts["error"] += 1
             assert f"node {gateway.members.clients[0].info.node_id}" in answer.error
