@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"port to listen on; 0 picks a free one (default: {DEFAULT_NODE_PORT})")
     node.add_argument("--cache-dir", default=None, help="where received weights are kept "
                       "(default: node/ in the cache directory: ~/.cache/duskpool, on macOS ~/Library/Caches/duskpool)")
+    node.add_argument("--models", action="append", default=[], metavar="DIR",
+                      help="model files this machine already has (GGUF files and model folders under DIR, "
+                           "repeatable): a span's tensors found there, byte for byte, are read from disk, not streamed")
     node.add_argument("--memory-limit", default=None, metavar="SIZE",
                       help="most memory to lend, e.g. 8G or 512M (default: what is free)")
     node.add_argument("--no-announce", action="store_true", help="do not announce this node by mDNS")

@@ -264,6 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     _check_port(args.host, args.port)  # before seconds of imports, and before a join, which spends the token
+    models = _model_dirs(args.models)
     from duskpool.cluster.node import serve
     from duskpool.weights.store import default_cache_dir
 
@@ -283,7 +284,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     identity = _node_identity(args)
     try:
         serve(args.host, args.port, cache_dir, identity, limit, announce=not args.no_announce, policy=policy,
-              backend_name=args.backend, identity_dir=_identity_dir(args))
+              backend_name=args.backend, identity_dir=_identity_dir(args), models=models)
     except KeyboardInterrupt:
         pass
     except OSError as e:  # such as the port taken, or an address not this machine's
@@ -334,6 +335,15 @@ def _node_identity(args: argparse.Namespace):
         raise ValueError(f"this node has no pool identity ({e}); join a pool with `duskpool node --join "
                          "TOKEN@GATEWAY:7472` (a token comes from `duskpool token` on the gateway), or use "
                          "--insecure to debug") from None
+
+
+def _model_dirs(dirs: list[str]) -> tuple[Path, ...]:
+    """--models DIR ...: each must be a directory (a typo would otherwise stream every span silently)."""
+    paths = tuple(Path(d).expanduser() for d in dirs)
+    for path in paths:
+        if not path.is_dir():
+            raise ValueError(f"--models {path}: no such directory")
+    return paths
 
 
 def _identity_dir(args: argparse.Namespace) -> Path:

@@ -43,6 +43,7 @@ from duskpool.security import (
     renewal_due,
     save_identity,
 )
+from duskpool.weights import local
 from duskpool.weights.progress import Progress
 from duskpool.weights.store import TensorStore, atomic_file
 
@@ -67,9 +68,10 @@ class Session:
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, cache_dir: Path, memory_limit: int | None = None, node_id: str | None = None,
                  identity: NodeIdentity | None = None, policy: LendPolicy | None = None,
-                 backend_name: str = backends.DEFAULT, identity_dir: Path | None = None):
+                 backend_name: str = backends.DEFAULT, identity_dir: Path | None = None, models: tuple[Path, ...] = ()):
         self.backend = backends.backend(backend_name)
         self.store = TensorStore(cache_dir)
+        self.models = models  # directories of model files this machine has: spans are read from them when they can
         self.configured_policy = self.policy = policy or LendPolicy(lend="always")
         # lent from the start; the first probe takes it back at once if the owner is there
         self.lend_state = LendState(Lending.AVAILABLE, time.time(), "starting")
@@ -143,6 +145,8 @@ class NodeService(pb_grpc.NodeServicer):
         if key not in self.spans and self.memory_limit is not None and span_bytes > self.free_bytes():
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"span needs {span_bytes / 1e9:.2f} GB, this node has {self.free_bytes() / 1e9:.2f} GB free")
+        span = [local.Wanted(t.name, t.sha256, t.nbytes) for t in manifest.tensors]
+        from_disk = local.copy_from_local(self.store, span, local.model_paths(self.models)) if self.models else 0
         wanted = transfer.lacking(manifest, self.store)
         yield transfer.missing_reply(wanted)
         bar = Progress(f"weights <- layers [{manifest.start}, {manifest.stop})",
@@ -161,7 +165,9 @@ class NodeService(pb_grpc.NodeServicer):
         with self._compute:
             self.ms_per_layer = model.ms_per_layer()
         print(f"duskpool node: serving layers [{manifest.start}, {manifest.stop}) of model "
-              f"{manifest.model_hash[:12]} ({received / 1e6:.1f} MB received, {self.ms_per_layer:.2f} ms/layer)",
+              f"{manifest.model_hash[:12]} ({received / 1e6:.1f} MB received, "
+              f"{f'{from_disk / 1e6:.1f} MB read from this machine, ' if from_disk else ''}"
+              f"{self.ms_per_layer:.2f} ms/layer)",
               file=sys.stderr, flush=True)
         yield pb.LoadSpanReply(ready=True, received_bytes=received, ms_per_layer=self.ms_per_layer)
 
@@ -455,10 +461,10 @@ def _reason(e: Exception) -> str:
 
 def serve(host: str, port: int, cache_dir: Path, identity: NodeIdentity | None, memory_limit: int | None = None,
           announce: bool = True, policy: LendPolicy | None = None, backend_name: str = backends.DEFAULT,
-          identity_dir: Path | None = None) -> None:
+          identity_dir: Path | None = None, models: tuple[Path, ...] = ()) -> None:
     """Run a node until interrupted; prints 'listening on HOST:PORT' once ready (the swarm waits for it)."""
     service = NodeService(cache_dir, memory_limit, identity=identity, policy=policy, backend_name=backend_name,
-                          identity_dir=identity_dir)
+                          identity_dir=identity_dir, models=models)
     if identity is not None and (warning := expiry_warning(identity.certificate)):
         print(f"duskpool node: warning: {warning}", file=sys.stderr, flush=True)
     server, bound = start_server(service, host, port, identity, lambda fp: fp in service.revoked)
