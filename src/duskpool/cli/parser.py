@@ -45,7 +45,8 @@ def _add_prompt_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None,
-                        help="a GGUF file, or a name `duskpool models` lists, such as llama3.2:3b from Ollama "
+                        help="a GGUF file, a model folder (Hugging Face safetensors, or MLX), or a name "
+                             "`duskpool models` lists, such as llama3.2:3b from Ollama "
                              "(default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--context", type=int, default=None,
                         help="context length of a session in tokens (default: 4096 or the model's, if less)")
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="duskpool",
         description="Pool idle machines into one private LLM inference service. "
-                    "Runs GGUF models (what Ollama and LM Studio store) split by layers across machines.",
+                    "Runs GGUF models (what Ollama and LM Studio store) and Hugging Face or MLX model folders, "
+                    "split by layers across machines.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -246,9 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     key.set_defaults(handler=pool.cmd_key)
 
     models = commands.add_parser(
-        "models", help="list the GGUF models already on this machine",
+        "models", help="list the models already on this machine",
         description="List the GGUF models of Ollama (~/.ollama/models), LM Studio (~/.lmstudio/models, "
-                    "~/.cache/lm-studio/models), the Hugging Face cache and the bundled default. --model "
+                    "~/.cache/lm-studio/models), the Hugging Face cache and the bundled default, and the model "
+                    "folders (safetensors: Hugging Face's or MLX's) of LM Studio and the Hugging Face cache. --model "
                     "accepts the names in the first column.")
     models.set_defaults(handler=pool.cmd_models)
 
@@ -269,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "prompt tokens each recovers for privacy prefixes 0..K, and of answer tokens for privacy "
                     "suffixes 0..S. docs/privacy.md says what it covers and what it does not.")
     audit.add_argument("--model", "-m", default=None,
-                       help="a GGUF file, or a name `duskpool models` lists "
+                       help="a GGUF file, a model folder, or a name `duskpool models` lists "
                             "(default: the bundled SmolLM2-135M-Instruct)")
     audit.add_argument("--max-prefix", type=int, default=None, metavar="K",
                        help="audit privacy prefixes 0..K (default: 4)")
