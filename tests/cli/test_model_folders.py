@@ -9,6 +9,8 @@ from duskpool.engine.runner import LocalEngine
 from tests.cli.test_main import run_cli
 from tests.models.test_folders import hf_folder
 
+pytestmark = pytest.mark.slow  # the folder's model is made by transformers
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):

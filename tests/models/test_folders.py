@@ -31,6 +31,7 @@ from duskpool.weights.gguf import ModelFileError
 from tests.conftest import greedy_tokens
 from tests.models.test_families import PROMPT, STEPS, agreement, families, run, their_run, tiny_model
 
+pytestmark = pytest.mark.slow  # transformers is the reference
 Q = GGMLQuantizationType
 NEEDS_MLX = pytest.mark.skipif(importlib.util.find_spec("mlx") is None, reason="MLX is not installed")
 TEXT = ("Tide pools form where the sea leaves water behind in hollows of rock. Crabs, anemones and small fish live "
