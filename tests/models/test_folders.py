@@ -201,6 +201,45 @@ def test_an_mlx_folder_is_sent_to_nodes_and_cached_by_content(tmp_path):
     assert (tokens, sent) == (their_tokens, 0)
 
 
+def dequantized(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict an MLX folder's packed weights stand for, as MLX dequantizes them (float32 scales)."""
+    mx = pytest.importorskip("mlx.core")
+    quantization = json.loads((path / "config.json").read_text())["quantization"]
+    arrays = {}
+    for file in path.glob("*.safetensors"):
+        arrays |= mx.load(str(file))
+    state = {}
+    for key, array in arrays.items():
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and f"{module}.scales" in arrays:
+            array = mx.dequantize(array, arrays[f"{module}.scales"].astype(mx.float32),
+                                  arrays[f"{module}.biases"].astype(mx.float32),
+                                  group_size=quantization["group_size"], bits=quantization["bits"])
+        if not key.endswith((".scales", ".biases")):
+            state[key] = torch.from_numpy(np.array(array.astype(mx.float32)))
+    return state
+
+
+@NEEDS_MLX
+@pytest.mark.parametrize(("name", "bits"), [("llama", 4), ("gemma3", 4), ("qwen2", 8)])
+def test_what_mlx_lm_convert_writes_computes_its_dequantized_weights_on_both_backends(name, bits, tmp_path):
+    mlx_lm = pytest.importorskip("mlx_lm")
+    source = hf_folder(name, tmp_path / "hf")
+    path = tmp_path / "mlx"
+    mlx_lm.convert(hf_path=str(source), mlx_path=str(path), quantize=True, q_group_size=64, q_bits=bits)
+    assert json.loads((path / "config.json").read_text())["quantization"]["bits"] == bits
+    state = dequantized(path)
+    reference = reference_of(name, {**state, "lm_head.weight": state.get("lm_head.weight",
+                                                                        state["model.embed_tokens.weight"])})
+    their_logits, their_tokens = their_run(reference, PROMPT, STEPS)
+    for backend in ("cpu", "mlx"):
+        engine = LocalEngine.load(path, backend_name=backend)
+        our_logits, our_tokens = run([engine.model], PROMPT, STEPS)
+        assert_agrees(our_logits, their_logits, f"{name} {bits}-bit by mlx-lm on {backend}")
+        assert our_tokens == their_tokens, f"{name} {bits}-bit by mlx-lm on {backend}: greedy tokens differ"
+    assert engine.tokenizer.chat_template == TEMPLATE  # mlx-lm moves it to chat_template.jinja
+
+
 def test_the_tokenizer_of_a_folder_is_transformers_own(tmp_path):
     transformers = pytest.importorskip("transformers")
     path = hf_folder("qwen3", tmp_path / "qwen3")
