@@ -124,7 +124,7 @@ CORPUS = (TOOL_TEMPLATE + ' {"type": "function", "function": {"name": "get_weath
           '"days"]}}} What will the weather be in Paris?')
 
 
-def write_tiny_chat_llama(path: Path, template: str | None = TOOL_TEMPLATE, seed: int = 0) -> Path:
+def write_tiny_chat_llama(path: Path, template: str | None = TOOL_TEMPLATE, seed: int = 0, layers: int = 2) -> Path:
     """A random-weight tiny Llama (float32) with a byte-level BPE vocabulary, ChatML's control tokens and, when
     given, a chat template: a real model file, only its words are noise."""
     tokens = byte_vocabulary() + [t for t, _ in SPECIAL]
@@ -132,7 +132,7 @@ def write_tiny_chat_llama(path: Path, template: str | None = TOOL_TEMPLATE, seed
     merges = [(a, b) for a, b in learn_merges(CORPUS, 250) if a + b not in tokens]
     tokens += list(dict.fromkeys(a + b for a, b in merges))
     types += [1] * (len(tokens) - len(types))
-    bare = write_tiny_llama(path.with_suffix(".bare.gguf"), gguf.GGMLQuantizationType.F32, layers=2, dim=64,
+    bare = write_tiny_llama(path.with_suffix(".bare.gguf"), gguf.GGMLQuantizationType.F32, layers=layers, dim=64,
                             heads=4, kv_heads=2, ffn=128, vocab=len(tokens), seed=seed)
     reader = gguf.GGUFReader(bare)
     writer = gguf.GGUFWriter(str(path), reader.fields["general.architecture"].contents())
