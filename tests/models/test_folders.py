@@ -3,8 +3,9 @@
 Each family's tiny random model (test_families.py) is saved as transformers saves it (bf16 safetensors, config.json,
 one family sharded with an index) beside a tokenizer.json, and read back by transformers' own loader: ours, reading
 the same folder, must give the same logits and the same 32 greedy tokens, in this process and through two nodes.
-An MLX folder is written as mlx-lm writes one (mx.quantize's packed codes, scales and biases in the model's bf16,
-config.json's "quantization"); its reference is transformers running the dequantized weights.
+An MLX folder is made by mlx-lm itself (`mlx_lm.convert`), and, for the widths and shard layouts it is not asked
+for, written as it writes one (mx.quantize's packed codes, scales and biases in the model's bf16, config.json's
+"quantization"); its reference is transformers running the weights as MLX dequantizes them.
 """
 
 import contextlib
