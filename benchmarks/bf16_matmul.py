@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/bf16_matmul.py [--threads 2] [--reps 15]
 
-- the C kernel (what QuantTensor.matmul_into runs below GEMM_MIN_ROWS rows): reads the bf16 weight, computes in float32;
+- the C kernel (what QuantTensor.matmul_into runs below GEMM_MIN_ROWS_BF16 rows): reads bf16, computes in float32;
 - torch's bf16 matmul: the input rounded to bf16, `x.bfloat16() @ W.T`;
-- float32: the weight dequantized per call, then BLAS (QuantTensor's path from GEMM_MIN_ROWS rows).
+- float32: the weight dequantized per call, then BLAS (QuantTensor's path from GEMM_MIN_ROWS_BF16 rows).
 Figures are the best of --reps, in ms; "error" is the largest difference from the C kernel's output.
 """
 
@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)
     for rows, cols in [(2048, 2048), (8192, 2048)]:
-        for batch in (1, 4, 24, 128):
+        for batch in (1, 4, 24, 64, 128):
             print(measure(rows, cols, batch, args.reps))
 
 
