@@ -197,11 +197,12 @@ def test_key_create_makes_a_key_the_api_accepts(capsys, tmp_path, monkeypatch):
         "latin-1")
     check = key_check(args)
     assert check(key) and not check(key + "x") and not check("")
-    both = key_check(build_parser().parse_args(["serve", "--api-key", "given", "--state-dir", state]))
+    monkeypatch.setenv("DUSKPOOL_API_KEY", "given")
+    both = key_check(build_parser().parse_args(["serve", "--state-dir", state]))
     assert both("given") and both(key) and not both("neither")
 
 
-def test_an_api_key_from_a_file_is_accepted_and_one_on_the_command_line_warned_about(capsys, tmp_path, monkeypatch):
+def test_an_api_key_from_a_file_is_accepted_and_one_on_the_command_line_refused(capsys, tmp_path, monkeypatch):
     from duskpool.cli.parser import build_parser
     from duskpool.cli.serving import key_check
 
@@ -212,5 +213,8 @@ def test_an_api_key_from_a_file_is_accepted_and_one_on_the_command_line_warned_a
     check = key_check(build_parser().parse_args(["serve", "--api-key-file", str(keys), "--state-dir", state]))
     assert check("dpk_from_file") and check("dpk_second") and not check("") and not check("dpk_other")
     assert "warning" not in capsys.readouterr().err
-    check = key_check(build_parser().parse_args(["serve", "--api-key", "dpk_argv", "--state-dir", state]))
-    assert check("dpk_argv") and "--api-key-file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # every user of the machine could read it in `ps`
+        build_parser().parse_args(["serve", "--api-key", "dpk_argv", "--state-dir", state])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "--api-key is refused" in err
+    assert "--api-key-file PATH" in err and "DUSKPOOL_API_KEY" in err and "dpk_argv" not in err

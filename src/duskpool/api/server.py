@@ -282,7 +282,7 @@ def check_bind(host: str, keyed: bool) -> None:
     """Off loopback, an API key is required: anyone on the network could otherwise use the pool."""
     if not is_loopback(host) and not keyed:
         raise ValueError(f"serving on {host} (not loopback) needs an API key: make one with `duskpool key create` "
-                         "or pass --api-key KEY (or set DUSKPOOL_API_KEY); or serve on 127.0.0.1")
+                         "or pass --api-key-file PATH (or set DUSKPOOL_API_KEY); or serve on 127.0.0.1")
 
 
 def key_checker(api_keys: list[str]) -> Callable[[str], bool] | None:

@@ -74,6 +74,14 @@ def _add_route_flags(parser: argparse.ArgumentParser) -> None:
                              "(default: 0: a span whose node dies is loaded onto another)")
 
 
+class RefuseKeyOnArgv(argparse.Action):
+    """--api-key KEY is refused: a key on the command line is readable by every user of the machine (ps, /proc)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} is refused: every user of this machine can read a command line (ps, /proc); "
+                     "put the key in a file and pass --api-key-file PATH, or set DUSKPOOL_API_KEY")
+
+
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     from duskpool.api import DEFAULT_PORT  # the package alone: FastAPI's import would slow --help
 
@@ -84,9 +92,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key-file", action="append", default=[], metavar="PATH",
                    help="a file of keys (one per line) clients must send as 'Authorization: Bearer KEY' "
                         "(repeatable; or set DUSKPOOL_API_KEY, or store keys with `duskpool key create`)")
-    g.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="a key on the command line: every user of this machine sees it in `ps` (prefer "
-                        "--api-key-file; repeatable)")
+    g.add_argument("--api-key", action=RefuseKeyOnArgv, help=argparse.SUPPRESS)
     g.add_argument("--max-sessions", type=int, default=None,
                    help="at most this many generations at once (default: as many as the lent memory holds KV for)")
     g.add_argument("--max-queue", type=int, default=512,

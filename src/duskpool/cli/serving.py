@@ -75,18 +75,14 @@ def _wait_for_ctrl_c(what: str) -> int:
 
 
 def key_check(args: argparse.Namespace):
-    """What the HTTP API accepts as a key: --api-key / DUSKPOOL_API_KEY, and the keys `duskpool key create`
+    """What the HTTP API accepts as a key: --api-key-file / DUSKPOOL_API_KEY, and the keys `duskpool key create`
     stored in the pool's state; None when there are none (then it may serve on loopback only)."""
     from duskpool.api.server import key_checker
     from duskpool.security import PoolState
 
-    if args.api_key:
-        print("duskpool: warning: --api-key puts the key where every user of this machine can read it (ps, "
-              "/proc); use --api-key-file PATH, DUSKPOOL_API_KEY or `duskpool key create`", file=sys.stderr)
     from_files = [line.strip() for path in args.api_key_file for line in Path(path).read_text().splitlines()
                   if line.strip()]
-    given = key_checker(args.api_key + from_files + ([os.environ["DUSKPOOL_API_KEY"]]
-                                                     if os.environ.get("DUSKPOOL_API_KEY") else []))
+    given = key_checker(from_files + ([os.environ["DUSKPOOL_API_KEY"]] if os.environ.get("DUSKPOOL_API_KEY") else []))
     pool = PoolState(state_dir(args))
     stored = pool.check_api_key if pool.exists and pool.has_api_keys() else None
     if given is None or stored is None:
