@@ -48,6 +48,8 @@ class Info:
     node_id: str
     memory_free: int
     matmul_bytes_per_ms: float
+    backend: str
+    device: str
 
 
 @dataclass(eq=False)
@@ -75,7 +77,8 @@ class SimNode:
 
     @property
     def info(self) -> Info:
-        return Info(self.id, self.machine.lent_bytes, self.machine.matmul_bytes_per_ms)
+        return Info(self.id, self.machine.lent_bytes, self.machine.matmul_bytes_per_ms, self.machine.backend,
+                    self.machine.name)
 
     @property
     def rtt_ms(self) -> float:
