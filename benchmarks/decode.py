@@ -1,6 +1,6 @@
 """Decode and prefill speed and peak memory: duskpool vs transformers (bf16 and fp32) vs llama.cpp, one run.
 
-    .venv/bin/python benchmarks/decode.py [--model PATH] [--threads 2] [--tokens 128] [--prompt-tokens 512]
+    .venv/bin/python benchmarks/decode.py [--model PATH] [--threads 2] [--tokens 128] [--prompt-tokens 512] [--json]
 
 Each engine runs in its own subprocess (so its peak RSS is its own) on the same GGUF file and the
 same thread count; greedy decode of --tokens tokens (end tokens ignored), prefill of a
@@ -28,6 +28,8 @@ def peak_rss_mb() -> float:
 
 def prompt_tokens(tokenize, n: int) -> list[int]:
     tokens = tokenize(PARAGRAPH * (n // 10))
+    if len(tokens) < n // 4:  # a random-weight model (random_gguf.py): its made-up vocabulary has no words
+        return [2 + i % 1000 for i in range(n)]  # the same token ids for every engine instead
     assert len(tokens) >= n, "the benchmark paragraph is too short"
     return tokens[:n]
 
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="greedy decode length")
     parser.add_argument("--prompt-tokens", type=int, default=512, help="prefill length")
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset to run")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line, last")
     parser.add_argument("--child", choices=list(ENGINES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None:
@@ -153,6 +156,9 @@ def main() -> None:
             print(f"duskpool / {name}: decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
                   f"prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x, "
                   f"peak RSS {ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x")
+    if args.json:
+        print(json.dumps({"model": args.model.name, "threads": args.threads, "tokens": args.tokens,
+                          "prompt_tokens": args.prompt_tokens, "engines": results}))
 
 
 if __name__ == "__main__":

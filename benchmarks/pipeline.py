@@ -1,6 +1,7 @@
 """Pipeline speed: decode tok/s and time to first token for 1-4 stages, ring vs star, vs one process.
 
     .venv/bin/python benchmarks/pipeline.py [--model PATH | --shape 1b] [--tokens 64] [--max-stages 4] [--netns] [--pin]
+        [--json]
 
 Nodes are real `duskpool node` processes on loopback (and, with --netns as root, in network
 namespaces whose links are shaped like a LAN; the figures are printed next to a latency + bandwidth
@@ -12,6 +13,7 @@ node i the next ones. Without it, all processes share whatever cores the machine
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true", help="give each process cores of its own (taskset)")
     parser.add_argument("--cores", type=int, default=None,
                         help="with --pin, cores per process (default --threads; one more leaves gRPC a core)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line, last")
     args = parser.parse_args()
     try:
         prefixes = pin(args.max_stages, args.cores or args.threads) if args.pin else None
@@ -98,6 +101,8 @@ def main() -> None:
           f"decode {args.tokens} tokens, {os.cpu_count()} CPUs{', each process pinned to its own' if args.pin else ''}")
     print(f"{'setup':<24}{'decode tok/s':>13}{'x single':>10}{'TTFT ms':>10}{'us/hop':>9}")
     print(f"{'single process':<24}{base_rate:>13.1f}{1.0:>10.2f}{base_ttft:>10.1f}{'':>9}")
+    figures = {"model": model.name, "threads": args.threads, "cpus": os.cpu_count(), "pinned": args.pin,
+               "single": {"tok_s": base_rate, "ttft_ms": base_ttft}, "setups": []}
 
     with LocalSwarm(args.max_stages, threads=args.threads, prefixes=prefixes) as swarm:
         for stages in range(1, args.max_stages + 1):
@@ -111,11 +116,15 @@ def main() -> None:
                     gateway.close()
                 hops = stages + 1 if routing == "ring" else 2 * stages
                 per_hop_us = (1000 / rate - base_ms) / hops * 1000
+                figures["setups"].append({"stages": stages, "routing": routing, "tok_s": rate,
+                                          "ratio": rate / base_rate, "ttft_ms": ttft, "us_per_hop": per_hop_us})
                 print(f"{f'{stages} stage(s), {routing}':<24}{rate:>13.1f}{rate / base_rate:>10.2f}{ttft:>10.1f}"
                       f"{per_hop_us:>9.0f}")
         rss = [psutil.Process(p.pid).memory_info().rss / 2**20 for p in swarm.processes]
         print("node RSS MB (each has served every span size above): " + ", ".join(f"{r:.0f}" for r in rss))
     print(f"gateway process RSS MB: {psutil.Process(os.getpid()).memory_info().rss / 2**20:.0f}")
+    if args.json:
+        print(json.dumps({**figures, "node_rss_mb": rss}))
 
     if args.netns:
         from tests.cluster.netns import Hosts, unavailable_reason

@@ -1,6 +1,7 @@
 """Where a decode step's time goes in a ring of local nodes: the median of each stretch of one step.
 
     .venv/bin/python benchmarks/pipeline_trace.py [--model PATH] [--stages 3] [--tokens 64] [--threads 2] [--pin]
+        [--json]
 
 The gateway (this process) and the node processes get timestamped wrappers around the data path's
 functions: a message arriving, a hidden state decoded, a span computed, a message handed to gRPC.
@@ -8,11 +9,13 @@ Node processes install them through a sitecustomize put first on their PYTHONPAT
 duskpool changes. Timestamps are CLOCK_MONOTONIC, which every process on one machine shares, so
 a stretch that starts in one process and ends in the next is the time between them. The wrappers
 cost a few microseconds each; the decode rate printed is the traced one, next to an untraced
-single-process run. --pin as in pipeline.py.
+single-process run. --pin as in pipeline.py. --json adds one line, last: the totals of each kind and the hop's
+transit plus Python per hop (the ring's stages + 1 hops: gateway -> node 1 -> ... -> gateway).
 """
 
 import argparse
 import functools
+import json
 import os
 import statistics
 import tempfile
@@ -76,6 +79,7 @@ def install(out_dir: str) -> None:
     wrap(transport.Pusher, "send", "send", None)
     wrap(Llama, "embed", "embed", None)
     wrap(Llama, "forward_span", "layers", "layers done")
+    wrap(Llama, "forward_batch", "layers", "layers done")  # what a node's and the gateway's batchers call
     wrap(Llama, "head", "head", "head done")
     wrap(gateway.RemoteSession, "_forward", "step", "step done")
 
@@ -132,6 +136,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pin", action="store_true", help="give each process cores of its own (taskset)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line, last")
     args = parser.parse_args()
     from pipeline import measure, pin, single_process
 
@@ -182,6 +187,13 @@ def main() -> None:
     for category, total in totals.items():
         print(f"{category:<48}{total / 1000:>11.2f} ms")
     print(f"{'sum of the medians':<48}{sum(totals.values()) / 1000:>11.2f} ms")
+    if args.json:
+        hops = args.stages + 1
+        transit, python = (sum(us for k, us in totals.items() if k.startswith(w)) for w in ("transit", "Python"))
+        print(json.dumps({"model": model.name, "stages": args.stages, "threads": args.threads, "cpus": os.cpu_count(),
+                          "pinned": args.pin, "single_tok_s": single_rate, "ring_tok_s": rate, "steps": steps,
+                          "totals_us": totals, "hops": hops, "transit_us_per_hop": transit / hops,
+                          "python_us_per_hop": python / hops, "hop_us": (transit + python) / hops}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Weights on the wire: a span's tensors from the gateway's WeightSender to a node's store, over mutual TLS on
 loopback, in MB/s, beside a raw TLS socket copy of as many bytes measured in the same run (the ceiling).
 
-    .venv/bin/python benchmarks/transfer.py [--mb 512] [--runs 3]
+    .venv/bin/python benchmarks/transfer.py [--mb 512] [--runs 3] [--json]
 
 The node is a child process serving LoadSpan with the node's own receive path (transfer.lacking, transfer.receive,
 the TensorStore) but not the span's load, which is compute, not transfer; its store is emptied before each run.
@@ -11,6 +11,7 @@ sharing changes less than the rate. The model is a random Llama-shaped Q4_K GGUF
 """
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=512, help="about this many MB of weights in the span")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--chunk-kib", type=int, default=transfer.CHUNK_BYTES // 1024, help="bytes per message")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line, last")
     parser.add_argument("--serve-node", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_node:
@@ -138,6 +140,7 @@ def main() -> None:
             total = sum(t.nbytes for t in sender.manifests[(0, layers)].tensors)
             print(f"{layers} layers, {total / 1e6:.0f} MB of weights, loopback, mutual TLS, chunks of "
                   f"{args.chunk_kib} KiB; {psutil.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+            runs = []
             for run in range(args.runs):
                 shutil.rmtree(root / "node", ignore_errors=True)  # every run to an empty store
                 with Clock(psutil.Process(node.pid)) as raw:
@@ -148,6 +151,11 @@ def main() -> None:
                 assert sender.bytes_sent - before == total, "the node's store was not empty"
                 print(f"run {run + 1}: LoadSpan {load.report(total)}   raw TLS socket {raw.report(len(data))}   "
                       f"ratio {total / load.seconds / (len(data) / raw.seconds):.2f}", flush=True)
+                runs.append({"mb_s": total / load.seconds / 1e6, "raw_mb_s": len(data) / raw.seconds / 1e6,
+                             "sender_cpu_s_per_gb": load.sender_cpu / total * 1e9,
+                             "node_cpu_s_per_gb": load.node_cpu / total * 1e9})
+            if args.json:
+                print(json.dumps({"mb": total / 1e6, "chunk_kib": args.chunk_kib, "runs": runs}))
         finally:
             node.kill()
             node.wait()
