@@ -3,7 +3,10 @@ of benchmarks/README.md, each a ratio to a reference measured in the same run.
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--only NAME ...] [--out benchmarks/README.md]
 
-NAME is one of: trace, ring-bundled, ring-1b, decode-bundled, decode-1b, transfer, memory, long-prompt.
+The benchmarks run from HEAD as committed (a `git archive` of it in a temp folder, with its src/ first on
+PYTHONPATH), so the table measures the commit it names even while the work tree is mid-edit; --working-tree
+measures the work tree instead. NAME is one of: trace, ring-bundled, ring-1b, decode-bundled, decode-1b,
+transfer, memory, long-prompt.
 --quick runs shorter decodes, a smaller transfer, and the memory and long-prompt benchmarks on the 1B shape
 instead of the 8B one the bars are set for (the table says which shape each row used). A bar that needs a core
 per process is marked when this machine has fewer CPUs than the benchmark runs processes: it is not a fair test
@@ -206,13 +209,23 @@ def plans(quick: bool, model_1b: str) -> dict:
     }
 
 
-def run(argv: list[str], log: Path) -> tuple[dict | None, str]:
-    """Run one benchmark with --json; its figures (the last JSON line) or None, and why not."""
-    command = [sys.executable, str(HERE / argv[0]), *argv[1:], "--json"]
+def export_head(into: Path) -> None:
+    """HEAD's files as committed (git archive) into `into`: the code the table's commit names, whatever the work
+    tree holds (others may be mid-edit there: a kernel that does not compile yet falls back to numpy)."""
+    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=ROOT, capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+
+
+def run(argv: list[str], tree: Path, log: Path) -> tuple[dict | None, str]:
+    """Run one benchmark of `tree` (a checkout: its benchmarks/ and src/) with --json; its figures (the last JSON
+    line) or None, and why not."""
+    command = [sys.executable, str(tree / "benchmarks" / argv[0]), *argv[1:], "--json"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree / "src"), os.environ.get("PYTHONPATH")]))}
     with open(log, "w") as out:
         try:
             done = subprocess.run(command, stdout=subprocess.PIPE, stderr=out, text=True, timeout=TIMEOUT_S,
-                                  cwd=ROOT)
+                                  cwd=tree, env=env)
         except subprocess.TimeoutExpired:
             return None, f"stopped after {TIMEOUT_S} s"
         out.write(done.stdout)
@@ -244,12 +257,14 @@ def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def commit() -> str:
+def commit(working_tree: bool) -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
+    if not working_tree:
+        return f"{head}, as committed (run from a `git archive` of it)"
     changed = git("status", "--porcelain", "--", "src", "benchmarks")
-    dirty = " (with uncommitted changes in src/ or benchmarks/)" if changed else ""
-    return git("rev-parse", "--short", "HEAD") + dirty
+    return head + (", with the work tree's uncommitted changes in src/ or benchmarks/" if changed else "")
 
 
 def main() -> None:
@@ -257,36 +272,47 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter runs, 1B shape for memory and long prompts")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks")
     parser.add_argument("--out", type=Path, default=HERE / "README.md")
+    parser.add_argument("--working-tree", action="store_true",
+                        help="measure the work tree as it is (default: HEAD as committed, exported to a temp folder)")
     args = parser.parse_args()
     started, load_before = datetime.datetime.now(datetime.UTC), load()
     cpus = os.cpu_count() or 1
-    rows: list[Row | Missing] = []
     runs: list[str] = []
     with tempfile.TemporaryDirectory(prefix="duskpool-run-all-") as tmp:
         sys.path.insert(0, str(ROOT))
         from benchmarks.random_gguf import SHAPES, write_model
 
+        tree = ROOT
+        if not args.working_tree:
+            tree = Path(tmp) / "head"
+            tree.mkdir()
+            export_head(tree)
+        logs = Path(tempfile.mkdtemp(prefix="duskpool-run-all-logs-"))  # kept: each benchmark's whole output
+        print(f"logs in {logs}", flush=True)
         todo = plans(args.quick, str(Path(tmp) / "llama-1b-q4_0.gguf"))
         unknown = set(args.only or ()) - set(todo)
         if unknown:
             parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; known: {', '.join(todo)}")
         names = [n for n in todo if not args.only or n in args.only]
+        found: dict[str, list[Row | Missing]] = {}
         if any("--model" in todo[n][0] for n in names):
             write_model(Path(tmp) / "llama-1b-q4_0.gguf", **SHAPES["1b"])
-        for name in names:
+        for name in sorted(names, key=lambda n: n.startswith("decode")):  # decode last: llama.cpp loads slowest
             argv, make_rows = todo[name]
             print(f"== {name}: {' '.join(argv)}", flush=True)
             before, t0 = load(), time.perf_counter()
-            figures, why = run(argv, Path(tmp) / f"{name}.log")
+            figures, why = run(argv, tree, logs / f"{name}.log")
             seconds, after = time.perf_counter() - t0, load()
             shown = " ".join(a if not a.startswith(tmp) else "<1b.gguf>" for a in argv)
             runs.append(f"- `{name}`: `benchmarks/{shown} --json`, {seconds:.0f} s, load {before} → {after}")
-            if figures is None:
-                rows.append(Missing(name, why))
-                continue
-            rows += make_rows(figures)
+            try:
+                found[name] = make_rows(figures) if figures is not None else [Missing(name, why)]
+            except (KeyError, StopIteration, TypeError) as e:  # figures without what the row needs
+                found[name] = [Missing(name, f"its JSON lacks {e!r}")]
+    rows = [row for name in names for row in found[name]]  # in issue 17's order
     minutes = (datetime.datetime.now(datetime.UTC) - started).total_seconds() / 60
     command = "benchmarks/run_all.py" + (" --quick" if args.quick else "") + (
+        " --working-tree" if args.working_tree else "") + (
         f" --only {' '.join(args.only)}" if args.only else "")
     header = [
         "# Benchmarks: issue 17's bars",
@@ -296,7 +322,7 @@ def main() -> None:
         "",
         f"- machine: {machine()}",
         f"- date: {started:%Y-%m-%d %H:%M} UTC, took {minutes:.0f} min",
-        f"- commit: {commit()}",
+        f"- commit: {commit(args.working_tree)}",
         f"- load average (1/5/15 min): {load_before} before, {load()} after",
     ]
     footer = [
