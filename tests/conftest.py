@@ -87,6 +87,16 @@ def random_quantized(rng: np.random.Generator, rows: int, cols: int, qtype: Q) -
     return blocks.reshape(rows, -1)
 
 
+def add_weight(writer: gguf.GGUFWriter, name: str, data: np.ndarray, qtype: Q) -> None:
+    """`data` written as `qtype` (a vector always as F32, as llama.cpp's converter keeps norms and biases)."""
+    if data.ndim == 1 or qtype == Q.F32:
+        writer.add_tensor(name, data.astype(np.float32))
+    elif qtype == Q.F16:
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+
 def write_tiny_llama(path: Path, qtype: Q, *, tied: bool = True, layers: int = 2, dim: int = 256,
                      heads: int = 4, kv_heads: int = 2, ffn: int = 512, vocab: int = 512,
                      seed: int = 0, architecture: str = "llama") -> Path:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
+
+from tests.conftest import add_weight
 
 Q = gguf.GGMLQuantizationType
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -77,12 +78,7 @@ def write_tiny_bert(folder: Path, qtype: Q = Q.F32, pooling: gguf.PoolingType = 
         name, data = names.get_name(hf_name, try_suffixes=(".weight", ".bias")), tensor.numpy()
         f32 = (data.ndim == 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
                or name.startswith(("position_embd", "token_types")))
-        if f32 or qtype == Q.F32:
-            writer.add_tensor(name, data.astype(np.float32))
-        elif qtype == Q.F16:
-            writer.add_tensor(name, data.astype(np.float16))
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        add_weight(writer, name, data, Q.F32 if f32 else qtype)
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     return TinyBert(path, model, tokenizer)
 

@@ -26,6 +26,7 @@ from duskpool.models.llama import Llama
 from duskpool.models.qwen2 import Qwen2
 from duskpool.models.qwen3 import Qwen3
 from duskpool.weights.gguf import GGUFFile, ModelFileError
+from tests.conftest import add_weight
 
 Q = gguf.GGMLQuantizationType
 QUANT_TYPES = [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0]  # what gguf-py can quantize; K-quants are the real file's
@@ -103,12 +104,7 @@ def write_gguf(model, family: Family, qtype: Q, path: Path) -> Path:
             data = llama_cpp_permute(data, c.num_key_value_heads)
         if arch == "gemma3" and name.endswith("norm.weight"):
             data = data + 1  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp stores 1 + w
-        if data.ndim == 1 or qtype == Q.F32:
-            writer.add_tensor(name, data.astype(np.float32))
-        elif qtype == Q.F16:
-            writer.add_tensor(name, data.astype(np.float16))
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        add_weight(writer, name, data, qtype)
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     return path
 
