@@ -1,6 +1,8 @@
 """Hostile input on a node's Forward stream: ≥ 10 000 generated messages (hypothesis) against a real node
 process over mutual TLS. Every message is answered (an error or a valid result), the node never crashes,
-its RSS stays flat, and a well-formed session interleaved throughout still gets the right tokens.
+its RSS stays flat, and a well-formed session interleaved throughout still gets the right tokens. The messages
+come over the gateway's own certificate, and the well-formed ones carry its grant for their session (a member's
+first step of a session is refused before anything else: tests/security/test_attacks.py).
 
 The model is a tiny random-weight one (a real GGUF file with a tokenizer and a chat template, 6 layers of width
 64): every check on a message is the same as for the bundled model, and the quarter that are well formed cost
@@ -27,7 +29,7 @@ from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.transport import open_channel, start_server
 from duskpool.engine.runner import LocalEngine
-from duskpool.security import local_pool
+from duskpool.security import local_pool, sign
 from tests.api.conftest import write_tiny_chat_llama
 from tests.conftest import RecordingSink
 
@@ -126,7 +128,7 @@ def test_ten_thousand_hostile_messages(node, pool, model):
     got = [int(torch.argmax(good.forward(prompt, 0)))]
 
     outbox: SimpleQueue = SimpleQueue()
-    channel = open_channel(address, pool.nodes[1])
+    channel = open_channel(address, pool.gateway)
     replies = pb_grpc.NodeStub(channel).Forward(iter(outbox.get, None))
     counts = {"sent": 0, "error": 0, "result": 0}
     text = st.characters(blacklist_categories=("Cs",))  # protobuf strings are UTF-8: no lone surrogates
@@ -172,6 +174,10 @@ def test_ten_thousand_hostile_messages(node, pool, model):
         request = pb.ForwardRequest(session_id=session_id, step=step, position=position, context=context,
                                     hidden=hidden, model_hash=model_hash, route=route,
                                     sink=sink_address if sink == "ours" else bad_sink)
+        if well_formed == 0:
+            request.grant = pb.SessionGrant(session_id="s1", model_hash=gateway.model_hash, context=256, route=route,
+                                            expires=time.time() + 300).SerializeToString()
+            request.grant_signature = sign(pool.gateway, request.grant)
         outbox.put(request)
         counts["sent"] += 1
         # a route it cannot trust, or one naming a non-member or a sink of no gateway, is answered to us here

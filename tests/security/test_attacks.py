@@ -32,6 +32,7 @@ from duskpool.security import (
     member_id_of,
     renew,
     server_certificate,
+    sign,
 )
 from tests.api.conftest import write_tiny_chat_llama
 from tests.conftest import RecordingSink, greedy_tokens, wait_for
@@ -181,6 +182,63 @@ def test_a_member_cannot_write_into_or_read_from_another_session(pool):
     finally:
         sink_server.stop(grace=0)
     assert not pool.gateway.recoveries
+
+
+def first_step(pool: Pool, sender: NodeIdentity, place: int, session_id: str, grant: bytes = b"",
+               signature: bytes = b"", context: int = 128) -> pb.Result:
+    """`sender` sends the node at stage `place` of the gateway's route the first step (position 0) of `session_id`,
+    going on along the route to the gateway's sink; what the sink gets for it (the node's refusal, or its output)."""
+    route = tuple(pool.gateway.route)[place:]
+    hidden = wire.to_wire(pool.gateway.prefix_model, torch.zeros(1, pool.gateway.spec.dim))
+    request = pb.ForwardRequest(session_id=session_id, step=1, position=0, context=context, hidden=hidden,
+                                model_hash=pool.gateway.model_hash, route=wire.stages_to_wire(route),
+                                sink=pool.gateway.sink_address, grant=grant, grant_signature=signature)
+    future = pool.gateway.sink.expect(session_id, 1, route)
+    try:
+        assert list(pool.stub(route[0].address, sender).Forward(iter([request]), timeout=10)) == []
+        try:
+            return pb.Result(hidden=future.result(timeout=30))
+        except RouteError as e:
+            return pb.Result(error=str(e))
+    finally:
+        pool.gateway.sink.forget(session_id, 1)
+
+
+def test_only_the_gateway_opens_a_session(pool):
+    """A member sends each node the first step of a session of its own (a fresh id, position 0): with no grant, with
+    one it signed itself, with the gateway's grant for another session, context or route, and with the gateway's
+    real grant but not from the hop before the stage (the gateway for the first, the first node for the second).
+    Each is refused before any memory is taken. The gateway's grant opens its session once: sent again after the
+    session ended, it is refused. The gateway's own sessions open as before and answer the same."""
+    gateway, route = pool.gateway, tuple(pool.gateway.route)
+    kv_before = [node._kv_bytes() for node in pool.nodes]
+
+    def grant(session_id: str, stages=route, context: int = 128) -> tuple[bytes, bytes]:
+        data = gateway.grant(session_id, context, stages)
+        return data, sign(pool.local.gateway, data)
+
+    forged = gateway.grant("m2", 128, route)
+    attempts = [  # (stage, session id, grant, signature): what the node says
+        (0, "m1", b"", b"", "no grant: only the gateway opens sessions"),
+        (0, "m2", forged, sign(pool.attacker, forged), "not signed by the pool's gateway"),
+        (0, "m3", *grant("another"), "for another session, model or context"),
+        (0, "m4", *grant("m4", context=64), "for another session, model or context"),
+        (1, "m5", *grant("m5", route[:1]), "names another route, or another node at this stage"),
+        (0, "m6", *grant("m6"), "opens at this stage only from the gateway"),
+        (1, "m7", *grant("m7"), "opens at this stage only from the node of the stage before it"),
+    ]
+    for place, session_id, data, signature, refusal in attempts:
+        result = first_step(pool, pool.attacker, place, session_id, data, signature)
+        assert refusal in result.error, (refusal, result)
+        assert all(session_id not in node.sessions for node in pool.nodes)
+    assert [node._kv_bytes() for node in pool.nodes] == kv_before
+
+    once = grant("once")
+    assert first_step(pool, pool.local.gateway, 0, "once", *once).HasField("hidden")
+    gateway.end_session("once")
+    again = first_step(pool, pool.local.gateway, 0, "once", *once)
+    assert "was opened here before: a grant opens it once" in again.error
+    assert pool.greedy() == pool.answer
 
 
 def test_the_sink_takes_a_hidden_state_only_from_the_steps_last_node(pool):

@@ -41,10 +41,11 @@ from duskpool.engine.generate import PREFILL_CHUNK
 from duskpool.engine.runner import DEFAULT_CONTEXT, Engine, as_torch, load_tokenizer
 from duskpool.engine.tokenizer import Tokenizer
 from duskpool.models import ModelSpec, SpanModel
-from duskpool.security import NodeIdentity, PoolState, add_renew_service, peer_member
+from duskpool.security import NodeIdentity, PoolState, add_renew_service, peer_member, sign
 from duskpool.weights.folder import open_model
 
 STEP_TIMEOUT_S = 300.0  # a step still unanswered after this is an error (dead nodes are noticed far sooner)
+GRANT_TTL_S = STEP_TIMEOUT_S  # a session's first step reaches every node of its route within this, or fails
 
 __all__ = ["Gateway", "RemoteSession", "Recovery", "RouteError", "RouteStage", "Sink"]
 
@@ -135,6 +136,7 @@ class Gateway(Engine):
         self.prefix_model, self.suffix_model = prefix_model, suffix_model
         self.sink, self.sink_address, self._sink_server = sink, sink_address, sink_server
         self.routing = routing
+        self.identity = identity  # its key signs the grants that open sessions on nodes
         self.model_hash = weights.model_hash
         self.hidden_bytes_sent = 0  # activations the gateway sent (prefix outputs; in star, every stage's input)
         self.recoveries: list[Recovery] = []
@@ -229,6 +231,9 @@ class Gateway(Engine):
             request = pb.ForwardRequest(session_id=session_id, step=step, position=position, context=context,
                                         hidden=wire.to_wire(self.prefix_model, hidden), model_hash=self.model_hash,
                                         route=wire.stages_to_wire(stages), sink=self.sink_address)
+            if position == 0 and self.identity is not None:  # a session's first step: the nodes may open it
+                request.grant = self.grant(session_id, context, stages)
+                request.grant_signature = sign(self.identity, request.grant)
             self._pushers.get(stages[0].address).send(request)
             self.hidden_bytes_sent += len(request.hidden.data)
             message = future.result(timeout=STEP_TIMEOUT_S)
@@ -240,6 +245,12 @@ class Gateway(Engine):
             return wire.from_wire(self.suffix_model, message, self.context_length)
         except ValueError as e:
             raise RouteError(f"bad hidden state from the route: {e}", stages) from None
+
+    def grant(self, session_id: str, context: int, stages: tuple[RouteStage, ...]) -> bytes:
+        """The SessionGrant that lets the nodes of `stages` open the session, each from the hop before it."""
+        return pb.SessionGrant(session_id=session_id, model_hash=self.model_hash, context=context,
+                               route=wire.stages_to_wire(stages),
+                               expires=time.time() + GRANT_TTL_S).SerializeToString()
 
     def time_stage(self, stage: RouteStage, tries: int = 3) -> float:
         """Milliseconds one token takes through `stage` alone (the best of `tries`): what the node actually does."""

@@ -37,11 +37,14 @@ from duskpool.security import (
     expiry_warning,
     member_id_of,
     member_name,
+    peer_certificate,
     peer_fingerprint,
     peer_is_gateway,
+    peer_member_id,
     renew,
     renewal_due,
     save_identity,
+    signed_by,
 )
 from duskpool.weights import local
 from duskpool.weights.progress import Progress
@@ -100,6 +103,12 @@ class NodeService(pb_grpc.NodeServicer):
         # what the gateway said a route may name: member id at each address, and its sinks (SetMembers)
         self.members: dict[str, int] = {}
         self.sinks: frozenset[str] = frozenset()
+        self.member_id = (member_id_of(identity.certificate) or 0) if identity is not None else None  # ours
+        # the certificate of the gateway that named the members (its key signs session grants), and the sessions
+        # opened here with a grant, until that grant expires: a grant opens its session once
+        self.gateway_certificate: bytes | None = None
+        self.gateway_fingerprint: str | None = None
+        self._granted: dict[str, float] = {}
         # a stream to each next node, and one to each gateway's sink, each checking the certificate it reaches
         self._next_nodes = Pushers(identity, forward_stream, on_broken=self._on_next_node_lost, name_at=self._name_at)
         self._sinks = Pushers(identity, deliver_stream, name_at=self._sink_name_at)
@@ -188,6 +197,7 @@ class NodeService(pb_grpc.NodeServicer):
         (its own, not the stream's: one stream carries many sessions) and the node goes on serving. Results
         go to the request's sink; only a request whose route or sink cannot be trusted is answered here."""
         peer = peer_fingerprint(context) or context.peer()
+        member = peer_member_id(context)
         for request in request_iterator:
             if peer in self.revoked:  # revoked while its stream was open: checked per message
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
@@ -198,13 +208,14 @@ class NodeService(pb_grpc.NodeServicer):
                 yield pb.Result(session_id=request.session_id, step=request.step, error=f"node {self.node_id}: {e}")
                 continue
             try:
-                self._run(request, peer)  # checked here, computed in the next batch, passed on from there
+                self._run(request, peer, member)  # checked here, computed in the next batch, passed on from there
             except Exception as e:  # the gateway hears about it; the node keeps serving
                 self._fail(request, f"node {self.node_id}: {e}")
 
-    def _run(self, request: pb.ForwardRequest, peer: str) -> None:
+    def _run(self, request: pb.ForwardRequest, peer: str, member: int | None = None) -> None:
         """Check the step against its session and hand it to the batcher: it runs in the next forward of its
-        span with every other session's step waiting here, then `_pass_on`s (or `_fail`s)."""
+        span with every other session's step waiting here, then `_pass_on`s (or `_fail`s). `peer` is the
+        sender's certificate fingerprint, `member` the member id it names."""
         if not 0 < len(request.session_id) <= 64:
             raise ValueError("the session id must be 1..64 characters")
         stage = request.route[0]
@@ -219,10 +230,13 @@ class NodeService(pb_grpc.NodeServicer):
         end = request.position + hidden.shape[0]
         if end > request.context:
             raise ValueError(f"positions {request.position}..{end} are past the session's context of {request.context}")
+        # a grant is checked (a signature: 0.1 ms) only for the first step of a session not open here
+        opening = request.position == 0 and request.session_id not in self.sessions
+        grant_expires = self._check_grant(request, peer, member) if opening else None
         with self._lock:
             session = self.sessions.get(request.session_id)
             if session is None:
-                session = self._open_session(request, peer)
+                session = self._open_session(request, peer, grant_expires)
             # each span of a session hears from one sender, the first: the gateway, or the route's node before it
             sender = session.senders.setdefault(key, peer)
             if self.identity is not None and peer != sender:
@@ -274,10 +288,16 @@ class NodeService(pb_grpc.NodeServicer):
     def _sink_name_at(self, address: str) -> str | None:
         return GATEWAY_NAME if self.identity is None or address in self.sinks else None
 
-    def _open_session(self, request: pb.ForwardRequest, peer: str) -> Session:
-        """Under self._lock: a new session, if the message may open one and there is room."""
+    def _open_session(self, request: pb.ForwardRequest, peer: str, grant_expires: float | None = None) -> Session:
+        """Under self._lock: a new session, if the message may open one (over TLS: with the gateway's grant,
+        checked by `_check_grant`, that opened nothing here before) and there is room."""
         if request.position != 0:
             raise ValueError(f"unknown or expired session {request.session_id[:12]} (a session starts at position 0)")
+        if self.identity is not None:
+            if grant_expires is None:
+                raise ValueError(f"session {request.session_id[:12]} has no grant: only the gateway opens sessions")
+            if request.session_id in self._granted:
+                raise ValueError(f"session {request.session_id[:12]} was opened here before: a grant opens it once")
         if self.lend_state.lending is not Lending.AVAILABLE:
             raise ValueError(f"this machine is not lent now ({self.lend_state.reason}); it takes no new sessions")
         if len(self.sessions) >= MAX_SESSIONS:
@@ -285,7 +305,41 @@ class NodeService(pb_grpc.NodeServicer):
         if sum(s.peer == peer for s in self.sessions.values()) >= MAX_SESSIONS_PER_PEER:
             raise ValueError(f"this sender has {MAX_SESSIONS_PER_PEER} sessions open here already")
         session = self.sessions[request.session_id] = Session(peer, request.context)
+        if grant_expires is not None:
+            self._granted[request.session_id] = grant_expires
         return session
+
+    def _check_grant(self, request: pb.ForwardRequest, peer: str, member: int | None) -> float | None:
+        """Over TLS, whether the gateway lets `request` open its session here; raises ValueError if not, else
+        returns when the grant expires (None without TLS). The grant, signed with the key of the gateway that named
+        the members, must be for this session, model and context, unexpired, and name the step's route with this
+        node at its stage; the sender must be the one the grant puts before that stage: the gateway for the
+        first, else the member at the stage before. So no member can take a node's lent memory for a session of
+        its own, nor open the gateway's session at a node from anywhere but the hop before it."""
+        if self.identity is None:
+            return None
+        sid = request.session_id[:12]
+        if not request.grant:
+            raise ValueError(f"session {sid} has no grant: only the gateway opens sessions")
+        if self.gateway_certificate is None or not signed_by(self.gateway_certificate, request.grant,
+                                                             request.grant_signature):
+            raise ValueError(f"the grant for session {sid} is not signed by the pool's gateway")
+        grant = pb.SessionGrant.FromString(request.grant)
+        if (grant.session_id, grant.model_hash, grant.context) != (request.session_id, request.model_hash,
+                                                                   request.context):
+            raise ValueError(f"the grant is for another session, model or context than session {sid}'s")
+        if grant.expires < time.time():
+            raise ValueError(f"the grant for session {sid} expired (or this machine's clock is ahead of the "
+                             "gateway's)")
+        place = len(grant.route) - len(request.route)  # this stage's index in the granted route
+        if (place < 0 or list(grant.route[place:]) != list(request.route)
+                or self.members.get(request.route[0].address) != self.member_id):
+            raise ValueError(f"the grant for session {sid} names another route, or another node at this stage")
+        if place == 0 and peer != self.gateway_fingerprint:
+            raise ValueError(f"session {sid} opens at this stage only from the gateway")
+        if place > 0 and (member or 0) != self.members.get(grant.route[place - 1].address):  # 0: before ids
+            raise ValueError(f"session {sid} opens at this stage only from the node of the stage before it")
+        return grant.expires
 
     def _check_memory(self, needed: int) -> None:
         free = self.free_bytes()
@@ -298,7 +352,8 @@ class NodeService(pb_grpc.NodeServicer):
         if len(request.route) > 1:
             nxt = pb.ForwardRequest(session_id=request.session_id, step=request.step, position=request.position,
                                     context=request.context, hidden=hidden, model_hash=request.model_hash,
-                                    route=request.route[1:], sink=request.sink)
+                                    route=request.route[1:], sink=request.sink, grant=request.grant,
+                                    grant_signature=request.grant_signature)
             try:
                 self._next_nodes.get(request.route[1].address).send(nxt)
             except NotAMember as e:  # the gateway dropped that member since the step was checked
@@ -336,6 +391,8 @@ class NodeService(pb_grpc.NodeServicer):
     def SetMembers(self, request: pb.MemberList, context) -> pb.MembersReply:
         """The members a route may name and the sinks a result may go to; pushers to anything else are closed."""
         self._require_gateway(context, "name the pool's members")
+        self.gateway_certificate = peer_certificate(context)  # its key signs the grants that open sessions
+        self.gateway_fingerprint = peer_fingerprint(context)
         self.members = {m.address: m.member_id for m in request.members}
         self.sinks = frozenset(request.sinks)
         self._next_nodes.sweep()
@@ -415,6 +472,9 @@ class NodeService(pb_grpc.NodeServicer):
             idle = [sid for sid, s in self.sessions.items() if now - s.last_used > idle_seconds]
         for sid in idle:
             self.end_session(sid)
+        wall = time.time()
+        with self._lock:
+            self._granted = {sid: expires for sid, expires in self._granted.items() if expires > wall}
         self._next_nodes.sweep()
         self._sinks.sweep()
 

@@ -14,6 +14,8 @@ from duskpool.security.certs import (
     member_name,
     renewal_due,
     save_identity,
+    sign,
+    signed_by,
 )
 from duskpool.security.join import CAMismatch, JoinError, add_join_service, join, split_join_arg, start_join_server
 from duskpool.security.pool import JoinRefused, JoinToken, LocalPool, Member, PoolState, local_pool, parse_token
@@ -39,6 +41,6 @@ __all__ = [
     "add_join_service", "add_renew_service", "channel_credentials", "expiry_warning", "fingerprint", "join",
     "load_identity", "local_pool", "member_id_of", "member_name", "parse_token", "peer_certificate",
     "peer_fingerprint", "peer_is_gateway", "peer_member", "peer_member_id", "renew", "renewal_due",
-    "renewing_server_credentials", "save_identity",
+    "renewing_server_credentials", "save_identity", "sign", "signed_by",
     "server_certificate", "server_credentials", "split_join_arg", "start_join_server",
 ]

@@ -4,6 +4,7 @@ Every key is EC P-256: small certificates, fast handshakes, supported by gRPC's 
 A certificate's fingerprint is the sha256 hex of its DER bytes; it names a member and pins the CA.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -79,6 +81,30 @@ def expiry_warning(cert: x509.Certificate, now: datetime | None = None) -> str |
         return f"this member's certificate expired at {when}: the pool refuses it; join again with a new token"
     return (f"this member's certificate expires at {when} (in {left.total_seconds() / 86400:.1f} days); it renews "
             "itself over the pool's mutual TLS once a gateway that keeps the pool is reached")
+
+
+@functools.lru_cache(maxsize=8)
+def _private_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
+    return serialization.load_pem_private_key(pem, password=None)
+
+
+@functools.lru_cache(maxsize=64)
+def _public_key(cert_pem: bytes) -> ec.EllipticCurvePublicKey:
+    return x509.load_pem_x509_certificate(cert_pem).public_key()
+
+
+def sign(identity: "NodeIdentity", data: bytes) -> bytes:
+    """`data` signed with the identity's key (ECDSA P-256 over SHA-256): what the gateway's session grants carry."""
+    return _private_key(identity.key_pem).sign(data, ec.ECDSA(hashes.SHA256()))
+
+
+def signed_by(cert_pem: bytes, data: bytes, signature: bytes) -> bool:
+    """Whether `signature` is `data` signed with the key of the certificate `cert_pem` (see `sign`)."""
+    try:
+        _public_key(cert_pem).verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        return True
+    except InvalidSignature:
+        return False
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey, name: str) -> bytes:

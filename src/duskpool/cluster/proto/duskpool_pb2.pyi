@@ -133,7 +133,7 @@ class Stage(_message.Message):
     def __init__(self, address: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "step", "position", "context", "hidden", "model_hash", "route", "sink")
+    __slots__ = ("session_id", "step", "position", "context", "hidden", "model_hash", "route", "sink", "grant", "grant_signature")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,8 @@ class ForwardRequest(_message.Message):
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     SINK_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    GRANT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     position: int
@@ -150,7 +152,23 @@ class ForwardRequest(_message.Message):
     model_hash: str
     route: _containers.RepeatedCompositeFieldContainer[Stage]
     sink: str
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., position: _Optional[int] = ..., context: _Optional[int] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., model_hash: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., sink: _Optional[str] = ...) -> None: ...
+    grant: bytes
+    grant_signature: bytes
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., position: _Optional[int] = ..., context: _Optional[int] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., model_hash: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., sink: _Optional[str] = ..., grant: _Optional[bytes] = ..., grant_signature: _Optional[bytes] = ...) -> None: ...
+
+class SessionGrant(_message.Message):
+    __slots__ = ("session_id", "model_hash", "context", "route", "expires")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    model_hash: str
+    context: int
+    route: _containers.RepeatedCompositeFieldContainer[Stage]
+    expires: float
+    def __init__(self, session_id: _Optional[str] = ..., model_hash: _Optional[str] = ..., context: _Optional[int] = ..., route: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., expires: _Optional[float] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("session_id", "step", "hidden", "error")
