@@ -4,6 +4,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from duskpool.cluster.transfer import WeightSender
 from duskpool.cluster.transport import open_channel, start_server
 from duskpool.engine.runner import LocalEngine
 from duskpool.weights.gguf import GGUFFile
-from duskpool.weights.store import TensorStore, config_metadata
+from duskpool.weights.store import PARTIAL_KEEP_S, TensorStore, config_metadata
 from tests.api.conftest import write_tiny_chat_llama
 from tests.conftest import greedy_tokens, wait_for
 
@@ -163,3 +164,35 @@ def test_a_tensor_stored_by_another_transfer_while_this_one_waited_is_left_as_it
             late.write(0, bytes(len(data)))
             late.finish()
     assert store.verified(sha, len(data)) and not store.partial_path(sha).exists()
+
+
+def test_a_partial_tensor_left_too_long_is_removed_and_the_tensor_sent_whole(tmp_path, node):
+    """A transfer cut midway leaves a partial tensor; no transfer comes back for it within PARTIAL_KEEP_S. The node,
+    started again on its cache, removes it (one a transfer holds stays, however old); the gateway then sends that
+    tensor whole, and the pool answers as the model does alone. A partial younger than the bound stays."""
+    model = write_tiny_chat_llama(tmp_path / "tiny.gguf")
+    sender = WeightSender(GGUFFile(model), [SPAN], progress=False, chunk_bytes=CHUNK)
+    _, part = cut_transfer(sender, node)
+    assert not node.store.remove_stale_partials() and part.exists()  # young: kept
+
+    stale = time.time() - PARTIAL_KEEP_S - 60
+    os.utime(part, (stale, stale))
+    with open(part, "rb") as held:  # a transfer still holds it: kept
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert not node.store.remove_stale_partials() and part.exists()
+    restarted = NodeService(tmp_path / "node")
+    server, port = start_server(restarted, "127.0.0.1", 0, None, lambda fp: False)
+    gateway = None
+    try:
+        assert not part.exists() and not list(restarted.store.root.rglob("*.part"))
+        whole = held_bytes(restarted)  # the tensors before the cut one
+        gateway = Gateway.start(model, [f"127.0.0.1:{port}"], identity=None, context_length=64, prefix=0,
+                                progress=False)
+        total = sum(t.nbytes for t in sender.manifests[SPAN].tensors)
+        assert gateway.weight_bytes_sent == total - whole  # the cut tensor whole, and those after it
+        assert greedy_tokens(gateway, [5, 6, 7, 8], 8) == greedy_tokens(LocalEngine.load(model), [5, 6, 7, 8], 8)
+    finally:
+        if gateway is not None:
+            gateway.close()
+        server.stop(grace=0)
+        restarted.close()

@@ -74,6 +74,7 @@ class NodeService(pb_grpc.NodeServicer):
                  backend_name: str = backends.DEFAULT, identity_dir: Path | None = None, models: tuple[Path, ...] = ()):
         self.backend = backends.backend(backend_name)
         self.store = TensorStore(cache_dir)
+        self.store.remove_stale_partials()  # transfers cut short too long ago: none will resume them
         self.models = models  # directories of model files this machine has: spans are read from them when they can
         self.configured_policy = self.policy = policy or LendPolicy(lend="always")
         # lent from the start; the first probe takes it back at once if the owner is there
@@ -542,6 +543,7 @@ def serve(host: str, port: int, cache_dir: Path, identity: NodeIdentity | None, 
     try:
         while server.wait_for_termination(timeout=30):  # True means it timed out: still serving
             service.reap_idle_sessions()
+            service.store.remove_stale_partials()
             service.renew_if_due()
     finally:
         stop_watching.set()

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from duskpool.weights.folder import ModelFolder
 from duskpool.weights.gguf import GGUFFile, ModelFileError, PackedTensor, TensorInfo
 
 HASH_CACHE_VERSION = 1
+# a transfer cut short is resumed within this long, or its partial tensor is removed (a node that starts, and
+# each half minute while it serves): nothing else counts its bytes, and no transfer may ever come back for it
+PARTIAL_KEEP_S = 24 * 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -112,6 +116,28 @@ class TensorStore:
         except FileNotFoundError:
             return 0
         return size if size < nbytes else 0  # a whole one that is still .part failed its hash: start over
+
+    def remove_stale_partials(self, older_than_s: float = PARTIAL_KEEP_S) -> list[Path]:
+        """Remove the partial tensors that no transfer has written to for `older_than_s`; one a transfer holds (its
+        lock) stays. The ones removed: a later transfer of such a tensor sends it whole."""
+        cutoff, removed = time.time() - older_than_s, []
+        for path in self.root.glob("*/*.part"):
+            try:
+                if path.stat().st_mtime > cutoff:
+                    continue
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # finished or removed meanwhile
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:  # still the file we locked (see _open_locked)
+                    path.unlink()
+                    removed.append(path)
+            except (BlockingIOError, FileNotFoundError):  # a transfer holds it, or finished it
+                pass
+            finally:
+                os.close(fd)
+        return removed
 
     def receive(self, sha256: str, nbytes: int, start: int) -> "PartialTensor":
         """The tensor to write from byte `start` on (its first `start` bytes are here from an earlier transfer)."""
