@@ -11,6 +11,7 @@ from pathlib import Path
 from queue import Empty, SimpleQueue
 
 import grpc
+import psutil
 import pytest
 import torch
 
@@ -18,9 +19,11 @@ from duskpool.cluster import membership, wire
 from duskpool.cluster.gateway import Gateway, RemoteSession, RouteError
 from duskpool.cluster.membership import REJOIN_POLL_S
 from duskpool.cluster.node import NodeService
+from duskpool.cluster.planner import layer_memory
 from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.transport import open_channel, start_server
+from duskpool.engine.runner import LocalEngine
 from duskpool.security import (
     JoinError,
     JoinRefused,
@@ -443,6 +446,57 @@ def test_a_node_slower_than_it_claims_is_planned_around(tmp_path, bundled_model)
             gateway.close()
             server.stop(grace=0)
             node.close()
+
+
+class ShortNode(NodeService):
+    """A node that claims a terabyte to lend. `refuses`: it has no memory for a span; else, once `owner_took` is set,
+    none for a KV cache (as if its owner's programs had taken what it lends)."""
+
+    refuses = False
+    owner_took = False
+
+    def Info(self, request: pb.InfoRequest, context) -> pb.NodeInfo:
+        info = super().Info(request, context)
+        info.memory_free = info.memory_total = 2**40
+        return info
+
+    def free_bytes(self) -> int:
+        return 0 if self.refuses or self.owner_took else super().free_bytes()
+
+
+def test_a_node_short_of_the_memory_it_claims_is_planned_around(tmp_path):
+    """A node's own limit is checked against the machine at start. A node that claims a terabyte but refuses its span
+    for memory: the gateway starts anyway, the span on the other node. One that loads its span but then refuses a
+    session's KV cache: the session moves to the other node (which gets a copy of the span) and answers the same.
+    Either way the node counts from then on as lending only what its spans take."""
+    with pytest.raises(ValueError, match="more than this machine has"):
+        NodeService(tmp_path / "greedy", memory_limit=2 * psutil.virtual_memory().total)
+    model = write_tiny_chat_llama(tmp_path / "tiny.gguf", layers=6)
+    answer = greedy_tokens(LocalEngine.load(model), [5, 6, 7, 8], STEPS)
+    with local_pool(2, root=tmp_path / "pool", address=None) as local:
+        for refuses in (True, False):
+            nodes = [start_node(tmp_path / f"{refuses}-0", local.nodes[0]),
+                     start_node(tmp_path / f"{refuses}-1", local.nodes[1], cls=ShortNode)]
+            short, short_node = nodes[1][2], nodes[1][0]
+            short_node.refuses = refuses
+            gateway = Gateway.start(model, [a for _, _, a in nodes], identity=local.gateway, pool=local.pool,
+                                    context_length=64, even_split=True, progress=False)
+            try:
+                assert bool(short_node.spans) is not refuses
+                short_node.owner_took = True
+                assert greedy_tokens(gateway, [5, 6, 7, 8], STEPS) == answer
+                assert set(gateway.members.short) == {short}
+                assert gateway.members.short[short] == sum(b - a for a, b in gateway.members.spans
+                                                           if short in gateway.holders[(a, b)]) * layer_memory(
+                    gateway.members.model, gateway.members.config)
+                assert all(s.address != short for s in gateway.route), gateway.route
+                assert bool(gateway.recoveries) is not refuses  # the session that met the KV refusal moved
+                assert not short_node.sessions
+            finally:
+                gateway.close()
+                for node, server, _ in nodes:
+                    server.stop(grace=0)
+                    node.close()
 
 
 def test_an_aging_certificate_renews_itself_and_an_unreachable_node_is_skipped(tmp_path, bundled_model, capsys,

@@ -100,8 +100,11 @@ class Sink(pb_grpc.SinkServicer):
                 return
         if result.HasField("hidden"):
             _settle(future, result=result.hidden)
-        else:
-            _settle(future, error=RouteError(result.error or "the route sent an empty result", stages))
+            return
+        # which node lacked memory: the sender, known by its certificate (without TLS, nobody is blamed)
+        short = next((s.address for s in stages if sender is not None and self.member_at(s.address) == sender
+                      and result.short_of_memory), None)
+        _settle(future, error=RouteError(result.error or "the route sent an empty result", stages, short))
 
     def fail_through(self, address: str, reason: str) -> None:
         """Fail every step in flight whose route passes through `address`."""

@@ -12,7 +12,9 @@ Identity: the gateway learns which member's certificate answers at each address 
 from then on talks there only to that member (its channels check the member's name in every handshake); a node
 that comes back at that address with another member's certificate is refused. A node's claimed speed is checked
 against a timed step through it (`check_claims`): one much slower than it claims counts at its measured speed,
-and its spans get copies on other nodes, which the route prefers.
+and its spans get copies on other nodes, which the route prefers. Its claimed memory is checked when it is used: a
+node that refuses a span, or a session's KV cache, for lack of memory counts from then on as lending only what its
+spans take (`lower_claim`), and is planned around the same way.
 """
 
 import dataclasses
@@ -169,6 +171,7 @@ class Membership:
         self.client_at = {c.address: c for c in clients}  # every node ever known, by address
         self.pinned = {c.address: c.member for c in clients}  # the member learned at each address, kept for good
         self.slow: dict[str, float] = {}  # address -> ms per layer measured, for nodes slower than they claim
+        self.short: dict[str, int] = {}  # address -> bytes it counts as lending, for nodes short of what they claim
         self.gone: dict[str, str] = {}  # address -> why it is counted gone
         # address -> the spans it held when it stopped lending: alive, finishing its sessions, given no new ones
         self.draining: dict[str, list[Span]] = {}
@@ -190,11 +193,21 @@ class Membership:
 
     def load(self) -> None:
         """Tell every node who the members are, then stream every holder its span (only the tensors its cache
-        lacks)."""
+        lacks). A node that refuses its span for memory it claimed leaves the plan: the span goes elsewhere."""
         self.tell_members()
+        refused = False
         for span, addresses in self.holders.items():
-            for address in addresses:
-                self._load(address, span)
+            for address in list(addresses):
+                try:
+                    self._load(address, span)
+                except RouteError as e:
+                    if e.short is None:
+                        raise
+                    addresses.remove(address)
+                    self.lower_claim(address, f"refused layers [{span[0]}, {span[1]}) for memory")
+                    refused = True
+        if refused:  # raises when no node can take a refused span
+            self.reroute()
 
     def start(self) -> None:
         """Watch every node; push revocations (when this gateway keeps the pool); take back returning nodes."""
@@ -207,9 +220,15 @@ class Membership:
     def _profiles(self) -> list[planner.NodeProfile]:
         """The live nodes as the planner sees them (their memory as it was when they joined)."""
         profiles = [node_profile(c, self.model.layer_bytes, even=self.even) for c in self._lent()]
-        # a node caught slower than it claims counts at its measured speed, local swarm or not
-        return [dataclasses.replace(p, ms_per_layer=max(p.ms_per_layer, self.slow[c.address]))
-                if c.address in self.slow else p for p, c in zip(profiles, self._lent(), strict=True)]
+        # a node caught slower than it claims counts at its measured speed, local swarm or not; one caught short of
+        # memory, as lending what it holds
+        return [dataclasses.replace(p, ms_per_layer=max(p.ms_per_layer, self.slow.get(c.address, 0.0)),
+                                    free_bytes=min(p.free_bytes, self.short.get(c.address, p.free_bytes)))
+                for p, c in zip(profiles, self._lent(), strict=True)]
+
+    def doubtful(self, address: str) -> bool:
+        """Whether the node at `address` was caught doing less than it claims: slower, or short of memory."""
+        return address in self.slow or address in self.short
 
     def _lent(self) -> list[NodeClient]:
         """The live nodes that take new sessions (not draining)."""
@@ -219,7 +238,9 @@ class Membership:
         try:
             self.weights.send(self.client_at[address].stub, address, span)
         except grpc.RpcError as e:
-            raise RouteError(f"node {address} could not load layers [{span[0]}, {span[1]}): {e.details()}") from None
+            short = address if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+            raise RouteError(f"node {address} could not load layers [{span[0]}, {span[1]}): {e.details()}",
+                             short=short) from None
 
     def _place(self, spans: list[Span], copies: int) -> list[tuple[str, Span]]:
         """Load `spans` where the planner says, until each has `copies` live holders or no node has room;
@@ -233,8 +254,10 @@ class Membership:
             address, span = id_of[stage.node_id], (stage.start, stage.stop)
             try:
                 self._load(address, span)
-            except RouteError:
-                continue  # it died or ran out of room meanwhile: the span stays short of this copy
+            except RouteError as e:  # it died or ran out of room meanwhile: the span stays short of this copy
+                if e.short is not None:
+                    self.lower_claim(address, f"refused layers [{span[0]}, {span[1]}) for memory")
+                continue
             with self._lock:
                 if self.client_at[address] in self.clients and take_loaded(self.holders, self.draining, address, span):
                     placed.append((address, span))
@@ -327,15 +350,20 @@ class Membership:
         def usable(stage: RouteStage) -> bool:  # a draining node that gave up a session is no fault either
             return self.live(stage) and stage.address not in self.draining
 
+        if failure.short is not None:  # a node lacked the memory it claimed: the route leaves it, if it can
+            self.lower_claim(failure.short, "refused a session's KV cache for memory")
+            if any(s.address == failure.short for s in self.route):
+                raise failure
+            return
         if all(usable(s) for s in failure.route):
             self._probe([s.address for s in failure.route])
         if all(usable(s) for s in failure.route):
             raise failure
         self.reroute()
 
-    def _slow_on_route(self) -> bool:
-        """Whether a node slower than it claims is on the route while a faster holder of its span lives."""
-        return any(s.address in self.slow and any(a not in self.slow for a in self.holders[s.span])
+    def _doubtful_on_route(self) -> bool:
+        """Whether a node caught doing less than it claims is on the route while another holder of its span lives."""
+        return any(self.doubtful(s.address) and any(not self.doubtful(a) for a in self.holders[s.span])
                    for s in self.route)
 
     def _route_ok(self) -> bool:
@@ -345,7 +373,7 @@ class Membership:
         """Rebuild the route from live holders: a span whose holders are all gone is loaded onto the node
         the planner picks (one with room, holding the fewest layers)."""
         with self._lock:
-            if self._route_ok() and not self.broken and not self._slow_on_route():
+            if self._route_ok() and not self.broken and not self._doubtful_on_route():
                 return
             if missing := orphans(self.spans, self.holders):
                 self._place(missing, 1)
@@ -355,9 +383,10 @@ class Membership:
                 self.broken = (f"layers {', '.join(f'[{a}, {b})' for a, b in lost)} have no live node and no node "
                                f"has room to load them (last gone: {gone})")
                 raise RouteError(self.broken)
-            # a node slower than it claims goes last among a span's holders, and leaves the route if another holds it
-            holders = {span: [a for a in live if a not in self.slow] or live for span, live in self.holders.items()}
-            current = {s.span: s.address for s in self.route if s.address not in self.slow}
+            # a node doing less than it claims goes last among a span's holders, and leaves the route if another
+            # holds it
+            holders = {span: [a for a in live if not self.doubtful(a)] or live for span, live in self.holders.items()}
+            current = {s.span: s.address for s in self.route if not self.doubtful(s.address)}
             self.route = [RouteStage(self.client_at[address].info.node_id, address, *span)
                           for span, address in rebuild(self.spans, holders, current)]
             self.broken = None
@@ -464,8 +493,10 @@ class Membership:
             claimed = claimed_ms_per_layer(client, self.model.layer_bytes)
             try:
                 measured = max(0.0, time_stage(stage) - client.rtt_ms) / (stage.stop - stage.start)
-            except RouteError:
-                continue  # gone: its watcher will notice
+            except RouteError as e:  # gone (its watcher will notice), or short of memory for the step's KV cache
+                if e.short is not None:
+                    self.lower_claim(e.short, "refused a session's KV cache for memory")
+                continue
             if measured > SLOW_FACTOR * claimed + SLOW_SLACK_MS:
                 self.slow[stage.address] = max(measured, self.slow.get(stage.address, 0.0))
                 caught.append(stage.address)
@@ -473,13 +504,30 @@ class Membership:
                       f"{measured:.2f}: it counts as that slow, its layers get copies elsewhere", file=sys.stderr,
                       flush=True)
         if caught:
-            with self._lock:
-                copies = {span: len(holders) + 1 for span, holders in self.holders.items()
-                          if all(a in self.slow for a in holders)}  # one more copy, where none is fast
-            for span, n in copies.items():
-                self._place([span], n)
-            self._reroute_quietly()
+            self._copy_from_doubtful()
         return caught
+
+    def lower_claim(self, address: str, what: str) -> None:
+        """The node at `address` `what` (refused a span or a KV cache for lack of memory) that it claimed to lend:
+        from now on it counts as lending only what its spans take, so no span more goes there; its spans get a copy
+        elsewhere where it is their only sound holder, and the route prefers the copies."""
+        with self._lock:
+            layers = sum(b - a for a, b in held_by(self.holders, address))
+            self.short[address] = layers * planner.layer_memory(self.model, self.config)
+            node_id = self.client_at[address].info.node_id
+        print(f"duskpool: node {node_id} at {address} {what} it claimed to lend: it counts as lending only what its "
+              f"{layers} layers take, its layers get copies elsewhere", file=sys.stderr, flush=True)
+        self._copy_from_doubtful()
+
+    def _copy_from_doubtful(self) -> None:
+        """One more copy of each span whose holders were all caught doing less than they claim, where one fits;
+        then the route is rebuilt, preferring the copies."""
+        with self._lock:
+            copies = {span: len(holders) + 1 for span, holders in self.holders.items()
+                      if all(self.doubtful(a) for a in holders)}
+        for span, n in copies.items():
+            self._place([span], n)
+        self._reroute_quietly()
 
     def node_info(self, address: str, timeout: float = 2.0) -> pb.NodeInfo:
         return self.client_at[address].stub.Info(pb.InfoRequest(), timeout=timeout)

@@ -58,6 +58,10 @@ MAX_ROUTE = 64  # stages in one request's route
 LEND_POLL_S = 2.0  # how often the node looks whether its owner is back
 
 
+class ShortOfMemory(ValueError):
+    """This node lacks the memory a step needs (a KV cache): the gateway hears it was claimed in vain."""
+
+
 @dataclass
 class Session:
     peer: str  # who opened it (certificate fingerprint, or address without TLS): sessions are counted per peer
@@ -72,6 +76,10 @@ class NodeService(pb_grpc.NodeServicer):
     def __init__(self, cache_dir: Path, memory_limit: int | None = None, node_id: str | None = None,
                  identity: NodeIdentity | None = None, policy: LendPolicy | None = None,
                  backend_name: str = backends.DEFAULT, identity_dir: Path | None = None, models: tuple[Path, ...] = ()):
+        total = psutil.virtual_memory().total
+        if memory_limit is not None and memory_limit > total:  # the node's own claim, checked against the OS
+            raise ValueError(f"a memory limit of {memory_limit / 2**30:.1f} GiB is more than this machine has "
+                             f"({total / 2**30:.1f} GiB)")
         self.backend = backends.backend(backend_name)
         self.store = TensorStore(cache_dir)
         self.store.remove_stale_partials()  # transfers cut short too long ago: none will resume them
@@ -132,6 +140,7 @@ class NodeService(pb_grpc.NodeServicer):
         return sum(c.nbytes for s in list(self.sessions.values()) for c in list(s.caches.values()))
 
     def free_bytes(self) -> int:
+        """What this node may still lend: never more than the OS says is available, nor past its limit."""
         used = sum(self.span_bytes.values()) + self._kv_bytes()
         available = psutil.virtual_memory().available
         if self.memory_limit is not None:
@@ -152,7 +161,7 @@ class NodeService(pb_grpc.NodeServicer):
             yield pb.LoadSpanReply(missing=[])
             yield pb.LoadSpanReply(ready=True, received_bytes=0, ms_per_layer=self.ms_per_layer)
             return
-        if key not in self.spans and self.memory_limit is not None and span_bytes > self.free_bytes():
+        if span_bytes > self.free_bytes():
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"span needs {span_bytes / 1e9:.2f} GB, this node has {self.free_bytes() / 1e9:.2f} GB free")
         span = [local.Wanted(t.name, t.sha256, t.nbytes) for t in manifest.tensors]
@@ -211,7 +220,7 @@ class NodeService(pb_grpc.NodeServicer):
             try:
                 self._run(request, peer, member)  # checked here, computed in the next batch, passed on from there
             except Exception as e:  # the gateway hears about it; the node keeps serving
-                self._fail(request, f"node {self.node_id}: {e}")
+                self._fail(request, f"node {self.node_id}: {e}", short_of_memory=isinstance(e, ShortOfMemory))
 
     def _run(self, request: pb.ForwardRequest, peer: str, member: int | None = None) -> None:
         """Check the step against its session and hand it to the batcher: it runs in the next forward of its
@@ -345,7 +354,7 @@ class NodeService(pb_grpc.NodeServicer):
     def _check_memory(self, needed: int) -> None:
         free = self.free_bytes()
         if needed > free:
-            raise ValueError(f"a KV cache for this context needs {needed / 2**20:.0f} MiB; this node has "
+            raise ShortOfMemory(f"a KV cache for this context needs {needed / 2**20:.0f} MiB; this node has "
                              f"{free / 2**20:.0f} MiB to lend")
 
     def _pass_on(self, request: pb.ForwardRequest, hidden: pb.Hidden) -> None:
@@ -362,9 +371,10 @@ class NodeService(pb_grpc.NodeServicer):
         else:
             self._to_sink(request, pb.Result(session_id=request.session_id, step=request.step, hidden=hidden))
 
-    def _fail(self, request: pb.ForwardRequest, error: str) -> None:
+    def _fail(self, request: pb.ForwardRequest, error: str, short_of_memory: bool = False) -> None:
         """Tell the gateway (the request's sink) that this step failed here."""
-        self._to_sink(request, pb.Result(session_id=request.session_id, step=request.step, error=error))
+        self._to_sink(request, pb.Result(session_id=request.session_id, step=request.step, error=error,
+                                         short_of_memory=short_of_memory))
 
     def _to_sink(self, request: pb.ForwardRequest, result: pb.Result) -> None:
         try:

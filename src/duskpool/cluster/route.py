@@ -24,9 +24,10 @@ class RouteStage:
 class RouteError(RuntimeError):
     """A step could not complete on the route (a node failed, vanished or refused)."""
 
-    def __init__(self, message: str, route: tuple[RouteStage, ...] = ()):
+    def __init__(self, message: str, route: tuple[RouteStage, ...] = (), short: str | None = None):
         super().__init__(message)
         self.route = route  # the route the step ran on: where to look for a node that is gone
+        self.short = short  # the address of a node that lacked memory it claimed to lend (None: no such node)
 
 
 # --- which node runs each span: pure decisions over the holders, which cluster/membership.py keeps and the simulator

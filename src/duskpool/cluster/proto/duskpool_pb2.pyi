@@ -171,16 +171,18 @@ class SessionGrant(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model_hash: _Optional[str] = ..., context: _Optional[int] = ..., route: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., expires: _Optional[float] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("session_id", "step", "hidden", "error")
+    __slots__ = ("session_id", "step", "hidden", "error", "short_of_memory")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SHORT_OF_MEMORY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     hidden: Hidden
     error: str
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    short_of_memory: bool
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., error: _Optional[str] = ..., short_of_memory: _Optional[bool] = ...) -> None: ...
 
 class Delivered(_message.Message):
     __slots__ = ()
