@@ -13,6 +13,7 @@ import pytest
 
 from duskpool.cluster.gateway import Gateway
 from duskpool.cluster.node import NodeService
+from duskpool.cluster.proto import duskpool_pb2 as pb
 from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.transfer import WeightSender
 from duskpool.cluster.transport import open_channel, start_server
@@ -196,3 +197,25 @@ def test_a_partial_tensor_left_too_long_is_removed_and_the_tensor_sent_whole(tmp
             gateway.close()
         server.stop(grace=0)
         restarted.close()
+
+
+def test_a_tensor_sent_longer_than_its_manifest_says_is_refused_at_its_size(tmp_path, node):
+    """The manifest says 1 000 bytes; 20 MB come, in 1 MiB chunks: the node refuses the span at the first chunk that
+    overruns the tensor, and nothing past its 1 000 bytes is written (20 MB were before)."""
+    data = os.urandom(1000)
+    sha = hashlib.sha256(data).hexdigest()
+    manifest = pb.SpanManifest(model_hash="m", start=0, stop=1, metadata_json="{}",
+                               tensors=[pb.TensorEntry(name="blk.0.attn_q.weight", sha256=sha, qtype=0, shape=[250],
+                                                       nbytes=len(data))])
+    flood = data + os.urandom(20 * 10**6 - len(data))
+
+    def requests():
+        yield pb.LoadSpanRequest(manifest=manifest)
+        for offset in range(0, len(flood), 2**20):
+            yield pb.LoadSpanRequest(chunk=pb.TensorChunk(sha256=sha, offset=offset, data=flood[offset:offset + 2**20]))
+
+    stub = pb_grpc.NodeStub(open_channel(node.address, None))
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stub.LoadSpan(requests(), timeout=30))
+    assert refused.value.code() == grpc.StatusCode.DATA_LOSS and "longer than its 1000 bytes" in refused.value.details()
+    assert held_bytes(node) <= len(data) and not node.store.has(sha) and not node.spans
