@@ -209,8 +209,9 @@ def first_step(pool: Pool, sender: NodeIdentity, place: int, session_id: str, gr
 
 def test_only_the_gateway_opens_a_session(pool):
     """A member sends each node the first step of a session of its own (a fresh id, position 0): with no grant, with
-    one it signed itself, with the gateway's grant for another session, context or route, and with the gateway's
-    real grant but not from the hop before the stage (the gateway for the first, the first node for the second).
+    one it signed itself, with the gateway's grant for another session, context or route, with an expired one, and
+    with the gateway's real grant but not from the hop before the stage (the gateway for the first, the first node
+    for the second).
     Each is refused before any memory is taken. The gateway's grant opens its session once: sent again after the
     session ended, it is refused. The gateway's own sessions open as before and answer the same."""
     gateway, route = pool.gateway, tuple(pool.gateway.route)
@@ -221,6 +222,8 @@ def test_only_the_gateway_opens_a_session(pool):
         return data, sign(pool.local.gateway, data)
 
     forged = gateway.grant("m2", 128, route)
+    expired = pb.SessionGrant(session_id="m8", model_hash=gateway.model_hash, context=128,
+                              route=wire.stages_to_wire(route), expires=time.time() - 1).SerializeToString()
     attempts = [  # (stage, session id, grant, signature): what the node says
         (0, "m1", b"", b"", "no grant: only the gateway opens sessions"),
         (0, "m2", forged, sign(pool.attacker, forged), "not signed by the pool's gateway"),
@@ -229,6 +232,7 @@ def test_only_the_gateway_opens_a_session(pool):
         (1, "m5", *grant("m5", route[:1]), "names another route, or another node at this stage"),
         (0, "m6", *grant("m6"), "opens at this stage only from the gateway"),
         (1, "m7", *grant("m7"), "opens at this stage only from the node of the stage before it"),
+        (0, "m8", expired, sign(pool.local.gateway, expired), "expired"),
     ]
     for place, session_id, data, signature, refusal in attempts:
         result = first_step(pool, pool.attacker, place, session_id, data, signature)
