@@ -101,9 +101,9 @@ class Sink(pb_grpc.SinkServicer):
         if result.HasField("hidden"):
             _settle(future, result=result.hidden)
             return
-        # which node lacked memory: the sender, known by its certificate (without TLS, nobody is blamed)
-        short = next((s.address for s in stages if sender is not None and self.member_at(s.address) == sender
-                      and result.short_of_memory), None)
+        short = None
+        if result.short_of_memory and sender is not None:  # the node it came from lacked memory (no TLS: nobody)
+            short = next((s.address for s in stages if self.member_at(s.address) == sender), None)
         _settle(future, error=RouteError(result.error or "the route sent an empty result", stages, short))
 
     def fail_through(self, address: str, reason: str) -> None:

@@ -515,8 +515,8 @@ class Membership:
             layers = sum(b - a for a, b in held_by(self.holders, address))
             self.short[address] = layers * planner.layer_memory(self.model, self.config)
             node_id = self.client_at[address].info.node_id
-        print(f"duskpool: node {node_id} at {address} {what} it claimed to lend: it counts as lending only what its "
-              f"{layers} layers take, its layers get copies elsewhere", file=sys.stderr, flush=True)
+        print(f"duskpool: node {node_id} at {address} {what} it claimed to lend: it is given no layers beyond the "
+              f"{layers} it holds, and they get copies elsewhere", file=sys.stderr, flush=True)
         self._copy_from_doubtful()
 
     def _copy_from_doubtful(self) -> None:
