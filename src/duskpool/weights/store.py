@@ -5,6 +5,7 @@ weights/folder.py reads them), so a node that restarts, or serves a second model
 finds them already cached.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -12,7 +13,6 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +28,7 @@ HASH_CACHE_VERSION = 1
 # a transfer cut short is resumed within this long, or its partial tensor is removed (a node that starts, and
 # each half minute while it serves): nothing else counts its bytes, and no transfer may ever come back for it
 PARTIAL_KEEP_S = 24 * 3600.0
+ORPHAN_AGE_S = 3600.0  # an atomic_file write takes milliseconds: a temporary file this old lost its writer
 
 
 def default_cache_dir() -> Path:
@@ -248,11 +249,17 @@ class StoredModel:
         return TensorInfo(name, qtype_of(qtype), tuple(shape), 0, nbytes)
 
 
-@contextmanager
+@contextlib.contextmanager
 def atomic_file(target: Path) -> Iterator[IO[bytes]]:
-    """A file to write that appears at `target` whole when the block ends, or not at all if it raises."""
+    """A file to write that appears at `target` whole when the block ends, or not at all if it raises. A process
+    killed mid-write leaves its temporary file behind; the next write of the same target removes it."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(dir=target.parent, delete=False)
+    prefix = f".{target.name}."
+    for orphan in target.parent.glob(f"{prefix}*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if orphan.stat().st_mtime < time.time() - ORPHAN_AGE_S:  # a younger one may be another writer's
+                orphan.unlink()
+    tmp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=prefix, suffix=".tmp", delete=False)
     try:
         with tmp:
             yield tmp
