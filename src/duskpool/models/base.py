@@ -9,9 +9,10 @@
   from the family's `embed`, `forward` and `head`; the rest (caches, wire bytes, the speed probe)
   is the backend's.
 - `Batch`: the sessions one forward computes together (continuous batching). Their rows go through every
-  projection and MLP as one matrix; `Batch` is the one place they are split, for what each session has of
-  its own: its positions (RoPE) and its KV cache (attention). A family hands it q, k, v and gets the
-  attention back, so a family file never loops over sessions.
+  projection and MLP as one matrix; `Batch` is the one place a family meets what each session has of its
+  own: its positions (RoPE) and its KV cache (attention). A family hands it q, k, v and gets the attention
+  back, so a family file never loops over sessions; the backend's `Sessions` computes that part, one session
+  at a time (`EachSession`) or all at once (the CPU backend's).
 """
 
 import time
@@ -108,6 +109,10 @@ class Ops(Protocol):
     def concat(self, parts: list[Array]) -> Array:
         """The arrays one after the other along their first axis (the rows of a batch's sessions)."""
 
+    def sessions(self, segments: "Sequence[Segment]") -> "Sessions":
+        """RoPE and attention for a forward of several sessions (`Batch`): `EachSession`, or what the backend does
+        for all of them at once."""
+
     def evaluate(self, *arrays: Array) -> None:
         """Compute the arrays now, on this thread. An array crosses threads only computed: MLX builds a graph
         lazily, on streams that belong to the thread that built it (since MLX 0.31.2)."""
@@ -166,15 +171,24 @@ class Segment:
     length: int
 
 
-class Batch:
-    """The sessions of one forward: their rows concatenated [rows, ...] in the order of `segments`.
+class Sessions(Protocol):
+    """What each session of a batch has of its own: its positions (RoPE) and its KV cache (attention). The rows
+    are the sessions' one after the other, in the order of their segments."""
 
-    Everything row-wise (projections, norms, the MLP) runs over all rows at once; `rope` and `attention`
-    split them here, each session with its own positions and KV cache. One session is the plain path."""
+    def rope(self, heads: Array, freqs: np.ndarray, pairing: str) -> Array:
+        """heads [rows, n, head_dim], each session's rotated by its own positions (see Ops.rope)."""
+
+    def attention(self, layer: int, q: Array, k: Array, v: Array, scale: float, window: int | None,
+                  causal: bool = True) -> Array:
+        """Each session's k, v [T, Hk, d] stored in its cache, then its queries q [T, H, d] attend over the keys and
+        values it holds (Ops.attention). Returns [rows, H, d]."""
+
+
+class EachSession:
+    """`Sessions` one session at a time, with Ops.rope, Ops.attention and each cache's update."""
 
     def __init__(self, ops: Ops, segments: Sequence[Segment]):
         self.ops, self.segments = ops, list(segments)
-        self.rows = sum(s.length for s in self.segments)
         self._rotations: dict[int, list[Any]] = {}  # per RoPE frequency table (Gemma 3 has two), per session
 
     def split(self, x: Array) -> list[Array]:
@@ -186,7 +200,6 @@ class Batch:
         return parts
 
     def rope(self, heads: Array, freqs: np.ndarray, pairing: str) -> Array:
-        """heads [rows, n, head_dim], each session's rotated by its own positions (see Ops.rope)."""
         rotations = self._rotations.get(id(freqs))
         if rotations is None:
             rotations = self._rotations[id(freqs)] = [self.ops.rotations(s.start, s.length, freqs)
@@ -198,14 +211,35 @@ class Batch:
 
     def attention(self, layer: int, q: Array, k: Array, v: Array, scale: float, window: int | None,
                   causal: bool = True) -> Array:
-        """Each session's k, v [T, Hk, d] stored in its cache, then its queries q [T, H, d] attend over the
-        keys and values it holds (Ops.attention). Returns [rows, H, d]."""
         out = []
         parts = zip(self.segments, self.split(q), self.split(k), self.split(v), strict=True)
         for segment, q_part, k_part, v_part in parts:
             keys, values = segment.cache.update(layer, segment.start, k_part, v_part)
             out.append(self.ops.attention(q_part, keys, values, segment.start, scale, window, causal))
         return out[0] if len(out) == 1 else self.ops.concat(out)
+
+
+class Batch:
+    """The sessions of one forward: their rows concatenated [rows, ...] in the order of `segments`.
+
+    Everything row-wise (projections, norms, the MLP) runs over all rows at once; `rope` and `attention` are
+    where each session has its own positions and KV cache. One session goes through Ops' own per-session ops;
+    several through the backend's `Ops.sessions`, which may compute them all in one call."""
+
+    def __init__(self, ops: Ops, segments: Sequence[Segment]):
+        self.ops, self.segments = ops, list(segments)
+        self.rows = sum(s.length for s in self.segments)
+        self.sessions = EachSession(ops, self.segments) if len(self.segments) == 1 else ops.sessions(self.segments)
+
+    def rope(self, heads: Array, freqs: np.ndarray, pairing: str) -> Array:
+        """heads [rows, n, head_dim], each session's rotated by its own positions (see Ops.rope)."""
+        return self.sessions.rope(heads, freqs, pairing)
+
+    def attention(self, layer: int, q: Array, k: Array, v: Array, scale: float, window: int | None,
+                  causal: bool = True) -> Array:
+        """Each session's k, v [T, Hk, d] stored in its cache, then its queries q [T, H, d] attend over the
+        keys and values it holds (Ops.attention). Returns [rows, H, d]."""
+        return self.sessions.attention(layer, q, k, v, scale, window, causal)
 
 
 class Span:

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+import duskpool.backends.cpu as cpu
 from duskpool.backends.cpu import native as kernels
 from duskpool.backends.cpu import ops
+from duskpool.models.base import ContextOverflowError, EachSession, Segment
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: only the torch path exists")
 
@@ -43,6 +45,44 @@ def test_grouped_causal_attention(queries, start):
     end = start + queries
     torch.testing.assert_close(ops.attention(q, keys[:, :end], values[:, :end], start),
                                ops.attention(q, keys[:, :end], values[:, :end], start, use_c=False))
+
+
+@pytest.mark.parametrize(("window", "scale"), [(None, 0.125), (5, 0.1)])
+def test_grouped_causal_attention_with_a_window_and_a_scale(window, scale):
+    keys, values = torch.randn(3, 64, 64), torch.randn(3, 64, 64)
+    q = torch.randn(3, 9, 64)
+    torch.testing.assert_close(ops.attention(q, keys[:, :23], values[:, :23], 20, scale, window),
+                               ops.attention(q, keys[:, :23], values[:, :23], 20, scale, window, use_c=False))
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_sessions_at_once_compute_what_each_session_computes(window):
+    # decode steps at different positions, a step of 3 rows and a prompt chunk past C's queries (torch's SDPA)
+    segments = [(0, 1), (40, 1), (7, 3), (0, 9), (12, 1)]
+    H, Hk, d, freqs = 9, 3, 64, 1 / 10000 ** (np.arange(0, 64, 2, dtype=np.float64) / 64)
+    rows = sum(n for _, n in segments)
+    heads = torch.randn(rows, H + 2 * Hk, d)  # q | k | v of every row, as the fused projection gives them
+    results = []
+    for sessions in (cpu.sessions, lambda segs: EachSession(cpu, segs)):
+        caches = [cpu.new_cache(range(4, 6), Hk, d, 64) for _ in segments]
+        for cache in caches:  # what each session already holds
+            cache.k.copy_(torch.randn_like(cache.k, generator=torch.Generator().manual_seed(1)))
+            cache.v.copy_(torch.randn_like(cache.v, generator=torch.Generator().manual_seed(2)))
+        batch = sessions([Segment(c, start, n) for c, (start, n) in zip(caches, segments, strict=True)])
+        qk = batch.rope(heads[:, :H + Hk].clone(), freqs, "adjacent")
+        out = batch.attention(5, qk[:, :H], qk[:, H:], heads[:, H + Hk:], 0.125, window)
+        results.append((qk, out, [(c.k, c.v) for c in caches]))
+    (qk, out, kv), (qk_each, out_each, kv_each) = results
+    torch.testing.assert_close(qk, qk_each)
+    torch.testing.assert_close(out, out_each)
+    for (k, v), (k_each, v_each) in zip(kv, kv_each, strict=True):
+        assert torch.equal(k, k_each) and torch.equal(v, v_each), "a cache holds other keys or values"
+
+
+def test_sessions_past_their_context_raise():
+    cache = cpu.new_cache(range(2), 3, 64, 8)
+    with pytest.raises(ContextOverflowError, match="past this session's context of 8"):
+        cpu.sessions([Segment(cpu.new_cache(range(2), 3, 64, 8), 0, 1), Segment(cache, 8, 1)])
 
 
 def test_silu_mul():

@@ -5,6 +5,7 @@ machine: its name, its device, a speed probe for the planner and its thread coun
 """
 
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -15,6 +16,8 @@ from duskpool.backends.cpu import native
 from duskpool.backends.cpu.cache import KVCache
 from duskpool.backends.cpu.ops import activation, attention, gated, layer_norm, rms_norm, rope, rotations
 from duskpool.backends.cpu.quant import SUPPORTED_TYPES, Linear, QuantTensor
+from duskpool.backends.cpu.sessions import Sessions
+from duskpool.models.base import Segment
 from duskpool.weights.gguf import PackedTensor
 
 NAME = "cpu"
@@ -42,6 +45,10 @@ class Embedding:
 
 def embedding(tensor: PackedTensor) -> Embedding:
     return Embedding(QuantTensor.from_packed(tensor))
+
+
+def sessions(segments: Sequence[Segment]) -> Sessions:
+    return Sessions(sys.modules[__name__], segments)
 
 
 def new_cache(layers: range, n_kv_heads: int, head_dim: int, capacity: int) -> KVCache:
@@ -103,4 +110,4 @@ def matmul_bytes_per_ms() -> float:
 
 __all__ = ["KV_VALUE_BYTES", "NAME", "SUPPORTED_TYPES", "activation", "attention", "concat", "device", "embedding",
            "evaluate", "from_bytes", "gated", "layer_norm", "linear", "logits", "matmul_bytes_per_ms", "new_cache",
-           "rms_norm", "rope", "rotations", "set_threads", "to_bytes", "vector"]
+           "rms_norm", "rope", "rotations", "sessions", "set_threads", "to_bytes", "vector"]

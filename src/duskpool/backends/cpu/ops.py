@@ -40,7 +40,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 def rotations(start: int, tokens: int, freqs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [T, rotated/2] of the angle of each position start..start+T for each rotated pair."""
-    angles = (torch.arange(start, start + tokens, dtype=torch.float64)[:, None] * torch.from_numpy(freqs)).float()
+    return rotations_at(torch.arange(start, start + tokens, dtype=torch.float64), freqs)
+
+
+def rotations_at(positions: torch.Tensor, freqs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, rotated/2] of the angle of each of the positions (float64 [T]) for each rotated pair."""
+    angles = (positions[:, None] * torch.from_numpy(freqs)).float()
     return angles.cos(), angles.sin()
 
 
@@ -82,30 +87,29 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: 
     every query sees every key (an encoder's attention; the C kernel is causal only). Returns [T, H, d].
     """
     T, H, d = q.shape
-    if scale is not None and scale != 1 / math.sqrt(d):
-        q = q * (scale * math.sqrt(d))  # the kernels scale by 1/sqrt(d)
+    scale = 1 / math.sqrt(d) if scale is None else scale
     if window is not None and start + T <= window:  # every query sees every position: the window changes nothing
         window = None
+    lib = native.library() if use_c else None
+    if lib is not None and causal and T <= C_ATTENTION_MAX_QUERIES and keys.stride(1) == d and keys.stride(2) == 1 \
+            and values.stride() == keys.stride() and q.stride(2) == 1 and q.stride(1) == d:
+        out = torch.empty(T, H, d)
+        lib.dp_attention(_ptr(q), q.stride(0), _ptr(keys), _ptr(values), keys.stride(0) // d, _ptr(out), H * d,
+                         T, start, H, keys.shape[0], d, scale, window or 0)
+        return out
     if window is not None and T == 1:  # one query: its window is a slice of the cache
         keys, values, start = keys[:, start + 1 - window:], values[:, start + 1 - window:], window - 1
         window = None
-    lib = native.library() if use_c else None
-    if lib is None or window is not None or not causal or T > C_ATTENTION_MAX_QUERIES or keys.stride(2) != 1 \
-            or q.stride(2) != 1 or q.stride(1) != d:
-        query, key = torch.arange(start, start + T)[:, None], torch.arange(start + T)[None, :]
-        visible = (query >= key) & ((query - key < window) if window is not None else True) if causal else None
-        if SDPA_GQA:
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=visible, enable_gqa=True)
-        else:  # each kv head serves H / Hk query heads
-            group = H // keys.shape[0]
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.repeat_interleave(group, dim=0),
-                                                 values.repeat_interleave(group, dim=0), attn_mask=visible)
-        return out.transpose(0, 1)
-    out = torch.empty(T, H, d)
-    scores = torch.empty(start + T)
-    lib.dp_attention(_ptr(q), q.stride(0), _ptr(keys), _ptr(values), keys.stride(0) // d, _ptr(out), H * d,
-                     T, start, H, keys.shape[0], d, _ptr(scores))
-    return out
+    query, key = torch.arange(start, start + T)[:, None], torch.arange(start + T)[None, :]
+    visible = (query >= key) & ((query - key < window) if window is not None else True) if causal else None
+    if SDPA_GQA:
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=visible, scale=scale,
+                                             enable_gqa=True)
+    else:  # each kv head serves H / Hk query heads
+        group = H // keys.shape[0]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.repeat_interleave(group, dim=0),
+                                             values.repeat_interleave(group, dim=0), attn_mask=visible, scale=scale)
+    return out.transpose(0, 1)
 
 
 def silu_mul(gate_up: torch.Tensor, use_c: bool = True) -> torch.Tensor:

@@ -7,8 +7,9 @@ MLX is lazy: a step's graph is built by the family's code and runs when its byte
 """
 
 import platform
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -27,6 +28,7 @@ from duskpool.backends.mlx.quant import (
     evaluate,
     reference,
 )
+from duskpool.models.base import EachSession, Segment
 from duskpool.weights.gguf import PackedTensor
 
 NAME = "mlx"
@@ -83,6 +85,11 @@ def concat(parts: list[mx.array]) -> mx.array:
     return mx.concatenate(parts)
 
 
+def sessions(segments: Sequence[Segment]) -> EachSession:
+    """One session at a time: the projections carry every row at once, RoPE and attention go per session."""
+    return EachSession(sys.modules[__name__], segments)
+
+
 # --- the machine ---------------------------------------------------------------------------------
 def device() -> str:
     info = mx.device_info()
@@ -125,4 +132,4 @@ def available() -> bool:
 
 __all__ = ["KV_VALUE_BYTES", "NAME", "SUPPORTED_TYPES", "activation", "attention", "available", "concat", "device",
            "embedding", "evaluate", "from_bytes", "gated", "layer_norm", "linear", "logits", "matmul_bytes_per_ms",
-           "new_cache", "rms_norm", "rope", "rotations", "set_threads", "to_bytes", "vector"]
+           "new_cache", "rms_norm", "rope", "rotations", "sessions", "set_threads", "to_bytes", "vector"]

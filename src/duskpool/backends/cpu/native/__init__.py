@@ -66,10 +66,11 @@ def library() -> ctypes.CDLL | None:
     f32 = ctypes.c_float
     lib.dp_rms_norm.argtypes = [ptr, ptr, f32, ptr, i64, i64]
     lib.dp_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr]
-    lib.dp_attention.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, ptr]
+    lib.dp_attention.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, f32, i64]
+    lib.dp_attention_batch.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, i64]
     lib.dp_silu_mul.argtypes = [ptr, ptr, i64, i64]
     lib.dp_store_kv.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64]
-    for f in (lib.dp_rms_norm, lib.dp_rope, lib.dp_attention, lib.dp_silu_mul, lib.dp_store_kv):
+    for f in (lib.dp_rms_norm, lib.dp_rope, lib.dp_attention, lib.dp_attention_batch, lib.dp_silu_mul, lib.dp_store_kv):
         f.restype = None
     lib.dp_init()
     return lib
