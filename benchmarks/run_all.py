@@ -203,8 +203,8 @@ def plans(quick: bool, model_1b: str) -> dict:
                        "--tokens", "32" if q else "64", "--prompt-tokens", "128"],
                       lambda f: decode_rows("1B-shaped Q4_0", f, prefill=False)),
         "transfer": (["transfer.py", "--mb", "128" if q else "512", "--runs", "2" if q else "3"], transfer_rows),
-        "memory": (["memory.py", *(["--model", model_1b] if q else ["--shape", "8b"])], memory_rows),
-        "long-prompt": (["long_prompt.py", *(["--model", model_1b, "--runs", "1"] if q else ["--shape", "8b"])],
+        "memory": (["memory.py", "--shape", "1b" if q else "8b"], memory_rows),
+        "long-prompt": (["long_prompt.py", *(["--shape", "1b", "--runs", "1"] if q else ["--shape", "8b"])],
                         long_prompt_rows),
     }
 
