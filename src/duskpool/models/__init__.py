@@ -14,6 +14,7 @@ from duskpool.models.base import ContextOverflowError, KVCache, ModelSpec, Ops, 
 from duskpool.models.bert import Bert
 from duskpool.models.gemma3 import Gemma3
 from duskpool.models.llama import Llama
+from duskpool.models.nomic_bert import NomicBert
 from duskpool.models.qwen2 import Qwen2
 from duskpool.models.qwen3 import Qwen3
 from duskpool.weights.affine import Affine
@@ -34,6 +35,7 @@ register("qwen2", Qwen2)
 register("qwen3", Qwen3)
 register("gemma3", Gemma3)
 register("bert", Bert)
+register("nomic-bert", NomicBert)
 
 
 class ModelFile(Protocol):
