@@ -1,8 +1,9 @@
 """Embeddings of a generative model: the mean of its final hidden states (after its last norm), unit length,
 as llama.cpp's `--embeddings` pools by default; checked against transformers' Llama on a tiny random model
 through /v1/embeddings, /api/embed and /api/embeddings with the official clients. A BERT file (an embedding model:
-Ollama's all-minilm) against transformers' BertModel, and refusing to generate; and a gateway over a 2-node swarm
-embedding as the local engine does, also when a node dies under the request."""
+Ollama's all-minilm) against transformers' BertModel, and refusing to generate; a nomic-bert file (Ollama's
+nomic-embed-text) against the HF model's equations; and a gateway over a 2-node swarm embedding as the local engine
+does, also when a node dies under the request."""
 
 import base64
 
@@ -20,7 +21,7 @@ from duskpool.engine.runner import LocalEngine
 from duskpool.weights.catalog import BUNDLED_NAME
 from tests.api.conftest import TOOL_MODEL, live_server
 from tests.conftest import wait_for
-from tests.tiny_bert import reference_embedding, write_tiny_bert
+from tests.tiny_bert import reference_embedding, reference_nomic_embedding, write_tiny_bert, write_tiny_nomic_bert
 
 pytestmark = pytest.mark.slow
 
@@ -144,6 +145,33 @@ def test_bert_refuses_to_chat_or_complete(bert_url):
         claude.messages.create(model=BERT_MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
 
 
+# --- nomic-bert: an encoder with rotary positions -----------------------------------------------------------------
+NOMIC_MODEL = "tiny-nomic-bert"
+NOMIC_TEXTS = ["search_query: What will the weather be in Paris?", "search_document: The lighthouse keeper climbed."]
+
+
+@pytest.fixture(scope="module")
+def nomic(tmp_path_factory):
+    return write_tiny_nomic_bert(tmp_path_factory.mktemp("nomic"))
+
+
+def test_nomic_bert_embeddings_match_the_hf_model_through_openai(nomic):
+    """The task prefixes nomic-embed-text wants are the caller's text: embedded as written."""
+    expected = [reference_nomic_embedding(nomic, nomic.tokenizer(text)["input_ids"]) for text in NOMIC_TEXTS]
+    service = Service(LocalEngine.load(nomic.path), NOMIC_MODEL, nomic.path)
+    try:
+        with live_server(service) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+            answer = client.embeddings.create(model=NOMIC_MODEL, input=NOMIC_TEXTS, encoding_format="float")
+            capabilities = ollama.Client(host=url, timeout=60).show(NOMIC_MODEL).capabilities
+    finally:
+        service.close()
+    for data, reference in zip(answer.data, expected, strict=True):
+        assert cosine(data.embedding, reference) >= 0.999
+        assert abs(np.linalg.norm(data.embedding) - 1) < 1e-5
+    assert capabilities == ["embedding"]
+
+
 # --- over a swarm ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def swarm2(tmp_path_factory):
@@ -161,6 +189,19 @@ def test_bert_over_two_nodes_embeds_as_transformers_does(swarm2, bert):
         for text in BERT_TEXTS:
             tokens = gateway.tokenizer.encode(text)
             assert cosine(gateway.embed(tokens), reference_embedding(bert, tokens)) >= 0.999
+    finally:
+        gateway.close()
+
+
+def test_nomic_bert_over_two_nodes_embeds_as_the_hf_model_does(swarm2, nomic):
+    """The nodes are sent what a nomic-bert span reads (no position table, no biases) and rotate from position 0."""
+    gateway = Gateway.start(nomic.path, swarm2.addresses, identity=swarm2.gateway_identity, even_split=True,
+                            prefix=0, suffix=0, progress=False)
+    try:
+        assert [(s.start, s.stop) for s in gateway.route] == [(0, 1), (1, 2)]
+        for text in NOMIC_TEXTS:
+            tokens = gateway.tokenizer.encode(text)
+            assert cosine(gateway.embed(tokens), reference_nomic_embedding(nomic, tokens)) >= 0.999
     finally:
         gateway.close()
 
