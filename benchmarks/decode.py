@@ -91,9 +91,15 @@ def run_transformers(model: Path, threads: int, tokens: int, prefill: int, dtype
 def run_llamacpp(model: Path, threads: int, tokens: int, prefill: int) -> dict:
     import llama_cpp
 
+    from duskpool.weights.gguf import GGUFFile
+
+    # a random-weight model (random_gguf.py) has a made-up vocabulary without BPE merges, which llama.cpp refuses to
+    # load: it is loaded without one, and given token ids
+    made_up = "tokenizer.ggml.merges" not in GGUFFile(model).metadata
     llm = llama_cpp.Llama(str(model), n_threads=threads, n_threads_batch=threads, n_ctx=prefill + tokens + 64,
-                          n_batch=prefill, verbose=False)
-    prompt = prompt_tokens(lambda text: llm.tokenize(text.encode(), add_bos=False), prefill)
+                          n_batch=prefill, verbose=False,
+                          kv_overrides={"tokenizer.ggml.model": "none"} if made_up else None)
+    prompt = prompt_tokens(lambda text: [] if made_up else llm.tokenize(text.encode(), add_bos=False), prefill)
     llm.eval(prompt[:16])
     llm.reset()
     started = time.perf_counter()

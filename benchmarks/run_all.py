@@ -140,7 +140,7 @@ def decode_rows(name: str, f: dict, prefill: bool) -> list[Row | Missing]:
         rows.append(Row(f"decode, {name}", ours["decode_tok_s"], "tok/s", engines["llama.cpp"]["decode_tok_s"],
                         "llama.cpp, same GGUF and threads", ">=", 1.1, note=f"{f['threads']} threads"))
     else:
-        rows.append(Missing(f"decode, {name}", "llama-cpp-python is not installed"))
+        rows.append(Missing(f"decode, {name}", "llama.cpp did not run (its log says why)"))
     if prefill:
         what = f"prefill {f['prompt_tokens']} tokens, {name}"
         if "transformers-bf16" in engines:
