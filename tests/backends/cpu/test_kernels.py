@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from duskpool.backends.cpu import native as kernels
-from duskpool.backends.cpu.quant import GEMM_MIN_ROWS, SUPPORTED_TYPES, QuantTensor
+from duskpool.backends.cpu.quant import SUPPORTED_TYPES, QuantTensor
 from tests.conftest import random_quantized
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler: only the numpy path exists")
@@ -36,7 +36,7 @@ def test_matmul_and_rows_match_gguf(qtype, threads):
     # 512 columns: two K-quant super-blocks; 300 rows: enough bytes to be split over threads
     w, reference = weight(qtype, 300, 512)
     rng = np.random.default_rng(1)
-    for M in (1, 3, 5, 8, GEMM_MIN_ROWS):  # the last through dequantize + torch
+    for M in (1, 3, 5, 8, 12, 24, 37):  # the fused kernels; from 8, 12 or 24 rows (by type) the gemm
         x = torch.from_numpy(rng.standard_normal((M, 512)).astype(np.float32))
         # write into a column slice of a wider buffer, as a fused projection does
         buffer = torch.full((M, 310), 7.0)
@@ -52,11 +52,11 @@ def test_matmul_and_rows_match_gguf(qtype, threads):
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.IQ4_NL, Q.F32], ids=lambda q: q.name)
 def test_kernel_path_for_every_small_m(qtype, threads):
-    # M below GEMM_MIN_ROWS goes through dp_matmul (tiles of 4 weight rows x 1 row of x, 2 x 2 or
-    # 1 x 4, and a tail of single rows), with odd sizes
+    # the fused kernels' tiles (4 weight rows x 1 row of x, 2 x 2 or 1 x 4, and a tail of single rows), then
+    # the gemm's (16 rows of x, the last 8 or fewer; 6 weight rows, a tail of fewer), with odd sizes
     w, reference = weight(qtype, 1001, 96, seed=2)
     rng = np.random.default_rng(3)
-    for M in range(1, 11):
+    for M in [*range(1, 11), 15, 16, 17, 23, 40]:
         x = torch.from_numpy(rng.standard_normal((M, 96)).astype(np.float32))
         out = torch.empty(M, 1001)
         w.matmul_into(x, out)
@@ -69,10 +69,11 @@ def test_float_types_with_odd_width(threads):
     # F32/F16/BF16 have a block size of 1: widths that are not a multiple of the vector length
     for qtype in (Q.F32, Q.F16, Q.BF16):
         w, reference = weight(qtype, 200, 77, seed=4)
-        x = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 77)).astype(np.float32))
-        out = torch.empty(2, 200)
-        w.matmul_into(x, out)
-        np.testing.assert_allclose(out.double().numpy(), x.double().numpy() @ reference.T, rtol=1e-4, atol=1e-4)
+        for M in (2, 30):  # the fused kernels, the gemm
+            x = torch.from_numpy(np.random.default_rng(5).standard_normal((M, 77)).astype(np.float32))
+            out = torch.empty(M, 200)
+            w.matmul_into(x, out)
+            np.testing.assert_allclose(out.double().numpy(), x.double().numpy() @ reference.T, rtol=1e-4, atol=1e-4)
 
 
 def test_sequential_calls_from_other_threads():

@@ -49,7 +49,7 @@ def run(driver: Path, tmp_path: Path, qtype: Q, M: int, seed: int, K: int = K) -
     return bool(np.frombuffer((tmp_path / "out").read_bytes()[:4], np.int32)[0]), out[0], out[1], reference
 
 
-@pytest.mark.parametrize("M", [1, 3, 4])
+@pytest.mark.parametrize("M", [1, 3, 4, 30])  # 30: the gemm (gemm.c)
 @pytest.mark.parametrize("qtype", NEON_TYPES, ids=lambda q: q.name)
 def test_neon_kernels_match_the_scalar_matmul_and_gguf(driver, tmp_path, qtype, M):
     simd, y, scalar, reference = run(driver, tmp_path, qtype, M, seed=int(qtype) * 10 + M)

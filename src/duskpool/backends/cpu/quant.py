@@ -15,14 +15,6 @@ Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
                    Q.IQ4_NL, Q.IQ4_XS)  # and MLX's packed weights (weights.affine.Affine), converted at load
 
-# From this many rows of input, dequantizing the weight once and calling BLAS beats the fused kernel
-# (which reads each weight row once for up to 4 rows of x, so its cost grows with every 4 rows).
-GEMM_MIN_ROWS = 24
-# A bf16 weight is widened as fast as it is read: the kernel stays ahead up to about 100 rows, where dequantizing
-# the whole weight to float32 first costs more than BLAS saves (benchmarks/bf16_matmul.py, 2-core AVX2: 8192x2048 at
-# 64 rows 61 ms against 104, at 96 rows 106 against 128; at 128 rows BLAS wins, 132 against 211)
-GEMM_MIN_ROWS_BF16 = 96
-
 
 @dataclass
 class QuantTensor:
@@ -74,9 +66,13 @@ class QuantTensor:
         return self.rows(torch.arange(self.shape[0]))
 
     def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out[m, :] = x[m, :] @ W.T for float32 x [M, cols]; out may be a column slice of a wider buffer."""
+        """out[m, :] = x[m, :] @ W.T for float32 x [M, cols]; out may be a column slice of a wider buffer.
+
+        Any M goes to the C kernels (native/matmul.c), prompts too: from a few rows their gemm decodes each
+        weight row once and keeps pace with BLAS over the dequantized weight (which first writes the whole
+        weight as float32, and whose OpenMP threads, on a machine others share, wait for one another)."""
         lib = native.library()
-        if lib is None or x.shape[0] >= (GEMM_MIN_ROWS_BF16 if self.qtype == Q.BF16 else GEMM_MIN_ROWS):
+        if lib is None:
             out.copy_(x @ self.dequantize().t())
             return
         lib.dp_matmul(self.qtype, self.data.data_ptr(), self.data.shape[1], 0, self.shape[0], self.shape[1],

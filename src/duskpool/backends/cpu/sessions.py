@@ -7,14 +7,13 @@ chunk then attends through ops.attention (torch's SDPA), as it would alone.
 """
 
 from collections.abc import Sequence
+from itertools import accumulate
 
 import numpy as np
 import torch
 
 from duskpool.backends.cpu import native, ops
 from duskpool.models.base import ContextOverflowError, EachSession, Ops, Segment
-
-ATTEND = 6  # the column of dp_attention_batch's session table that says whether C attends that session
 
 
 class Sessions(EachSession):
@@ -24,10 +23,11 @@ class Sessions(EachSession):
         super().__init__(backend, segments)
         self.positions = torch.cat([torch.arange(s.start, s.start + s.length, dtype=torch.float64)
                                     for s in self.segments])
-        self.first_rows = np.cumsum([0] + [s.length for s in self.segments])
+        self.first_rows = [0, *accumulate(s.length for s in self.segments)]
+        self.chunks = [i for i, s in enumerate(self.segments) if s.length > ops.C_ATTENTION_MAX_QUERIES]
         # per session: its cache's k and v at its first layer, capacity, first layer, start, rows, whether C attends
         self.table = np.array([(s.cache.k.data_ptr(), s.cache.v.data_ptr(), s.cache.capacity, s.cache.layers.start,
-                                s.start, s.length, s.length <= ops.C_ATTENTION_MAX_QUERIES) for s in self.segments],
+                                s.start, s.length, i not in self.chunks) for i, s in enumerate(self.segments)],
                               dtype=np.int64)
         for s in self.segments:
             if s.start + s.length > s.cache.capacity:
@@ -51,7 +51,7 @@ class Sessions(EachSession):
         lib.dp_attention_batch(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
                                out.data_ptr(), H * d, self.table.ctypes.data, len(self.segments), layer, H, k.shape[1],
                                d, scale, window or 0)
-        for i in np.flatnonzero(self.table[:, ATTEND] == 0):  # a prompt chunk: stored above, attended by torch
+        for i in self.chunks:  # a prompt chunk: stored above, attended by torch
             s, first = self.segments[i], self.first_rows[i]
             cache, end = s.cache, s.start + s.length
             keys, values = cache.k[layer - cache.layers.start, :, :end], cache.v[layer - cache.layers.start, :, :end]

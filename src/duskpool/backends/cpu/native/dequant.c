@@ -26,7 +26,7 @@ void init_f16_table(void) {
 }
 
 // One row of K weights (K a multiple of the block size) into y.
-static void dequantize_row(int type, const uint8_t *restrict x, float *restrict y, int64_t K) {
+void dequantize_row(int type, const uint8_t *restrict x, float *restrict y, int64_t K) {
     switch (type) {
     case F32: memcpy(y, x, K * 4); return;
     case F16: for (int64_t i = 0; i < K; i++) y[i] = f16(x + 2 * i); return;

@@ -1,7 +1,8 @@
-// dp_matmul: y = x W^T straight from GGUF blocks, for the few rows of x of a decode step (M small).
-// It takes the per-block sums of x the kernels need, splits the weight rows over the thread pool
-// (dp_set_threads) and gives each range to the SIMD kernel for the type (matmul_x86.c) or, for a
-// type or CPU without one, to the scalar matmul (dequant.c: dequantize a row into L1, then dot).
+// dp_matmul: y = x W^T straight from GGUF blocks. It splits the weight rows over the thread pool
+// (dp_set_threads); for the few rows of x of one decode step it takes the per-block sums of x the
+// kernels need and gives each range to the SIMD kernel for the type (matmul_x86.c) or, for a type or
+// CPU without one, to the scalar matmul (dequant.c: dequantize a row into L1, then dot); for more
+// rows (a batch of sessions, a prompt) to gemm.c.
 // Results match a dequantize-then-matmul reference up to summation order (and, for Q4_0/Q4_1, one
 // rounding of a rearranged x: see q4_tile in matmul_x86.c).
 #include <stdlib.h>
@@ -30,10 +31,13 @@ typedef struct {
     int64_t row_bytes, K, M, ldy;
     const float *x, *sx;
     float *y;
+    const float *xt;  // x rearranged for gemm.c (many rows of x), or NULL
+    int64_t ldm;
 } matmul_job;
 
 static void matmul_range(void *ctx, int64_t n0, int64_t n1) {
     const matmul_job *j = ctx;
+    if (j->xt) { gemm_range(j->type, j->w, j->row_bytes, n0, n1, j->K, j->xt, j->ldm, j->M, j->y, j->ldy); return; }
     const int64_t K = j->K, M = j->M, ns = j->sum_width ? K / j->sum_width : 0, rb = j->row_bytes;
     if (j->tile || j->row) {
         float out[4 * MAX_MB];
@@ -77,7 +81,13 @@ void dp_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_
     job.row = job.tile ? NULL : row_kernel_for(type);
     job.tile_rows = job.tile ? (M == 1 ? 4 : M == 2 ? 2 : 1) : 1;
     float *scratch = NULL;
-    const int width = job.tile || job.row ? block_sum_width(type) : 0;
+    if (M >= gemm_min_rows(type)) {
+        job.ldm = gemm_ldm(M);
+        scratch = aligned_alloc(64, (K * job.ldm * sizeof(float) + 63) / 64 * 64);
+        gemm_transpose(x, M, K, scratch, job.ldm);
+        job.xt = scratch;
+    }
+    const int width = (job.tile || job.row) && !job.xt ? block_sum_width(type) : 0;
     if (width) {
         const int64_t ns = K / width;
         const int rearrange = type == Q4_0 || type == Q4_1;  // see q4_tile
@@ -100,6 +110,6 @@ void dp_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_
     }
     const int64_t N = n1 - n0;
     if (N * row_bytes < PARALLEL_MIN_BYTES) matmul_range(&job, n0, n1);
-    else parallel_for(matmul_range, &job, n0, n1, (chunk_rows(N) + 3) / 4 * 4, 0);
+    else parallel_for(matmul_range, &job, n0, n1, (chunk_rows(N) + 11) / 12 * 12, 0);  // whole tiles and panels
     free(scratch);
 }

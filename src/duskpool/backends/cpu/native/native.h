@@ -3,7 +3,9 @@
 //   dequant.c     GGUF blocks in plain C: a row of any type into floats, dp_dequantize_rows, and the
 //                 scalar matmul (dequantize a weight row into L1, then dot it with each row of x)
 //   matmul.c      dp_matmul: per-block sums of x, rows split over the pool, each range of rows given
-//                 to this CPU's SIMD kernel for the type or else to the scalar matmul
+//                 to this CPU's SIMD kernel for the type or else to the scalar matmul, or for many
+//                 rows of x to gemm.c
+//   gemm.c        many rows of x: weight rows decoded to float once, then register-tiled fp32 FMAs
 //   matmul_x86.c  the AVX2/FMA kernels, built where the compiler targets AVX2 and FMA
 //   matmul_neon.c the NEON kernels, built for 64-bit ARM (tests/backends/cpu/test_neon.py runs them
 //                 under qemu-aarch64 against the scalar matmul)
@@ -72,10 +74,21 @@ static inline int scale_iq4_xs(const uint8_t *w, int ib) {
     return ((w[4 + ib / 2] >> 4 * (ib % 2)) & 0xF) | (((h >> 2 * ib) & 3) << 4);
 }
 
+// K values of a row (K a multiple of the type's block size) from its blocks at x into floats at y
+DP_HIDDEN void dequantize_row(int type, const uint8_t *restrict x, float *restrict y, int64_t K);
+
 // y[m, n] = sum_k x[m, k] * W[n, k] for n in [n0, n1), in plain C: each row of W dequantized, then
 // dotted with every row of x. W is rows of row_bytes; y has row stride ldy.
 DP_HIDDEN void scalar_matmul_range(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K,
                                    const float *x, int64_t M, float *y, int64_t ldy);
+
+// The same for many rows of x (gemm.c): each weight row decoded to float once for all of them. From
+// gemm_min_rows(type) rows of x on; x rearranged first by gemm_transpose, ldm = gemm_ldm(M) floats per k.
+DP_HIDDEN int gemm_min_rows(int type);
+DP_HIDDEN int64_t gemm_ldm(int64_t M);
+DP_HIDDEN void gemm_transpose(const float *x, int64_t M, int64_t K, float *xt, int64_t ldm);
+DP_HIDDEN void gemm_range(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K,
+                          const float *xt, int64_t ldm, int64_t M, float *y, int64_t ldy);
 
 // ---------------------------------------------------------------------------------------------
 // Thread pool (threads.c)
