@@ -1,6 +1,8 @@
 """How a span is computed: one package per backend, each the `Ops` of models/base.py plus its machine's
 name, device, speed probe and thread setting. Adding a backend is adding a package and a line here."""
 
+import ctypes
+import ctypes.util
 import importlib
 import importlib.util
 import platform
@@ -40,7 +42,19 @@ def pick(name: str = "auto") -> str:
 def load_span(file: ModelFile, layers: range | None = None, embed: bool = True, head: bool = True,
               progress: bool = False, backend_name: str = DEFAULT) -> SpanModel:
     """Layers `layers` of the model in `file` (all by default), with its embedding and/or head, ready to run."""
-    return load_model(file, backend(backend_name), layers, embed=embed, head=head, progress=progress)
+    model = load_model(file, backend(backend_name), layers, embed=embed, head=head, progress=progress)
+    return_freed_memory()
+    return model
+
+
+def return_freed_memory() -> None:
+    """Hand the heap that loading freed (read buffers, conversions) back to the OS. glibc keeps freed blocks below
+    its mmap threshold for reuse, which left a node's RSS ~20% above its weights + KV after a load; other C
+    libraries (macOS's) return them themselves."""
+    libc = ctypes.util.find_library("c") if sys.platform == "linux" else None
+    malloc_trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # musl has none
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def describe_model(file: ModelFile, backend_name: str = DEFAULT) -> ModelSpec:
