@@ -85,9 +85,11 @@ def device() -> str:
 
 
 def set_threads(threads: int) -> None:
-    """Compute threads for both torch and the C kernels."""
-    torch.set_num_threads(threads)
+    """Compute threads for the C kernels, which do every heavy op; torch keeps one (its elementwise ops between
+    them are short, and from 32k elements its OpenMP threads would meet at a barrier after each one: on a machine
+    others share, a thread that does not get a core stalls them all). Without the kernels torch gets them."""
     lib = native.library()
+    torch.set_num_threads(1 if lib is not None else threads)
     if lib is not None:
         lib.dp_set_threads(threads)
 
