@@ -22,8 +22,8 @@ file, in one run:
 - speed: decode and prefill tok/s of duskpool and of llama.cpp on the file, each in its own process with the same
   threads, with benchmarks/decode.py's runners; ratios are duskpool / llama.cpp. On a machine with fewer idle
   cores than threads, llama.cpp's threads, which spin at a barrier after every op, lose whole time slices waiting
-  for each other (on a shared 2-vCPU VM its decode fell from ~200 tok/s at one thread to 4-150 at two): give
-  --threads 2,1 to time at one thread as well.
+  for each other (on a shared 2-vCPU VM at load 3-9, its decode of a 6-layer model ranged 1-620 tok/s at two
+  threads and 50-550 at one; at load 1.5, 520-620 at two): give --threads 2,1 to time at one thread as well.
 
 The families keep test_families' choices: Llama, Qwen 2 and Mistral untied heads, Qwen 3 tied, Gemma 3 untied (a
 random Gemma's embeddings, scaled by sqrt(dim), make a tied head repeat the last token). Types run one after the
