@@ -93,9 +93,10 @@ def run_llamacpp(model: Path, threads: int, tokens: int, prefill: int) -> dict:
 
     from duskpool.weights.gguf import GGUFFile
 
-    # a random-weight model (random_gguf.py) has a made-up vocabulary without BPE merges, which llama.cpp refuses to
-    # load: it is loaded without one, and given token ids
-    made_up = "tokenizer.ggml.merges" not in GGUFFile(model).metadata
+    # a random-weight model (random_gguf.py) has a made-up BPE vocabulary without merges, which llama.cpp refuses to
+    # load: it is loaded without one, and given token ids (a sentencepiece vocabulary, Gemma's, has no merges at all)
+    metadata = GGUFFile(model).metadata
+    made_up = metadata.get("tokenizer.ggml.model") == "gpt2" and "tokenizer.ggml.merges" not in metadata
     llm = llama_cpp.Llama(str(model), n_threads=threads, n_threads_batch=threads, n_ctx=prefill + tokens + 64,
                           n_batch=prefill, verbose=False,
                           kv_overrides={"tokenizer.ggml.model": "none"} if made_up else None)
