@@ -98,7 +98,7 @@ def run_llamacpp(model: Path, threads: int, tokens: int, prefill: int) -> dict:
     metadata = GGUFFile(model).metadata
     made_up = metadata.get("tokenizer.ggml.model") == "gpt2" and "tokenizer.ggml.merges" not in metadata
     llm = llama_cpp.Llama(str(model), n_threads=threads, n_threads_batch=threads, n_ctx=prefill + tokens + 64,
-                          n_batch=prefill, verbose=False,
+                          n_batch=max(prefill, tokens + 16), verbose=False,  # llm.scores keeps n_batch rows
                           kv_overrides={"tokenizer.ggml.model": "none"} if made_up else None)
     prompt = prompt_tokens(lambda text: [] if made_up else llm.tokenize(text.encode(), add_bos=False), prefill)
     llm.eval(prompt[:16])
