@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for benchmarks.decode and the tests' helpers
 
 from benchmarks.decode import ENGINES, PARAGRAPH, peak_rss_mb  # noqa: E402
-from tests.api.conftest import SPECIAL, byte_vocabulary, learn_merges  # noqa: E402
+from tests.api.conftest import bpe_vocabulary, with_vocabulary  # noqa: E402
 from tests.models.test_families import agreement, families, reference, run, their_run, write_gguf  # noqa: E402
 
 from duskpool.backends import backend, load_span  # noqa: E402
@@ -82,34 +82,6 @@ def random_model(name: str, layers: int):
     return model
 
 
-def with_vocabulary(bare: Path, path: Path, vocab_size: int) -> Path:
-    """`bare` with a byte-level BPE vocabulary of `vocab_size` tokens added: the 256 bytes, ChatML's specials,
-    merges learned from the benchmark paragraph, and made-up tokens no merge reaches (a real vocabulary's size,
-    so that the embedding and the head cost what they cost in a real model)."""
-    tokens = byte_vocabulary() + [t for t, _ in SPECIAL]
-    types = [1] * 256 + [kind for _, kind in SPECIAL]
-    merges = [(a, b) for a, b in learn_merges(PARAGRAPH * 4, 200) if a + b not in tokens]
-    tokens += list(dict.fromkeys(a + b for a, b in merges))
-    tokens += [f"<unused{i}>" for i in range(vocab_size - len(tokens))]
-    types += [1] * (len(tokens) - len(types))
-    reader = gguf.GGUFReader(bare)
-    writer = gguf.GGUFWriter(str(path), reader.fields["general.architecture"].contents())
-    for field in reader.fields.values():
-        if not field.name.startswith("GGUF.") and field.name != "general.architecture":
-            writer.add_key_value(field.name, field.contents(), field.types[0],
-                                 field.types[-1] if len(field.types) > 1 else None)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([f"{a} {b}" for a, b in merges])
-    writer.add_bos_token_id(tokens.index("<|endoftext|>"))
-    writer.add_eos_token_id(tokens.index("<|im_end|>"))
-    writer.add_add_bos_token(False)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
-    return path
 
 
 def quantize(source: Path, path: Path, qtype: str, threads: int) -> Path:
@@ -268,10 +240,13 @@ def main() -> None:
     report = {"shape": shape, "threads": args.threads, "tokens": args.tokens, "prompt_tokens": args.prompt_tokens,
               "prompt_lengths": PROMPT_LENGTHS, "greedy_after": GREEDY_AFTER, "steps": STEPS, "results": []}
     sources, configs = {}, {}
+    # a real vocabulary's size (its embedding and head cost what they cost in a real model), merges learned from the
+    # benchmark paragraph
+    vocabulary = bpe_vocabulary(PARAGRAPH * 4, 200, SHAPE["vocab_size"])
     for name in args.families.split(","):  # every family's F16 file first; of the model, only its config is kept
         model = random_model(name, args.layers)
         bare = write_gguf(model, families()[name], Q.F16, folder / f"{name}-bare.gguf")
-        sources[name] = with_vocabulary(bare, folder / f"{name}-F16-source.gguf", SHAPE["vocab_size"])
+        sources[name] = with_vocabulary(bare, folder / f"{name}-F16-source.gguf", vocabulary, "smollm")
         configs[name] = model.config
         bare.unlink()
         del model

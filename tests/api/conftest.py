@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -124,36 +125,64 @@ CORPUS = (TOOL_TEMPLATE + ' {"type": "function", "function": {"name": "get_weath
           '"days"]}}} What will the weather be in Paris?')
 
 
-def write_tiny_chat_llama(path: Path, template: str | None = TOOL_TEMPLATE, seed: int = 0, layers: int = 2) -> Path:
-    """A random-weight tiny Llama (float32) with a byte-level BPE vocabulary, ChatML's control tokens and, when
-    given, a chat template: a real model file, only its words are noise."""
+@dataclass(frozen=True)
+class Vocabulary:
+    """A byte-level BPE vocabulary as a GGUF file stores it."""
+    tokens: list[str]
+    types: list[int]
+    merges: list[tuple[str, str]]
+
+
+def bpe_vocabulary(corpus: str, n_merges: int, size: int = 0) -> Vocabulary:
+    """The 256 bytes, ChatML's and the tool tags' special tokens, and merges learned from `corpus`; padded to
+    `size` tokens with ones no merge reaches (a real vocabulary's size, for what its embedding and head cost)."""
     tokens = byte_vocabulary() + [t for t, _ in SPECIAL]
     types = [1] * 256 + [k for _, k in SPECIAL]
-    merges = [(a, b) for a, b in learn_merges(CORPUS, 250) if a + b not in tokens]
+    merges = [(a, b) for a, b in learn_merges(corpus, n_merges) if a + b not in tokens]
     tokens += list(dict.fromkeys(a + b for a, b in merges))
+    tokens += [f"<unused{i}>" for i in range(size - len(tokens))]
     types += [1] * (len(tokens) - len(types))
-    bare = write_tiny_llama(path.with_suffix(".bare.gguf"), gguf.GGMLQuantizationType.F32, layers=layers, dim=64,
-                            heads=4, kv_heads=2, ffn=128, vocab=len(tokens), seed=seed)
+    return Vocabulary(tokens, types, merges)
+
+
+def with_vocabulary(bare: Path, path: Path, vocabulary: Vocabulary, pre: str, template: str | None = None,
+                    context_length: int | None = None) -> Path:
+    """`bare` (a GGUF file without a tokenizer) copied to `path` with `vocabulary` (pre-tokenizer `pre`), and the
+    chat template and context length when given."""
     reader = gguf.GGUFReader(bare)
-    writer = gguf.GGUFWriter(str(path), reader.fields["general.architecture"].contents())
+    architecture = reader.fields["general.architecture"].contents()
+    replaced = {"general.architecture"} | ({f"{architecture}.context_length"} if context_length else set())
+    writer = gguf.GGUFWriter(str(path), architecture)
     for field in reader.fields.values():
-        if not field.name.startswith("GGUF.") and field.name not in ("general.architecture", "llama.context_length"):
+        if not field.name.startswith("GGUF.") and field.name not in replaced:
             writer.add_key_value(field.name, field.contents(), field.types[0],
                                  field.types[-1] if len(field.types) > 1 else None)
-    writer.add_context_length(2048)  # a byte per token: a prompt with tools is ~500 tokens
+    if context_length:
+        writer.add_context_length(context_length)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([f"{a} {b}" for a, b in merges])
-    writer.add_bos_token_id(tokens.index("<|endoftext|>"))
-    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(vocabulary.tokens)
+    writer.add_token_types(vocabulary.types)
+    writer.add_token_merges([f"{a} {b}" for a, b in vocabulary.merges])
+    writer.add_bos_token_id(vocabulary.tokens.index("<|endoftext|>"))
+    writer.add_eos_token_id(vocabulary.tokens.index("<|im_end|>"))
     writer.add_add_bos_token(False)
     if template is not None:
         writer.add_chat_template(template)
     for t in reader.tensors:
         writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    return path
+
+
+def write_tiny_chat_llama(path: Path, template: str | None = TOOL_TEMPLATE, seed: int = 0, layers: int = 2) -> Path:
+    """A random-weight tiny Llama (float32) with a byte-level BPE vocabulary, ChatML's control tokens and, when
+    given, a chat template: a real model file, only its words are noise."""
+    vocabulary = bpe_vocabulary(CORPUS, 250)
+    bare = write_tiny_llama(path.with_suffix(".bare.gguf"), gguf.GGMLQuantizationType.F32, layers=layers, dim=64,
+                            heads=4, kv_heads=2, ffn=128, vocab=len(vocabulary.tokens), seed=seed)
+    # a byte per token: a prompt with tools is ~500 tokens
+    with_vocabulary(bare, path, vocabulary, "qwen2", template, context_length=2048)
     bare.unlink()
     return path
 
