@@ -219,12 +219,11 @@ class Membership:
 
     def _profiles(self) -> list[planner.NodeProfile]:
         """The live nodes as the planner sees them (their memory as it was when they joined)."""
-        profiles = [node_profile(c, self.model.layer_bytes, even=self.even) for c in self._lent()]
         # a node caught slower than it claims counts at its measured speed, local swarm or not; one caught short of
         # memory, as lending what it holds
         return [dataclasses.replace(p, ms_per_layer=max(p.ms_per_layer, self.slow.get(c.address, 0.0)),
                                     free_bytes=min(p.free_bytes, self.short.get(c.address, p.free_bytes)))
-                for p, c in zip(profiles, self._lent(), strict=True)]
+                for c in self._lent() for p in [node_profile(c, self.model.layer_bytes, even=self.even)]]
 
     def doubtful(self, address: str) -> bool:
         """Whether the node at `address` was caught doing less than it claims: slower, or short of memory."""

@@ -281,7 +281,7 @@ class NodeService(pb_grpc.NodeServicer):
         if self.identity is None:
             return
         for stage in request.route[1:]:
-            if self._name_at(stage.address) is None:
+            if stage.address not in self.members:
                 raise NotAMember(f"the route names {stage.address[:60]}, where no pool member is known")
         if self._sink_name_at(request.sink) is None:
             raise NotAMember(f"the sink {request.sink[:60]} is not a gateway of the pool")
