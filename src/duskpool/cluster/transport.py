@@ -22,6 +22,7 @@ from duskpool.security import (
     NodeIdentity,
     RevocationInterceptor,
     channel_credentials,
+    name_options,
     renewing_server_credentials,
 )
 
@@ -53,7 +54,7 @@ def open_channel(address: str, identity: NodeIdentity | None, options: list | No
     if identity is None:
         return grpc.insecure_channel(address, options=options)
     credentials = channel_credentials(identity.cert_pem, identity.key_pem, identity.ca_pem)
-    return grpc.secure_channel(address, credentials, options=options + [("grpc.ssl_target_name_override", name)])
+    return grpc.secure_channel(address, credentials, options=options + name_options(name))
 
 
 def start_server(service: pb_grpc.NodeServicer | pb_grpc.SinkServicer, host: str, port: int,

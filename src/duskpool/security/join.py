@@ -52,14 +52,14 @@ class JoinServerUnreachable(JoinError):
     """Nothing answered TLS at the join server's address: not up yet, or the wrong address (a retry may help)."""
 
 
-def _decode(data: bytes) -> Any:
+def decode_message(data: bytes) -> Any:
     try:
         return json.loads(data)
     except ValueError:  # {}, not None (which gRPC answers with INTERNAL): the handler says INVALID_ARGUMENT
         return {}
 
 
-def _encode(message: dict) -> bytes:
+def encode_message(message: dict) -> bytes:
     return json.dumps(message).encode()
 
 
@@ -82,7 +82,8 @@ def add_join_service(server: grpc.Server, pool: PoolState) -> None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return {"cert": cert.decode(), "member_id": member_id}
 
-    handler = grpc.unary_unary_rpc_method_handler(handle, request_deserializer=_decode, response_serializer=_encode)
+    handler = grpc.unary_unary_rpc_method_handler(handle, request_deserializer=decode_message,
+                                                  response_serializer=encode_message)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Join": handler}),))
 
 
@@ -158,7 +159,7 @@ def join(token_text: str, gateway: str, name: str, node_address: str | None = No
     request = {"token": token.secret, "csr": make_csr(key, name).decode(), "name": name, "address": node_address}
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
     with grpc.secure_channel(gateway, credentials, options=GATEWAY_CHANNEL_OPTIONS) as channel:
-        call = channel.unary_unary(METHOD, request_serializer=_encode, response_deserializer=_decode)
+        call = channel.unary_unary(METHOD, request_serializer=encode_message, response_deserializer=decode_message)
         try:  # not wait_for_ready: a handshake the pin refuses fails at once, with its reason
             reply = call(request, timeout=timeout)
         except grpc.RpcError as e:

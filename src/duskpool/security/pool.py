@@ -449,15 +449,6 @@ class PoolState:
                 "SELECT fingerprint FROM members WHERE revoked_at IS NOT NULL UNION SELECT c.fingerprint "
                 "FROM certificates c JOIN members m ON m.id = c.member_id WHERE m.revoked_at IS NOT NULL")}
 
-    def member_of(self, cert_fingerprint: str) -> Member | None:
-        """The member a certificate (current or earlier) belongs to."""
-        with self._db() as db:
-            row = db.execute("SELECT id, name, role, serial, fingerprint, address, joined_at, revoked_at FROM members "
-                             "WHERE fingerprint = ? OR id IN "
-                             "(SELECT member_id FROM certificates WHERE fingerprint = ?)",
-                             (cert_fingerprint, cert_fingerprint)).fetchone()
-        return Member(*row) if row else None
-
     # --- API keys ---
 
     def create_api_key(self) -> str:

@@ -6,7 +6,6 @@ handshake proved it to be: a member's current, unrevoked certificate gets a new 
 (a new key, a full lifetime); nothing in the request can name another member.
 """
 
-import json
 import logging
 from typing import Any
 
@@ -14,26 +13,15 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from duskpool.security.certs import GATEWAY_NAME, NodeIdentity, key_pem, make_csr, member_id_of, new_key
-from duskpool.security.join import JoinError
+from duskpool.security.certs import NodeIdentity, key_pem, make_csr, member_id_of, new_key
+from duskpool.security.join import JoinError, decode_message, encode_message
 from duskpool.security.pool import JoinRefused, PoolState
-from duskpool.security.tls import channel_credentials, peer_fingerprint
+from duskpool.security.tls import GATEWAY_CHANNEL_OPTIONS, channel_credentials, peer_fingerprint
 
 log = logging.getLogger("duskpool.security")
 
 SERVICE = "duskpool.v1.Authority"
 METHOD = f"/{SERVICE}/Renew"
-
-
-def _decode(data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError:
-        return {}
-
-
-def _encode(message: dict) -> bytes:
-    return json.dumps(message).encode()
 
 
 def add_renew_service(server: grpc.Server, pool: PoolState) -> None:
@@ -54,7 +42,8 @@ def add_renew_service(server: grpc.Server, pool: PoolState) -> None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return {"cert": cert.decode(), "member_id": member_id}
 
-    handler = grpc.unary_unary_rpc_method_handler(handle, request_deserializer=_decode, response_serializer=_encode)
+    handler = grpc.unary_unary_rpc_method_handler(handle, request_deserializer=decode_message,
+                                                  response_serializer=encode_message)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Renew": handler}),))
 
 
@@ -63,8 +52,8 @@ def renew(address: str, identity: NodeIdentity, timeout: float = 10.0) -> NodeId
     gateway's certificate. Raises JoinRefused (revoked, superseded) or JoinError."""
     key = new_key()
     credentials = channel_credentials(identity.cert_pem, identity.key_pem, identity.ca_pem)
-    with grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", GATEWAY_NAME)]) as ch:
-        call = ch.unary_unary(METHOD, request_serializer=_encode, response_deserializer=_decode)
+    with grpc.secure_channel(address, credentials, options=GATEWAY_CHANNEL_OPTIONS) as ch:
+        call = ch.unary_unary(METHOD, request_serializer=encode_message, response_deserializer=decode_message)
         try:
             reply = call({"csr": make_csr(key, "renewal").decode()}, timeout=timeout)
         except grpc.RpcError as e:
