@@ -353,9 +353,8 @@ async def show(request: Request, body: ShowRequest):
     service: Service = request.app.state.service
     service.check_model(body.model or body.name or service.model_name)
     details, info = _describe(service.model_path)
-    file = open_model(service.model_path)
-    template = (file.metadata.get("tokenizer.chat_template") if isinstance(file, GGUFFile)
-                else service.engine.tokenizer.chat_template) or ""
+    template = (service.engine.tokenizer.chat_template if service.model_path.is_dir()  # a folder's tokenizer_config
+                else GGUFFile(service.model_path).metadata.get("tokenizer.chat_template")) or ""
     entry = _entry(service)
     return {"modelfile": f"FROM {service.model_path}\n", "parameters": "", "template": template,
             "details": details, "model_info": info,
