@@ -425,8 +425,6 @@ class World:
     def _first_plan(self) -> None:
         """Gateway.start: plan over the nodes lent now (planner.first_plan), load the spans, serve."""
         lent = [n for n in self.nodes.values() if n.awake and n.lend.lending is Lending.AVAILABLE]
-        for node in lent:
-            node.profile = planner.node_profile(node, self.model.layer_bytes, self.options.even)
         self.plan = planner.first_plan(self.model, lent, self.options.config, self.options.even, self.options.replicas)
         self.spans = [(s.start, s.stop) for s in self.plan.stages]
         self.holders = {span: [] for span in self.spans}
@@ -439,7 +437,7 @@ class World:
         for node in self.live.values():
             if node.lend.lending is not Lending.AVAILABLE:
                 self.draining[node.id] = []  # its health status says NOT_SERVING: it takes nothing yet
-            node.profile = node.profile or planner.node_profile(node, self.model.layer_bytes, self.options.even)
+            node.profile = planner.node_profile(node, self.model.layer_bytes, self.options.even)
         self.check()
 
     def _lent(self) -> list[SimNode]:
