@@ -18,9 +18,7 @@ class KVCache:
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [T, kv_heads, head_dim] at positions start..start+T; all keys, values [kv_heads, end, d]."""
         end = start + k.shape[0]
-        if end > self.capacity:
-            raise ContextOverflowError(f"context overflow: position {end} is past this session's "
-                                       f"context of {self.capacity} tokens")
+        self.check_room(end)
         i = layer - self.layers.start
         lib = native.library()
         if lib is not None and k.stride(1) == v.stride(1) == k.shape[2] and k.stride(2) == v.stride(2) == 1 \
@@ -31,6 +29,12 @@ class KVCache:
             self.k[i, :, start:end] = k.transpose(0, 1)
             self.v[i, :, start:end] = v.transpose(0, 1)
         return self.k[i, :, :end], self.v[i, :, :end]
+
+    def check_room(self, end: int) -> None:
+        """Raise ContextOverflowError unless positions up to `end` fit."""
+        if end > self.capacity:
+            raise ContextOverflowError(f"context overflow: position {end} is past this session's "
+                                       f"context of {self.capacity} tokens")
 
     def clear(self) -> None:
         """Zero the buffers so nothing of the session outlives it."""

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from duskpool.backends.cpu import native, ops
-from duskpool.models.base import ContextOverflowError, EachSession, Ops, Segment
+from duskpool.models.base import EachSession, Ops, Segment
 
 
 class Sessions(EachSession):
@@ -30,9 +30,7 @@ class Sessions(EachSession):
                                 s.start, s.length, i not in self.chunks) for i, s in enumerate(self.segments)],
                               dtype=np.int64)
         for s in self.segments:
-            if s.start + s.length > s.cache.capacity:
-                raise ContextOverflowError(f"context overflow: position {s.start + s.length} is past this session's "
-                                           f"context of {s.cache.capacity} tokens")
+            s.cache.check_room(s.start + s.length)
 
     def rope(self, heads: torch.Tensor, freqs: np.ndarray, pairing: str) -> torch.Tensor:
         rotations = self._rotations.get(id(freqs))
