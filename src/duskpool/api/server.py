@@ -53,6 +53,14 @@ def error_response(request: Request, status: int, message: str, code: str | None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def header_key(request: Request) -> tuple[str, str]:
+    """The scheme and key a request presents: `Authorization: <scheme> <key>`, else Anthropic's `x-api-key`."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if not key and request.headers.get("x-api-key"):
+        scheme, key = "bearer", request.headers["x-api-key"]
+    return scheme, key
+
+
 class Gatekeeper:
     """In front of the app (plain ASGI, so that a client's disconnect still reaches the handlers):
     - with `check_key`, every request but the dashboard page needs `Authorization: Bearer KEY` (or
@@ -88,9 +96,7 @@ class Gatekeeper:
     def _authorized(self, request: Request) -> bool:
         if self.check_key is None or request.url.path == "/":
             return True
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if not key and request.headers.get("x-api-key"):
-            scheme, key = "bearer", request.headers["x-api-key"]
+        scheme, key = header_key(request)
         if request.url.path.startswith("/dashboard/") and request.method == "GET" and not key:
             scheme, key = "bearer", request.cookies.get(KEY_COOKIE, "")  # EventSource cannot send headers
         return scheme.lower() == "bearer" and self.check_key(key.strip())
@@ -245,7 +251,7 @@ def create_app(service: Service, check_key: Callable[[str], bool] | None = None)
     @app.post("/dashboard/login", include_in_schema=False, status_code=204)
     async def login(request: Request):
         """Reached only with the key in a header (the Gatekeeper checked it): the dashboard's cookie."""
-        key = request.headers.get("authorization", "").partition(" ")[2] or request.headers.get("x-api-key", "")
+        _, key = header_key(request)
         response = Response(status_code=204)
         if key:
             response.set_cookie(KEY_COOKIE, key.strip(), httponly=True, samesite="strict", path="/dashboard/")
