@@ -164,9 +164,11 @@ class NodeService(pb_grpc.NodeServicer):
         if span_bytes > self.free_bytes():
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"span needs {span_bytes / 1e9:.2f} GB, this node has {self.free_bytes() / 1e9:.2f} GB free")
-        span = [local.Wanted(t.name, t.sha256, t.nbytes) for t in manifest.tensors]
-        from_disk = local.copy_from_local(self.store, span, local.model_paths(self.models)) if self.models else 0
-        wanted = transfer.lacking(manifest, self.store)
+        wanted, from_disk = transfer.lacking(manifest, self.store), 0  # each cached tensor hashed once, here
+        if self.models and wanted:
+            lacking = [local.Wanted(t.name, t.sha256, t.nbytes) for t in manifest.tensors if t.sha256 in wanted]
+            from_disk = local.copy_from_local(self.store, lacking, local.model_paths(self.models))
+            wanted = {sha256: m for sha256, m in wanted.items() if not self.store.has(sha256)}  # kept: checked whole
         yield transfer.missing_reply(wanted)
         bar = Progress(f"weights <- layers [{manifest.start}, {manifest.stop})",
                        sum(m.nbytes - m.held for m in wanted.values()), bool(wanted))
