@@ -2,23 +2,27 @@
 decoding give.
 
     .venv/bin/python benchmarks/concurrency.py [--model PATH] [--streams 1,4,16,64] [--tokens 24]
-        [--spec-tokens 48] [--threads N] [--pin] [--backend cpu|mlx] [--json]
+        [--spec-tokens 48] [--threads N] [--pin] [--no-speculative] [--backend cpu|mlx] [--json]
 
 Part 1: for each count N of concurrent streams (OpenAI streaming chat, greedy, distinct prompts, one httpx
 client per stream), aggregate tok/s (completion tokens of all streams / wall time from the first request to
 the last [DONE]), time to first token and the gaps between text chunks (inter-token) p50 and p99; each figure
-also as a ratio to N = 1 in the same run. The bar: 16 streams >= 6x the aggregate tok/s of 1 stream.
+also as a ratio to N = 1 in the same run. The bar: 16 streams >= 6x the aggregate tok/s of 1 stream. The clients
+run in a process of their own (with --pin, on the CPUs left over), as a real client's HTTP work is not the gateway's.
 Part 2: one stream, speculative decoding on vs off (Engine.speculative), on a repeat-the-text prompt and on
 chat: tok/s ratio, and the acceptance rate (accepted / drafted tokens, from the service's counters).
 """
 
 import argparse
 import json
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -84,15 +88,22 @@ def run_streams(url: str, prompts: list[str], max_tokens: int) -> dict:
             "texts": [o[3] for o in out]}
 
 
+def _pinned(prefixes: list[list[str]]) -> set[int]:
+    """The CPUs --pin gave this process and the nodes (each prefix is ["taskset", "-c", "a,b,.."])."""
+    return os.sched_getaffinity(0) | {int(c) for prefix in prefixes for c in prefix[2].split(",")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(bundled_model_path()))
     parser.add_argument("--streams", default="1,4,16,64")
     parser.add_argument("--tokens", type=int, default=24)
-    parser.add_argument("--spec-tokens", type=int, default=48)
+    parser.add_argument("--spec-tokens", type=int, default=48, help="tokens of part 2's runs (0: skip part 2)")
     parser.add_argument("--threads", type=int, default=None, help="compute threads per process")
     parser.add_argument("--pin", action="store_true",
                         help="give the gateway and each node --threads cores of their own (taskset)")
+    parser.add_argument("--no-speculative", action="store_true",
+                        help="part 1 without speculative decoding (one stream drafts by prompt lookup by default)")
     parser.add_argument("--backend", default="cpu", help="what the gateway and the nodes compute with (cpu, mlx)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -102,6 +113,11 @@ def main() -> None:
         prefixes = pin(3, args.threads) if args.pin else None
     except ValueError as e:
         parser.error(str(e))
+    # the clients' HTTP work runs in a process of its own, on the CPUs --pin left free (else beside the others): in the
+    # gateway's process it would take the gateway's cores, which no real client does
+    cpus = sorted(os.sched_getaffinity(0) if not args.pin else set(range(os.cpu_count() or 1)) - _pinned(prefixes))
+    clients = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), os.sched_setaffinity,
+                                  (0, cpus or range(os.cpu_count() or 1)))
     if args.threads:
         backend(args.backend).set_threads(args.threads)
     counts = [int(n) for n in args.streams.split(",")]
@@ -111,23 +127,24 @@ def main() -> None:
         gateway = Gateway.start(args.model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
                                 progress=False, backend_name=args.backend)
         service = Service(gateway, BUNDLED_NAME, Path(args.model))
+        gateway.speculative = not args.no_speculative
         try:
             with live_server(service) as url:
                 for n in counts:
                     prompts = [f"A poem about {TOPICS[i % len(TOPICS)]} (number {i})" for i in range(n)]
                     # warm-up at this count: MLX's CUDA build compiles kernels for each new batch shape (NVRTC,
                     # seconds each) the first time it meets one; the figures are the steady state
-                    run_streams(url, prompts, 4)
-                    results.append(run_streams(url, prompts, args.tokens))
+                    clients.submit(run_streams, url, prompts, 4).result()
+                    results.append(clients.submit(run_streams, url, prompts, args.tokens).result())
                     # how full the batches were: sessions per forward over each stage's last 64 forwards
                     results[-1]["batch"] = [gateway.batcher.mean_sessions()] + [
                         gateway.node_info(a).batch_sessions for a in swarm.addresses]
                     print(f"  {n} streams: {results[-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
-                for name, prompt in (("repeat-the-text", REPEAT), ("chat", CHAT)):
+                for name, prompt in (("repeat-the-text", REPEAT), ("chat", CHAT)) if args.spec_tokens else ():
                     for on in (False, True):
                         gateway.speculative = on
                         drafted, accepted = service.metrics.drafted._value.get(), service.metrics.accepted._value.get()
-                        r = run_streams(url, [prompt], args.spec_tokens)
+                        r = clients.submit(run_streams, url, [prompt], args.spec_tokens).result()
                         d = service.metrics.drafted._value.get() - drafted
                         a = service.metrics.accepted._value.get() - accepted
                         spec[(name, on)] = (r, a / d if d else 0.0)
@@ -135,6 +152,7 @@ def main() -> None:
                     spec[(name, "same")] = same
                 gateway.speculative = True
         finally:
+            clients.shutdown()
             service.close()
             gateway.close()
     base = results[0]
@@ -156,7 +174,7 @@ def main() -> None:
     print()
     print("| task | tok/s off | tok/s on | on / off | acceptance | same text |")
     print("|---|---|---|---|---|---|")
-    for name in ("repeat-the-text", "chat"):
+    for name in ("repeat-the-text", "chat") if args.spec_tokens else ():
         (off, _), (on, acc) = spec[(name, False)], spec[(name, True)]
         print(f"| {name} | {off['tok_s']:.1f} | {on['tok_s']:.1f} | {on['tok_s'] / off['tok_s']:.2f} "
               f"| {acc:.0%} | {spec[(name, 'same')]} |")

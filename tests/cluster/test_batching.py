@@ -108,8 +108,12 @@ def test_16_concurrent_greedy_requests_give_the_texts_of_one_at_a_time(gateway, 
     got = run_concurrently(gateway, prompts, STEPS)
     for topic, g, e, m in zip(TOPICS, got, expected, margins, strict=True):
         assert_same_or_near_tie(g, e, m, topic)
+    # 16 sessions round a ring of 4 stages (the gateway and 3 nodes): micro-batches of 4, each stage one at a time
     sizes = [r.sessions for r in list(gateway.batcher.recent)[batches_before:]]
-    assert max(sizes) >= 4, f"the gateway's spans never batched more than {max(sizes)} sessions"
+    assert max(sizes) == 4, f"the gateway's forwards carried up to {max(sizes)} sessions, not micro-batches of 4"
+    for address in gateway.holders.values():
+        mean = gateway.node_info(address[0]).batch_sessions
+        assert 1 < mean <= 4, f"node {address[0]}'s forwards carried {mean:.1f} sessions on average, not up to 4"
 
 
 def test_a_session_joining_mid_batch_does_not_change_the_others_tokens(gateway, local):

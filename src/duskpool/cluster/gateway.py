@@ -36,7 +36,7 @@ from duskpool.cluster.proto import duskpool_pb2_grpc as pb_grpc
 from duskpool.cluster.route import RouteError, RouteStage, Span
 from duskpool.cluster.transfer import WeightSender
 from duskpool.cluster.transport import Pushers, forward_stream, local_address_towards, start_server
-from duskpool.engine.batcher import Batcher
+from duskpool.engine.batcher import Batcher, micro_batch
 from duskpool.engine.generate import PREFILL_CHUNK
 from duskpool.engine.runner import DEFAULT_CONTEXT, Engine, as_torch, load_tokenizer
 from duskpool.engine.tokenizer import Tokenizer
@@ -145,6 +145,8 @@ class Gateway(Engine):
         self.recoveries: list[Recovery] = []
         self._closing = False
         self.batcher = Batcher("gateway")  # the prefix and suffix steps of every session, batched
+        self._open: set[RemoteSession] = set()  # the sessions not yet closed: what the micro-batches are cut from
+        self._open_lock = threading.Lock()
         # a stream to each route's first node (in star, to every node); a node that refuses a request as malformed
         # answers on it, so those answers go to the sink too
         self._pushers = Pushers(identity, forward_stream, on_reply=sink.deliver, on_broken=self._on_broken,
@@ -209,18 +211,22 @@ class Gateway(Engine):
 
     # --- the data path ----------------------------------------------------------------------------
     def run_route(self, session_id: str, step: int, position: int, context: int, hidden: torch.Tensor,
-                  stages: tuple[RouteStage, ...] | None = None) -> torch.Tensor:
+                  stages: tuple[RouteStage, ...] | None = None, batch: int = 0) -> torch.Tensor:
         """hidden [T, dim] after the prefix -> hidden after the last node's layers, over `stages` (the route
-        that holds the session's KV caches; by default the current route)."""
+        that holds the session's KV caches; by default the current route). `batch`: the micro-batch."""
         stages = tuple(self.route) if stages is None else stages
         if self.routing == "ring":
-            return self._step(session_id, step, position, context, hidden, stages)
+            return self._step(session_id, step, position, context, hidden, stages, batch)
         for stage in stages:  # star: every stage's output comes back to the gateway, which sends it to the next
-            hidden = self._step(session_id, step, position, context, hidden, (stage,))
+            hidden = self._step(session_id, step, position, context, hidden, (stage,), batch)
         return hidden
 
+    def micro_batch(self, stages: tuple[RouteStage, ...]) -> int:
+        """Sessions per forward at each stage of a ring of `stages` and the gateway (batcher.micro_batch)."""
+        return micro_batch(len(self._open), len(stages) + 1)
+
     def _step(self, session_id: str, step: int, position: int, context: int, hidden: torch.Tensor,
-              stages: tuple[RouteStage, ...]) -> torch.Tensor:
+              stages: tuple[RouteStage, ...], batch: int = 0) -> torch.Tensor:
         """Send `hidden` through `stages`, node to node; the last one's output, from the sink."""
         if self._closing:
             raise RouteError("the gateway is closed")
@@ -233,7 +239,7 @@ class Gateway(Engine):
                                  f"({self.members.gone.get(gone[0].address, 'restarted')})", stages)
             request = pb.ForwardRequest(session_id=session_id, step=step, position=position, context=context,
                                         hidden=wire.to_wire(self.prefix_model, hidden), model_hash=self.model_hash,
-                                        route=wire.stages_to_wire(stages), sink=self.sink_address)
+                                        route=wire.stages_to_wire(stages), sink=self.sink_address, batch=batch)
             if position == 0 and self.identity is not None:  # a session's first step: the nodes may open it
                 request.grant = self.grant(session_id, context, stages)
                 request.grant_signature = sign(self.identity, request.grant)
@@ -308,9 +314,18 @@ class Gateway(Engine):
 
     # --- sessions ---------------------------------------------------------------------------------
     def open_session(self, capacity: int) -> "RemoteSession":
-        return RemoteSession(self, capacity)
+        session = RemoteSession(self, capacity)
+        with self._open_lock:
+            self._open.add(session)
+        return session
+
+    def close_session(self, session: "RemoteSession") -> None:
+        with self._open_lock:
+            self._open.discard(session)
+        self.end_session(session.id)
 
     def end_session(self, session_id: str) -> None:
+        """Free the session's KV caches on the nodes."""
         self.members.end_session(session_id)
 
     def close(self) -> None:
@@ -370,10 +385,11 @@ class RemoteSession:
             self.prefix_cache.truncate(start)
             self.suffix_cache.truncate(start)
         self.filled = start
-        hidden = g.batcher.run(g.prefix_model, self.prefix_cache, start, g.prefix_model.embed(tokens))
+        batch = g.micro_batch(self.route)
+        hidden = g.batcher.run(g.prefix_model, self.prefix_cache, start, g.prefix_model.embed(tokens), batch=batch)
         self.step += 1
-        hidden = g.run_route(self.id, self.step, start, self.capacity, hidden, self.route)
-        out = g.batcher.run(g.suffix_model, self.suffix_cache, start, hidden, logits=logits)
+        hidden = g.run_route(self.id, self.step, start, self.capacity, hidden, self.route, batch)
+        out = g.batcher.run(g.suffix_model, self.suffix_cache, start, hidden, logits=logits, batch=batch)
         self.filled = start + len(tokens)
         return out[0] if logits == 1 else out
 
@@ -407,4 +423,4 @@ class RemoteSession:
     def close(self) -> None:
         self.prefix_cache.clear()
         self.suffix_cache.clear()
-        self.gateway.end_session(self.id)
+        self.gateway.close_session(self)

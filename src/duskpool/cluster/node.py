@@ -276,7 +276,7 @@ class NodeService(pb_grpc.NodeServicer):
             session.filled[key] = end
             self._pass_on(request, wire.to_wire(model, output, request.hidden.dtype))
 
-        self.batcher.submit(Job(model, cache, request.position, hidden, done))
+        self.batcher.submit(Job(model, cache, request.position, hidden, done, batch=request.batch))
 
     def _check_members(self, request: pb.ForwardRequest) -> None:
         """Over TLS a route names only members the gateway told this node of, and a sink of that gateway."""
@@ -365,7 +365,7 @@ class NodeService(pb_grpc.NodeServicer):
             nxt = pb.ForwardRequest(session_id=request.session_id, step=request.step, position=request.position,
                                     context=request.context, hidden=hidden, model_hash=request.model_hash,
                                     route=request.route[1:], sink=request.sink, grant=request.grant,
-                                    grant_signature=request.grant_signature)
+                                    grant_signature=request.grant_signature, batch=request.batch)
             try:
                 self._next_nodes.get(request.route[1].address).send(nxt)
             except NotAMember as e:  # the gateway dropped that member since the step was checked

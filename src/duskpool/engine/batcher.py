@@ -7,6 +7,11 @@ coming), and computes them as one `forward_batch` (models/base.py `Batch`: rows 
 projections, attention per session over its own KV). Sessions join and leave between forwards.
 
 A job that asks for logits gets those of its last `logits` rows, through one `head` call for the batch.
+
+Micro-batches: where a route's stages compute at once (each on a machine, or cores, of its own), one batch of
+every session would leave all stages but one idle. The gateway cuts its sessions into one micro-batch per stage
+(`micro_batch`) and each job carries that size: a forward gathers up to it and takes no more, so the batches stay
+apart and travel the ring one behind the other, every stage computing one of them.
 """
 
 import threading
@@ -34,6 +39,7 @@ class Job:
     hidden: Any  # [T, dim]
     done: Done
     logits: int = 0  # > 0: the logits [logits, vocab] of the last rows are the output, not the hidden state
+    batch: int = 0  # the micro-batch: sessions per forward at most, and gathered up to (0: every live session)
     computed: int = 0  # rows through so far (a prompt goes through in chunks)
     outputs: list = field(default_factory=list)
     failed: bool = False
@@ -76,10 +82,10 @@ class Batcher:
             self._seen[id(job.cache)] = time.monotonic(), id(job.model)
             self._ready.notify()
 
-    def run(self, model: SpanModel, cache: KVCache, start: int, hidden: Any, logits: int = 0) -> Any:
+    def run(self, model: SpanModel, cache: KVCache, start: int, hidden: Any, logits: int = 0, batch: int = 0) -> Any:
         """Submit and wait: the output of hidden [T, dim] at positions start.. (or its last rows' logits)."""
         future: Future = Future()
-        self.submit(Job(model, cache, start, hidden, _settle(future), logits))
+        self.submit(Job(model, cache, start, hidden, _settle(future), logits, batch))
         return future.result()
 
     def mean_sessions(self, last: int = 64) -> float:
@@ -101,24 +107,26 @@ class Batcher:
                 self._ready.wait()
             if self._closed:
                 return []
-            self._gather()
-            taken, self._waiting = select(self._waiting, self.prefill_rows)
+            batch = self._waiting[0].batch
+            self._gather(batch)
+            taken, self._waiting = select(self._waiting, self.prefill_rows, batch)
             return taken
 
-    def _gather(self) -> None:
+    def _gather(self, batch: int) -> None:
         """Under the lock: wait a little (about one forward, at most GATHER_MAX_S) for the sessions that were
-        here within LIVE_S and are not waiting yet. Sessions then travel the route together, one batch each stage,
-        instead of spreading into many small ones (what matters most where the stages share the cores)."""
-        now, model = time.monotonic(), id(self._waiting[0].model)
+        here within LIVE_S and are not waiting yet, until `batch` of them wait (0: all). Sessions then travel the
+        route in batches of that size instead of spreading into many smaller ones."""
+        now, model = time.monotonic(), self._waiting[0].model
         self._seen = {c: (t, m) for c, (t, m) in self._seen.items() if now - t < LIVE_S}
+        live = sum(m == id(model) for _, m in self._seen.values())
+        wanted = min(batch, live) if batch else live
         recent = [r.seconds for r in list(self.recent)[-8:]]
         window = min(GATHER_MAX_S, sorted(recent)[len(recent) // 2]) if recent else 0.0
         deadline = now + window
         while True:
-            waiting = {id(job.cache) for job in self._waiting}
-            missing = [c for c, (_, m) in self._seen.items() if m == model and c not in waiting]
+            waiting = len({id(job.cache) for job in self._waiting if job.model is model})
             left = deadline - time.monotonic()
-            if not missing or left <= 0 or self._closed:
+            if waiting >= wanted or left <= 0 or self._closed:
                 return
             self._ready.wait(left)
 
@@ -184,15 +192,17 @@ class Batcher:
 
 
 # --- the batching rule, pure: the node's batcher and the simulator (simulate/) apply the same one --------------------
-def select(waiting: deque, prefill_rows: int) -> tuple[list, deque]:
+def select(waiting: deque, prefill_rows: int, batch: int = 0) -> tuple[list, deque]:
     """(the jobs of the next forward, those left waiting in their order). A forward takes the span of the oldest
-    waiting job, each session once, every decode step (one row left) and prompts while prompt rows are in the budget.
-    A job is anything with `model`, `cache`, `rows` and `computed` (a `Job`, or the simulator's session)."""
+    waiting job, each session once, every decode step (one row left) and prompts while prompt rows are in the budget,
+    up to `batch` sessions (0: no limit). A job is anything with `model`, `cache`, `rows` and `computed` (a `Job`,
+    or the simulator's session)."""
     model = waiting[0].model
     taken, caches, budget, rest = [], set(), prefill_rows, deque()
     for job in waiting:
         decode = job.rows - job.computed == 1
-        if job.model is not model or id(job.cache) in caches or (not decode and budget <= 0):
+        if (job.model is not model or id(job.cache) in caches or (not decode and budget <= 0)
+                or (batch and len(taken) == batch)):
             rest.append(job)
             continue
         if not decode:
@@ -200,6 +210,11 @@ def select(waiting: deque, prefill_rows: int) -> tuple[list, deque]:
         caches.add(id(job.cache))
         taken.append(job)
     return taken, rest
+
+
+def micro_batch(sessions: int, stages: int) -> int:
+    """Sessions per forward where `sessions` go round a ring of `stages` stages: one micro-batch per stage."""
+    return max(1, -(-sessions // stages))
 
 
 def chunk_rows(jobs: list, prefill_rows: int) -> list[int]:

@@ -133,7 +133,7 @@ class Stage(_message.Message):
     def __init__(self, address: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "step", "position", "context", "hidden", "model_hash", "route", "sink", "grant", "grant_signature")
+    __slots__ = ("session_id", "step", "position", "context", "hidden", "model_hash", "route", "sink", "grant", "grant_signature", "batch")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class ForwardRequest(_message.Message):
     SINK_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
     GRANT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     position: int
@@ -154,7 +155,8 @@ class ForwardRequest(_message.Message):
     sink: str
     grant: bytes
     grant_signature: bytes
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., position: _Optional[int] = ..., context: _Optional[int] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., model_hash: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., sink: _Optional[str] = ..., grant: _Optional[bytes] = ..., grant_signature: _Optional[bytes] = ...) -> None: ...
+    batch: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., position: _Optional[int] = ..., context: _Optional[int] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., model_hash: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., sink: _Optional[str] = ..., grant: _Optional[bytes] = ..., grant_signature: _Optional[bytes] = ..., batch: _Optional[int] = ...) -> None: ...
 
 class SessionGrant(_message.Message):
     __slots__ = ("session_id", "model_hash", "context", "route", "expires")

@@ -1,0 +1,66 @@
+"""Micro-batches (engine/batcher.py): a ring's sessions cut into one batch per stage, and a forward that takes at
+most one micro-batch, so the batches stay apart and every stage computes one of them at a time."""
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from duskpool.backends import load_span
+from duskpool.engine.batcher import Batcher, micro_batch, select
+from duskpool.weights.gguf import GGUFFile
+
+
+@dataclass
+class Step:
+    """What `select` reads of a job."""
+    model: object
+    cache: object
+    rows: int = 1
+    computed: int = 0
+
+
+def test_micro_batch_is_one_batch_of_the_sessions_per_stage():
+    assert [micro_batch(n, 4) for n in (0, 1, 4, 5, 16, 17, 64)] == [1, 1, 1, 2, 4, 5, 16]
+
+
+def test_a_forward_takes_at_most_the_micro_batch_and_the_rest_keep_their_order():
+    model = object()
+    waiting = deque(Step(model, object()) for _ in range(5))
+    taken, rest = select(waiting, 128, batch=2)
+    assert taken == list(waiting)[:2] and list(rest) == list(waiting)[2:]
+    taken, rest = select(waiting, 128)  # no micro-batch: every session waiting
+    assert taken == list(waiting) and not rest
+
+
+def test_sessions_decoding_at_once_go_through_in_micro_batches_with_their_own_logits(tiny_llama):
+    model = load_span(GGUFFile(tiny_llama(Q.Q8_0)))
+    sessions, steps = 8, 6
+    alone = []
+    for s in range(sessions):
+        cache = model.new_cache(steps)
+        alone.append([model.head(model.forward_span(model.embed([s + i]), cache, i))[0] for i in range(steps)])
+    batcher = Batcher()
+    got: list[list[torch.Tensor]] = [[] for _ in range(sessions)]
+
+    def decode(s: int) -> None:
+        cache = model.new_cache(steps)
+        for i in range(steps):
+            got[s].append(batcher.run(model, cache, i, model.embed([s + i]), logits=1, batch=2)[0])
+
+    threads = [threading.Thread(target=decode, args=(s,)) for s in range(sessions)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        batcher.close()
+    sizes = [r.sessions for r in batcher.recent]
+    assert max(sizes) == 2, f"a forward carried {max(sizes)} sessions; the micro-batch is 2"
+    assert sum(sizes) == sessions * steps and sum(sizes) / len(sizes) > 1.5, f"the batches did not fill: {sizes}"
+    for s in range(sessions):
+        for i in range(steps):
+            assert torch.allclose(got[s][i], alone[s][i], atol=1e-4), f"session {s} step {i} differs batched"
