@@ -1,7 +1,7 @@
 """Many streams at once through the HTTP API of a 3-node local swarm: what continuous batching and speculative
 decoding give.
 
-    .venv/bin/python benchmarks/concurrency.py [--model PATH] [--streams 1,4,16,64] [--tokens 24]
+    .venv/bin/python benchmarks/concurrency.py [--model PATH] [--shape 1b] [--streams 1,4,16,64] [--tokens 24]
         [--spec-tokens 48] [--threads N] [--pin] [--no-speculative] [--backend cpu|mlx] [--json]
 
 Part 1: for each count N of concurrent streams (OpenAI streaming chat, greedy, distinct prompts, one httpx
@@ -30,6 +30,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.api.conftest
 
 from benchmarks.pipeline import pin  # noqa: E402
+from benchmarks.random_gguf import SHAPES, write_model  # noqa: E402
 from tests.api.conftest import live_server  # noqa: E402
 
 from duskpool.api.service import Service  # noqa: E402
@@ -95,7 +96,9 @@ def _pinned(prefixes: list[list[str]]) -> set[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=str(bundled_model_path()))
+    parser.add_argument("--model", type=Path, default=None, help="default: the bundled model")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a Llama-3-shaped model with random Q4_0 weights and "
+                        "--model's tokenizer and chat template (written to a temporary folder) instead of --model")
     parser.add_argument("--streams", default="1,4,16,64")
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--spec-tokens", type=int, default=48, help="tokens of part 2's runs (0: skip part 2)")
@@ -120,13 +123,19 @@ def main() -> None:
                                   (0, cpus or range(os.cpu_count() or 1)))
     if args.threads:
         backend(args.backend).set_threads(args.threads)
+    args.model = args.model or bundled_model_path()
     counts = [int(n) for n in args.streams.split(",")]
     results, spec = [], {}
     with tempfile.TemporaryDirectory() as tmp, LocalSwarm(3, cache_root=Path(tmp), threads=args.threads,
                                                                      prefixes=prefixes, backend=args.backend) as swarm:
-        gateway = Gateway.start(args.model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
+        model = args.model
+        if args.shape:
+            print(f"writing a random {args.shape}-shaped model with {args.model.name}'s tokenizer ...",
+                  file=sys.stderr, flush=True)
+            model = write_model(Path(tmp) / f"random-{args.shape}.gguf", **SHAPES[args.shape], tokenizer=args.model)
+        gateway = Gateway.start(model, swarm.addresses, identity=swarm.gateway_identity, even_split=True,
                                 progress=False, backend_name=args.backend)
-        service = Service(gateway, BUNDLED_NAME, Path(args.model))
+        service = Service(gateway, BUNDLED_NAME, Path(model))
         gateway.speculative = not args.no_speculative
         try:
             with live_server(service) as url:

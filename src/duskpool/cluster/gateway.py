@@ -421,6 +421,7 @@ class RemoteSession:
         raise failure
 
     def close(self) -> None:
-        self.prefix_cache.clear()
-        self.suffix_cache.clear()
+        for cache in (self.prefix_cache, self.suffix_cache):
+            cache.clear()
+            self.gateway.batcher.forget(cache)
         self.gateway.close_session(self)

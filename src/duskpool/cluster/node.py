@@ -399,6 +399,7 @@ class NodeService(pb_grpc.NodeServicer):
             return False
         for cache in session.caches.values():
             cache.clear()  # nothing of the session outlives it
+            self.batcher.forget(cache)
         return True
 
     def SetMembers(self, request: pb.MemberList, context) -> pb.MembersReply:

@@ -88,6 +88,11 @@ class Batcher:
         self.submit(Job(model, cache, start, hidden, _settle(future), logits, batch))
         return future.result()
 
+    def forget(self, cache: KVCache) -> None:
+        """The session of `cache` has ended: no forward waits for it any more."""
+        with self._ready:
+            self._seen.pop(id(cache), None)
+
     def mean_sessions(self, last: int = 64) -> float:
         """Sessions per forward, over the last `last` forwards (0 before any)."""
         recent = list(self.recent)[-last:]
