@@ -1,10 +1,12 @@
 """Admission follows lent memory: requests past what the memory holds KV for queue and complete; past the queue, 429."""
 
 import asyncio
+import math
 
 import pytest
 
 from duskpool.api.service import Overloaded, Service
+from duskpool.cluster.admission import KV_SHARE
 from duskpool.engine.generate import GenerationParams, GenerationStats
 from duskpool.engine.runner import LocalEngine
 from duskpool.engine.sampling import SamplingParams
@@ -21,7 +23,8 @@ def engine(bundled_model):
 def holding(service: Service, sessions: int, prompt: list[int]) -> None:
     """Lend the service memory for the KV of `sessions` generations of `prompt`, and no more."""
     spec = service.engine.spec
-    service._local_kv_bytes = sessions * (len(prompt) + MAX_TOKENS) * spec.kv_bytes_per_token * spec.n_layers
+    kv_bytes = sessions * (len(prompt) + MAX_TOKENS) * spec.kv_bytes_per_token * spec.n_layers
+    service.lent_memory = math.ceil(kv_bytes / KV_SHARE) + 1  # admission reserves KV_SHARE of what is lent
 
 
 async def answer(service: Service, prompt: list[int]) -> str:

@@ -174,7 +174,8 @@ class Service:
         self._waiting = 0
         self._reserved = 0  # KV positions the admitted generations reserve
         self._admitting = 0  # admitted, not yet listed in generations (or embedding)
-        self._local_kv_bytes = int(psutil.virtual_memory().available * admission.KV_SHARE)  # an in-process engine's
+        # an in-process engine's one stage lends what was available when the service started
+        self.lent_memory = psutil.virtual_memory().available
         self.nodes = self._initial_nodes()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_nodes, daemon=True)
@@ -272,11 +273,11 @@ class Service:
     def kv_capacity(self) -> int:
         """KV positions the pool's lent memory holds: the least over the stages, each holding its layers' keys
         and values for every session (a node's free memory plus what its caches hold now, as it last said)."""
-        per_layer = self.engine.spec.kv_bytes_per_token
         if self.gateway is None:
-            return self._local_kv_bytes // (max(1, per_layer) * self.engine.spec.n_layers)
-        return admission.kv_capacity([(v.memory_free + v.kv_bytes, v.span[1] - v.span[0])
-                                      for v in self.nodes if v.memory_total], per_layer)
+            stages = [(self.lent_memory, self.engine.spec.n_layers)]
+        else:
+            stages = [(v.memory_free + v.kv_bytes, v.span[1] - v.span[0]) for v in self.nodes if v.memory_total]
+        return admission.kv_capacity(stages, self.engine.spec.kv_bytes_per_token)
 
     def _fits(self, kv_tokens: int) -> bool:
         return admission.admits(self._reserved, kv_tokens, self.kv_capacity(), len(self.generations) + self._admitting,
