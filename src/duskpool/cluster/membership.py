@@ -129,11 +129,6 @@ def connect(addresses: list[str], identity: NodeIdentity | None) -> list[NodeCli
     return clients
 
 
-def claimed_ms_per_layer(client: NodeClient, layer_bytes: int) -> float:
-    """What the node says a layer costs it: from the weight bandwidth it reports (0 when it reports none)."""
-    return layer_bytes / client.info.matmul_bytes_per_ms if client.info.matmul_bytes_per_ms > 0 else 0.0
-
-
 @dataclass(frozen=True)
 class Death:
     """A node the gateway stopped counting on."""
@@ -489,7 +484,7 @@ class Membership:
         caught = []
         for stage in stages:
             client = self.client_at[stage.address]
-            claimed = claimed_ms_per_layer(client, self.model.layer_bytes)
+            claimed = planner.claimed_ms_per_layer(client.info.matmul_bytes_per_ms, self.model.layer_bytes)
             try:
                 measured = max(0.0, time_stage(stage) - client.rtt_ms) / (stage.stop - stage.start)
             except RouteError as e:  # gone (its watcher will notice), or short of memory for the step's KV cache

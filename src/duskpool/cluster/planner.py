@@ -359,12 +359,17 @@ def explain(plan: Plan, model: ModelProfile, gateway: NodeProfile,
 GATEWAY_PROFILE = NodeProfile("gateway", 2**62, 0.0, 0.0, 1e12)
 
 
+def claimed_ms_per_layer(matmul_bytes_per_ms: float, layer_bytes: int) -> float:
+    """What a layer costs a node by the weight bandwidth it reports (0: it reports none)."""
+    return layer_bytes / matmul_bytes_per_ms if matmul_bytes_per_ms > 0 else 0.0
+
+
 def node_profile(client: Any, layer_bytes: int, even: bool = False) -> NodeProfile:
     """A node as the planner sees it, from `client.info` (its `Info`: node_id, memory_free, matmul_bytes_per_ms) and
     `client.rtt_ms`: a membership NodeClient, or a simulated node. `even`: all nodes count as equally fast (a local
     swarm, whose nodes share one CPU)."""
     info = client.info
-    ms_per_layer = layer_bytes / info.matmul_bytes_per_ms if info.matmul_bytes_per_ms and not even else 1.0
+    ms_per_layer = (not even and claimed_ms_per_layer(info.matmul_bytes_per_ms, layer_bytes)) or 1.0
     backend = f"{info.backend} ({info.device})" if info.backend and info.device else info.backend
     return NodeProfile(info.node_id, info.memory_free, ms_per_layer, client.rtt_ms,
                        bandwidth_bytes_per_s=125e6, backend=backend)  # assume gigabit until measured
