@@ -1,8 +1,8 @@
 """Many streams at once through the HTTP API of a 3-node local swarm: what continuous batching and speculative
 decoding give.
 
-    .venv/bin/python benchmarks/concurrency.py [--model PATH] [--shape 1b] [--streams 1,4,16,64] [--tokens 24]
-        [--spec-tokens 48] [--threads N] [--pin] [--no-speculative] [--backend cpu|mlx] [--json]
+    .venv/bin/python benchmarks/concurrency.py [--model PATH] [--shape 1b] [--streams 1,4,16,64] [--nodes 3]
+        [--tokens 24] [--spec-tokens 48] [--threads N] [--pin] [--no-speculative] [--backend cpu|mlx] [--json]
 
 Part 1: for each count N of concurrent streams (OpenAI streaming chat, greedy, distinct prompts, one httpx
 client per stream), aggregate tok/s (completion tokens of all streams / wall time from the first request to
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--streams", default="1,4,16,64")
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--spec-tokens", type=int, default=48, help="tokens of part 2's runs (0: skip part 2)")
+    parser.add_argument("--nodes", type=int, default=3, help="node processes of the swarm (the issue's bar: 3)")
     parser.add_argument("--threads", type=int, default=None, help="compute threads per process")
     parser.add_argument("--pin", action="store_true",
                         help="give the gateway and each node --threads cores of their own (taskset)")
@@ -113,7 +114,7 @@ def main() -> None:
     if args.pin and not args.threads:
         parser.error("--pin needs --threads")
     try:
-        prefixes = pin(3, args.threads) if args.pin else None
+        prefixes = pin(args.nodes, args.threads) if args.pin else None
     except ValueError as e:
         parser.error(str(e))
     # the clients' HTTP work runs in a process of its own, on the CPUs --pin left free (else beside the others): in the
@@ -126,7 +127,7 @@ def main() -> None:
     args.model = args.model or bundled_model_path()
     counts = [int(n) for n in args.streams.split(",")]
     results, spec = [], {}
-    with tempfile.TemporaryDirectory() as tmp, LocalSwarm(3, cache_root=Path(tmp), threads=args.threads,
+    with tempfile.TemporaryDirectory() as tmp, LocalSwarm(args.nodes, cache_root=Path(tmp), threads=args.threads,
                                                                      prefixes=prefixes, backend=args.backend) as swarm:
         model = args.model
         if args.shape:
