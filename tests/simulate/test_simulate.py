@@ -86,6 +86,20 @@ def test_one_session_decodes_at_the_planners_predicted_speed_plus_the_gateways_o
     assert world.token_latency.quantile(0.5) == pytest.approx(expected_s, rel=0.015)
 
 
+@pytest.mark.parametrize(("sessions", "busy_at_once"), [(1, (0.5, 1.0)), (16, (2.0, 4.0))])
+def test_a_routes_micro_batches_keep_its_machines_computing_side_by_side(sessions, busy_at_once):
+    """16 generations on a route of 3 nodes and the gateway travel it as one micro-batch per stage
+    (batcher.micro_batch), so on average more than two of the 4 machines compute at once; one generation keeps
+    at most one busy at a time (one batch at a time could never do more than that)."""
+    world = _world(3, [Request(1.0, 64, 1000) for _ in range(sessions)], hours=10 / 3600, replicas=0)
+    world.options.even = True  # a stage on each node
+    world.run()
+    assert len(world.route) == 3 and world.tokens > 0
+    machines = [world.gateway, *world.nodes.values()]
+    low, high = busy_at_once
+    assert low < sum(m.busy_s for m in machines) / (10.0 - 1.0) <= high
+
+
 def test_the_invariant_checker_catches_a_span_left_uncovered_while_a_node_has_room():
     world = _world(3, [])
     for node in world.nodes.values():

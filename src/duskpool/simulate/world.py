@@ -5,7 +5,8 @@ and requests, in simulated time (simpy). Every decision is the project's own cod
     the route               route.rebuild / orphans / held_by, as Membership.reroute, _mark_gone, _set_lending
     when a node lends       idle.policy.step on the machine's simulated probe (owner, power, lid, battery)
     admission               cluster.admission.kv_capacity / admits, over the route's lent memory (api/service.py)
-    what one forward takes  engine.batcher.select / chunk_rows (decode steps, prompt rows within 128)
+    what one forward takes  engine.batcher.select / chunk_rows / micro_batch (decode steps, prompt rows within
+                            128, at most one micro-batch: the route's sessions cut into one per stage of the ring)
     recovery                a session on a route with a node gone takes the rebuilt route and re-prefills its
                             whole history there (gateway.RemoteSession._recover), chunked like any prompt
 
@@ -13,8 +14,9 @@ What is modelled rather than run: the time things take. A forward of `rows` rows
 n × max(weight bytes + KV read / the node's matmul bytes per ms, rows × FLOPs / its FLOP rate) + a fixed overhead
 (the planner's own speed model at batch 1); a hop costs half a round trip drawn from the node's link plus the
 hidden state's bytes over it; weights stream at the slower of the gateway's and the node's links (layers a node has
-cached on disk are read back instead). One batch travels a route at a time (the batcher's gathering makes sessions
-travel together); two routes that share a node queue for it.
+cached on disk are read back instead). A route carries up to one micro-batch per stage at once, each a lane here;
+a machine computes one forward at a time, so the lanes overlap as far as its free time between the others' forwards
+allows; two routes that share a node queue for it.
 """
 
 import math
@@ -27,7 +29,7 @@ import simpy
 
 from duskpool.cluster import admission, planner
 from duskpool.cluster.route import Span, held_by, orphans, rebuild, take_loaded
-from duskpool.engine.batcher import PREFILL_ROWS, chunk_rows, select
+from duskpool.engine.batcher import PREFILL_ROWS, chunk_rows, micro_batch, select
 from duskpool.idle.policy import Lending, LendPolicy, LendState, step
 from duskpool.idle.probes import MachineState
 from duskpool.simulate.fleet import FORWARD_OVERHEAD_MS, HOUR, Day, Link, Machine
@@ -70,7 +72,7 @@ class SimNode:
     battery: float = 100.0  # % at battery_t
     battery_t: float = 0.0
     cached: set = field(default_factory=set)  # layers in its tensor store on disk
-    busy_until: float = 0.0
+    busy: list = field(default_factory=list)  # (start, end) of the forwards it has ahead, in order of start
     busy_s: float = 0.0
     wake: int = 0  # policy wake-ups carry this; a newer one makes older ones stale
     profile: planner.NodeProfile | None = None  # as the gateway saw it when it joined
@@ -143,28 +145,30 @@ class Options:
 
 
 class Pipeline:
-    """The sessions on one route and the batch travelling it."""
+    """The sessions on one route and the micro-batches travelling it: up to one per stage of the ring (the gateway and
+    each node), each a lane taking what the batcher's rule gives it."""
 
     def __init__(self, world: "World", route: tuple):
         self.world, self.route = world, route
         self.nodes = [world.nodes[node_id] for _, node_id in route]
         self.waiting: deque[Session] = deque()
-        self.in_round: list[Session] = []
-        self.process: simpy.Process | None = None
+        self.in_round: dict[simpy.Process, list[Session]] = {}  # each lane's micro-batch on its way
+        self.lanes: list[simpy.Process] = []
         self.dead = False
 
     def submit(self, session: Session) -> None:
         session.model = self
         self.waiting.append(session)
-        if self.process is None:
-            self.process = self.world.env.process(self._run())
+        if len(self.lanes) < len(self.route) + 1:  # a lane that finds nothing left when it starts ends at once
+            self.lanes.append(self.world.env.process(self._lane()))
 
-    def _run(self):
-        world = self.world
+    def _lane(self):
+        world, lane = self.world, self.world.env.active_process
         while self.waiting and not self.dead:
-            taken, self.waiting = select(self.waiting, PREFILL_ROWS)
+            batch = micro_batch(len(self.sessions()), len(self.route) + 1)
+            taken, self.waiting = select(self.waiting, PREFILL_ROWS, batch)
             chunks = chunk_rows(taken, PREFILL_ROWS)
-            self.in_round = taken
+            self.in_round[lane] = taken
             try:
                 yield world.env.timeout(world.round_time(self, taken, chunks))
             except simpy.Interrupt:
@@ -177,11 +181,11 @@ class Pipeline:
                     world.token(session)
                 elif not session.done:
                     self.waiting.appendleft(session)  # a prompt's next chunk keeps its place
-            self.in_round = []
-        self.process = None
+            del self.in_round[lane]
+        self.lanes.remove(lane)
 
     def sessions(self) -> list[Session]:
-        return self.in_round + list(self.waiting)
+        return [s for taken in self.in_round.values() for s in taken] + list(self.waiting)
 
 
 class Histogram:
@@ -644,9 +648,9 @@ class World:
 
     def _stop_pipeline(self, pipeline: Pipeline) -> None:
         pipeline.dead = True
-        process = pipeline.process
-        if process is not None and process.is_alive and process is not self.env.active_process:
-            process.interrupt()
+        for lane in pipeline.lanes:
+            if lane.is_alive and lane is not self.env.active_process:
+                lane.interrupt()
         if self.pipelines.get(pipeline.route) is pipeline:
             del self.pipelines[pipeline.route]
 
@@ -719,11 +723,19 @@ class World:
         return head / gateway.machine.matmul_bytes_per_ms + rows * 2 * head * 8 / 4.85 / gateway.machine.flops_per_ms
 
     def _compute(self, node: SimNode, layers: int, rows: int, kv: int, t: float) -> float:
+        """When a forward reaching `node` at t ends: it starts in the first gap from t on between the forwards the
+        node has ahead (another lane's, booked earlier, may come later than this one: the gateway's suffix)."""
         if layers == 0:
             return t
         seconds = node.forward_ms(layers, self.model.layer_bytes, rows, kv, self.flops) / 1000
-        start = max(t, node.busy_until)
-        node.busy_until = start + seconds
+        node.busy = [(a, b) for a, b in node.busy if b > self.env.now]
+        start, at = t, len(node.busy)
+        for i, (a, b) in enumerate(node.busy):
+            if start + seconds <= a:
+                at = i
+                break
+            start = max(start, b)
+        node.busy.insert(at, (start, start + seconds))
         node.busy_s += seconds
         return start + seconds
 
