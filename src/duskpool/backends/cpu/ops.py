@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from duskpool.backends.cpu import native
 
-C_ATTENTION_MAX_QUERIES = 4  # longer prefills go to torch's SDPA, which batches them through BLAS
 SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)  # Intel Macs stop at torch 2.2
 
 
@@ -91,7 +90,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: 
     if window is not None and start + T <= window:  # every query sees every position: the window changes nothing
         window = None
     lib = native.library() if use_c else None
-    if lib is not None and causal and T <= C_ATTENTION_MAX_QUERIES and keys.stride(1) == d and keys.stride(2) == 1 \
+    if lib is not None and causal and keys.stride(1) == d and keys.stride(2) == 1 \
             and values.stride() == keys.stride() and q.stride(2) == 1 and q.stride(1) == d:
         out = torch.empty(T, H, d)
         lib.dp_attention(_ptr(q), q.stride(0), _ptr(keys), _ptr(values), keys.stride(0) // d, _ptr(out), H * d,

@@ -2,12 +2,10 @@
 
 RoPE: one table of angles for every row, each at its own session's position, and one rotation. Attention: one
 C call per layer (native/ops.c dp_attention_batch) stores every session's keys and values in its cache and
-attends each over its own, the sessions spread over the thread pool; a session whose rows are a long prompt
-chunk then attends through ops.attention (torch's SDPA), as it would alone.
+attends each over its own, the queries in pieces over the thread pool (a long prompt chunk is many pieces).
 """
 
 from collections.abc import Sequence
-from itertools import accumulate
 
 import numpy as np
 import torch
@@ -23,12 +21,9 @@ class Sessions(EachSession):
         super().__init__(backend, segments)
         self.positions = torch.cat([torch.arange(s.start, s.start + s.length, dtype=torch.float64)
                                     for s in self.segments])
-        self.first_rows = [0, *accumulate(s.length for s in self.segments)]
-        self.chunks = [i for i, s in enumerate(self.segments) if s.length > ops.C_ATTENTION_MAX_QUERIES]
-        # per session: its cache's k and v at its first layer, capacity, first layer, start, rows, whether C attends
+        # per session: its cache's k and v at its first layer, capacity, first layer, start, rows
         self.table = np.array([(s.cache.k.data_ptr(), s.cache.v.data_ptr(), s.cache.capacity, s.cache.layers.start,
-                                s.start, s.length, i not in self.chunks) for i, s in enumerate(self.segments)],
-                              dtype=np.int64)
+                                s.start, s.length) for s in self.segments], dtype=np.int64)
         for s in self.segments:
             s.cache.check_room(s.start + s.length)
 
@@ -49,9 +44,4 @@ class Sessions(EachSession):
         lib.dp_attention_batch(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
                                out.data_ptr(), H * d, self.table.ctypes.data, len(self.segments), layer, H, k.shape[1],
                                d, scale, window or 0)
-        for i in self.chunks:  # a prompt chunk: stored above, attended by torch
-            s, first = self.segments[i], self.first_rows[i]
-            cache, end = s.cache, s.start + s.length
-            keys, values = cache.k[layer - cache.layers.start, :, :end], cache.v[layer - cache.layers.start, :, :end]
-            out[first:first + s.length] = ops.attention(q[first:first + s.length], keys, values, s.start, scale, window)
         return out

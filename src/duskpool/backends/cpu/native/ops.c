@@ -84,13 +84,59 @@ static void attend(const float *restrict q, int64_t ldq, const float *restrict k
     }
 }
 
-// One session's attention over keys and values it holds (see attend).
+// Attention in pieces of at most ATTEND_ROWS queries of one session, so that a long prompt spreads over the pool as a
+// batch of sessions does. pieces[p] = {its cache layer's k and v (float *, as integers), capacity, the position of
+// its first query, its queries, their first row in q and out}.
+#define ATTEND_ROWS 16
+enum { P_K, P_V, P_CAPACITY, P_START, P_ROWS, P_ROW, P_FIELDS };
+
+typedef struct {
+    const float *q;
+    float *out;
+    int64_t ldq, ldo, H, Hk, d, window, max_positions;
+    float scale;
+    const int64_t *pieces;
+} attend_job;
+
+static void attend_range(void *ctx, int64_t i0, int64_t i1) {
+    const attend_job *j = ctx;
+    float *scores = malloc(j->max_positions * sizeof(float));
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t *p = j->pieces + i * P_FIELDS;
+        attend(j->q + p[P_ROW] * j->ldq, j->ldq, (const float *)(intptr_t)p[P_K], (const float *)(intptr_t)p[P_V],
+               p[P_CAPACITY], j->out + p[P_ROW] * j->ldo, j->ldo, p[P_ROWS], p[P_START], j->H, j->Hk, j->d,
+               j->scale, j->window, scores);
+    }
+    free(scores);
+}
+
+// The pieces of one session's queries (rows row.. of q, at positions start..) over cache layer k, v, written from
+// pieces[n] on; the count after them.
+static int64_t add_pieces(int64_t *pieces, int64_t n, const float *k, const float *v, int64_t capacity,
+                          int64_t start, int64_t rows, int64_t row) {
+    for (int64_t r = 0; r < rows; r += ATTEND_ROWS, n++) {
+        int64_t *p = pieces + n * P_FIELDS;
+        p[P_K] = (intptr_t)k, p[P_V] = (intptr_t)v, p[P_CAPACITY] = capacity, p[P_START] = start + r;
+        p[P_ROWS] = rows - r < ATTEND_ROWS ? rows - r : ATTEND_ROWS, p[P_ROW] = row + r;
+    }
+    return n;
+}
+
+// `work`: query-key pairs in all pieces
+static void attend_pieces(const attend_job *job, int64_t n, int64_t work) {
+    if (work * job->H * job->d < 65536) attend_range((void *)job, 0, n);  // too little to wake the pool for
+    else parallel_for(attend_range, (void *)job, 0, n, 1, 0);
+}
+
+// One session's attention over keys and values it holds (see attend), its queries spread over the pool.
 void dp_attention(const float *q, int64_t ldq, const float *k, const float *v, int64_t capacity, float *out,
                   int64_t ldo, int64_t T, int64_t start, int64_t H, int64_t Hk, int64_t d, float scale,
                   int64_t window) {
-    float *scores = malloc((start + T) * sizeof(float));
-    attend(q, ldq, k, v, capacity, out, ldo, T, start, H, Hk, d, scale, window, scores);
-    free(scores);
+    int64_t *pieces = malloc((T + ATTEND_ROWS - 1) / ATTEND_ROWS * P_FIELDS * sizeof(int64_t));
+    const int64_t n = add_pieces(pieces, 0, k, v, capacity, start, T, 0);
+    const attend_job job = { q, out, ldq, ldo, H, Hk, d, window, start + T, scale, pieces };
+    attend_pieces(&job, n, T * (start + T));
+    free(pieces);
 }
 
 // Write T tokens' keys and values, each [T, Hk, d] with row strides ldk, ldv (views into the fused q|k|v
@@ -110,51 +156,31 @@ void dp_store_kv(const float *k, const float *v, int64_t ld, int64_t T, int64_t 
 }
 
 // The sessions of a batch: session i's rows of q, k, v follow session i - 1's; sessions[i] =
-// {its cache's k and v (float *, as integers) at its first layer, capacity, first layer, start, rows, attend}.
-enum { S_K, S_V, S_CAPACITY, S_FIRST, S_START, S_ROWS, S_ATTEND, S_FIELDS };
+// {its cache's k and v (float *, as integers) at its first layer, capacity, first layer, start, rows}.
+enum { S_K, S_V, S_CAPACITY, S_FIRST, S_START, S_ROWS, S_FIELDS };
 
-typedef struct {
-    const float *q, *k, *v;
-    int64_t ldq, ldk, ldv, ldo, layer, H, Hk, d, window, max_positions;
-    float scale;
-    const int64_t *sessions, *first_row;
-    float *out;
-} batch_job;
-
-static void batch_range(void *ctx, int64_t i0, int64_t i1) {
-    const batch_job *j = ctx;
-    float *scores = malloc(j->max_positions * sizeof(float));
-    for (int64_t i = i0; i < i1; i++) {
-        const int64_t *s = j->sessions + i * S_FIELDS, row = j->first_row[i], capacity = s[S_CAPACITY];
-        const int64_t layer_floats = (j->layer - s[S_FIRST]) * j->Hk * capacity * j->d;
-        float *kc = (float *)(intptr_t)s[S_K] + layer_floats, *vc = (float *)(intptr_t)s[S_V] + layer_floats;
-        store_kv(j->k + row * j->ldk, j->ldk, j->v + row * j->ldv, j->ldv, s[S_ROWS], j->Hk, j->d, kc, vc, capacity,
-                 s[S_START]);
-        if (s[S_ATTEND])
-            attend(j->q + row * j->ldq, j->ldq, kc, vc, capacity, j->out + row * j->ldo, j->ldo, s[S_ROWS],
-                   s[S_START], j->H, j->Hk, j->d, j->scale, j->window, scores);
-    }
-    free(scores);
-}
-
-// Each of n sessions' k, v rows stored in its cache at layer `layer`, then (where its attend field is set) its
-// queries' causal attention over what its cache holds, into its rows of out. Sessions run on the thread pool.
+// Each of n sessions' k, v rows stored in its cache at layer `layer`, then its queries' causal attention over what its
+// cache holds, into its rows of out; the queries in pieces over the thread pool (a decode step is one piece, a long
+// prompt chunk many).
 void dp_attention_batch(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v, int64_t ldv,
                         float *out, int64_t ldo, const int64_t *sessions, int64_t n, int64_t layer, int64_t H,
                         int64_t Hk, int64_t d, float scale, int64_t window) {
-    int64_t *first_row = malloc(n * sizeof(int64_t)), rows = 0, max_positions = 1, work = 0;
+    int64_t most = 0;  // pieces at most
+    for (int64_t i = 0; i < n; i++) most += (sessions[i * S_FIELDS + S_ROWS] + ATTEND_ROWS - 1) / ATTEND_ROWS;
+    int64_t *pieces = malloc(most * P_FIELDS * sizeof(int64_t)), n_pieces = 0, row = 0, max_positions = 1, work = 0;
     for (int64_t i = 0; i < n; i++) {
-        const int64_t *s = sessions + i * S_FIELDS, end = s[S_START] + s[S_ROWS];
-        first_row[i] = rows;
-        rows += s[S_ROWS];
+        const int64_t *s = sessions + i * S_FIELDS, capacity = s[S_CAPACITY], end = s[S_START] + s[S_ROWS];
+        const int64_t layer_floats = (layer - s[S_FIRST]) * Hk * capacity * d;
+        float *kc = (float *)(intptr_t)s[S_K] + layer_floats, *vc = (float *)(intptr_t)s[S_V] + layer_floats;
+        store_kv(k + row * ldk, ldk, v + row * ldv, ldv, s[S_ROWS], Hk, d, kc, vc, capacity, s[S_START]);
+        n_pieces = add_pieces(pieces, n_pieces, kc, vc, capacity, s[S_START], s[S_ROWS], row);
         max_positions = end > max_positions ? end : max_positions;
-        work += s[S_ATTEND] ? s[S_ROWS] * end : 0;
+        work += s[S_ROWS] * end;
+        row += s[S_ROWS];
     }
-    batch_job job = { q, k, v, ldq, ldk, ldv, ldo, layer, H, Hk, d, window, max_positions, scale, sessions, first_row,
-                      out };
-    if (work * H * d < 65536) batch_range(&job, 0, n);  // too little to wake the pool for
-    else parallel_for(batch_range, &job, 0, n, chunk_rows(n), 0);
-    free(first_row);
+    const attend_job job = { q, out, ldq, ldo, H, Hk, d, window, max_positions, scale, pieces };
+    attend_pieces(&job, n_pieces, work);
+    free(pieces);
 }
 
 // out[t] = silu(gate[t]) * up[t], where row t of gate_up is [gate (F) | up (F)]
