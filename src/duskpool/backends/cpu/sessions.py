@@ -2,7 +2,7 @@
 
 RoPE: one table of angles for every row, each at its own session's position, and one rotation. Attention: one
 C call per layer (native/ops.c dp_attention_batch) stores every session's keys and values in its cache and
-attends each over its own, the queries in pieces over the thread pool (a long prompt chunk is many pieces).
+attends each over its own, the queries in pieces (up to 16 rows, one kv head's query heads) over the thread pool.
 """
 
 from collections.abc import Sequence

@@ -55,14 +55,15 @@ void dp_rope(float *x, int64_t T, int64_t heads, int64_t d, int64_t ld,
 }
 
 // Causal attention of T queries at positions start..start+T-1 over the first start+T keys of k, v
-// [Hk, capacity, d]; with window > 0 a query at p sees only positions p - window + 1..p. q, out: [T, H, d]
-// (row stride ldq / ldo); query head h reads kv head h / (H / Hk). scores: scratch of start+T floats.
+// [Hk, capacity, d], for query heads h0..h1; with window > 0 a query at p sees only positions p - window + 1..p.
+// q, out: [T, H, d] (row stride ldq / ldo); query head h reads kv head h / (H / Hk). scores: scratch of start+T
+// floats.
 static void attend(const float *restrict q, int64_t ldq, const float *restrict k, const float *restrict v,
-                   int64_t capacity, float *restrict out, int64_t ldo, int64_t T, int64_t start, int64_t H,
-                   int64_t Hk, int64_t d, float scale, int64_t window, float *restrict scores) {
+                   int64_t capacity, float *restrict out, int64_t ldo, int64_t T, int64_t start, int64_t h0,
+                   int64_t h1, int64_t H, int64_t Hk, int64_t d, float scale, int64_t window, float *restrict scores) {
     for (int64_t t = 0; t < T; t++) {
         const int64_t S = start + t + 1, first = window > 0 && S > window ? S - window : 0;
-        for (int64_t h = 0; h < H; h++) {
+        for (int64_t h = h0; h < h1; h++) {
             const float *qh = q + t * ldq + h * d;
             const float *kh = k + (h / (H / Hk)) * capacity * d, *vh = v + (h / (H / Hk)) * capacity * d;
             for (int64_t s = first; s < S; s++) {
@@ -84,11 +85,12 @@ static void attend(const float *restrict q, int64_t ldq, const float *restrict k
     }
 }
 
-// Attention in pieces of at most ATTEND_ROWS queries of one session, so that a long prompt spreads over the pool as a
-// batch of sessions does. pieces[p] = {its cache layer's k and v (float *, as integers), capacity, the position of
-// its first query, its queries, their first row in q and out}.
+// Attention in pieces: at most ATTEND_ROWS queries of one session, the query heads of one kv head, so that a long
+// prompt, and one decode step over a long context, spread over the pool as a batch of sessions does. pieces[p] = {its
+// cache layer's k and v (float *, as integers), capacity, the position of its first query, its queries, their first
+// row in q and out, its first query head}.
 #define ATTEND_ROWS 16
-enum { P_K, P_V, P_CAPACITY, P_START, P_ROWS, P_ROW, P_FIELDS };
+enum { P_K, P_V, P_CAPACITY, P_START, P_ROWS, P_ROW, P_HEAD, P_FIELDS };
 
 typedef struct {
     const float *q;
@@ -104,21 +106,25 @@ static void attend_range(void *ctx, int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i++) {
         const int64_t *p = j->pieces + i * P_FIELDS;
         attend(j->q + p[P_ROW] * j->ldq, j->ldq, (const float *)(intptr_t)p[P_K], (const float *)(intptr_t)p[P_V],
-               p[P_CAPACITY], j->out + p[P_ROW] * j->ldo, j->ldo, p[P_ROWS], p[P_START], j->H, j->Hk, j->d,
-               j->scale, j->window, scores);
+               p[P_CAPACITY], j->out + p[P_ROW] * j->ldo, j->ldo, p[P_ROWS], p[P_START], p[P_HEAD],
+               p[P_HEAD] + j->H / j->Hk, j->H, j->Hk, j->d, j->scale, j->window, scores);
     }
     free(scores);
 }
 
+// Pieces of `rows` queries: blocks of ATTEND_ROWS, times Hk head groups
+static int64_t pieces_of(int64_t rows, int64_t Hk) { return (rows + ATTEND_ROWS - 1) / ATTEND_ROWS * Hk; }
+
 // The pieces of one session's queries (rows row.. of q, at positions start..) over cache layer k, v, written from
 // pieces[n] on; the count after them.
 static int64_t add_pieces(int64_t *pieces, int64_t n, const float *k, const float *v, int64_t capacity,
-                          int64_t start, int64_t rows, int64_t row) {
-    for (int64_t r = 0; r < rows; r += ATTEND_ROWS, n++) {
-        int64_t *p = pieces + n * P_FIELDS;
-        p[P_K] = (intptr_t)k, p[P_V] = (intptr_t)v, p[P_CAPACITY] = capacity, p[P_START] = start + r;
-        p[P_ROWS] = rows - r < ATTEND_ROWS ? rows - r : ATTEND_ROWS, p[P_ROW] = row + r;
-    }
+                          int64_t start, int64_t rows, int64_t row, int64_t H, int64_t Hk) {
+    for (int64_t r = 0; r < rows; r += ATTEND_ROWS)
+        for (int64_t h = 0; h < H; h += H / Hk, n++) {
+            int64_t *p = pieces + n * P_FIELDS;
+            p[P_K] = (intptr_t)k, p[P_V] = (intptr_t)v, p[P_CAPACITY] = capacity, p[P_START] = start + r;
+            p[P_ROWS] = rows - r < ATTEND_ROWS ? rows - r : ATTEND_ROWS, p[P_ROW] = row + r, p[P_HEAD] = h;
+        }
     return n;
 }
 
@@ -132,8 +138,8 @@ static void attend_pieces(const attend_job *job, int64_t n, int64_t work) {
 void dp_attention(const float *q, int64_t ldq, const float *k, const float *v, int64_t capacity, float *out,
                   int64_t ldo, int64_t T, int64_t start, int64_t H, int64_t Hk, int64_t d, float scale,
                   int64_t window) {
-    int64_t *pieces = malloc((T + ATTEND_ROWS - 1) / ATTEND_ROWS * P_FIELDS * sizeof(int64_t));
-    const int64_t n = add_pieces(pieces, 0, k, v, capacity, start, T, 0);
+    int64_t *pieces = malloc(pieces_of(T, Hk) * P_FIELDS * sizeof(int64_t));
+    const int64_t n = add_pieces(pieces, 0, k, v, capacity, start, T, 0, H, Hk);
     const attend_job job = { q, out, ldq, ldo, H, Hk, d, window, start + T, scale, pieces };
     attend_pieces(&job, n, T * (start + T));
     free(pieces);
@@ -160,20 +166,20 @@ void dp_store_kv(const float *k, const float *v, int64_t ld, int64_t T, int64_t 
 enum { S_K, S_V, S_CAPACITY, S_FIRST, S_START, S_ROWS, S_FIELDS };
 
 // Each of n sessions' k, v rows stored in its cache at layer `layer`, then its queries' causal attention over what its
-// cache holds, into its rows of out; the queries in pieces over the thread pool (a decode step is one piece, a long
-// prompt chunk many).
+// cache holds, into its rows of out; the queries in pieces over the thread pool (a decode step is one piece per kv
+// head, a long prompt chunk many).
 void dp_attention_batch(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v, int64_t ldv,
                         float *out, int64_t ldo, const int64_t *sessions, int64_t n, int64_t layer, int64_t H,
                         int64_t Hk, int64_t d, float scale, int64_t window) {
     int64_t most = 0;  // pieces at most
-    for (int64_t i = 0; i < n; i++) most += (sessions[i * S_FIELDS + S_ROWS] + ATTEND_ROWS - 1) / ATTEND_ROWS;
+    for (int64_t i = 0; i < n; i++) most += pieces_of(sessions[i * S_FIELDS + S_ROWS], Hk);
     int64_t *pieces = malloc(most * P_FIELDS * sizeof(int64_t)), n_pieces = 0, row = 0, max_positions = 1, work = 0;
     for (int64_t i = 0; i < n; i++) {
         const int64_t *s = sessions + i * S_FIELDS, capacity = s[S_CAPACITY], end = s[S_START] + s[S_ROWS];
         const int64_t layer_floats = (layer - s[S_FIRST]) * Hk * capacity * d;
         float *kc = (float *)(intptr_t)s[S_K] + layer_floats, *vc = (float *)(intptr_t)s[S_V] + layer_floats;
         store_kv(k + row * ldk, ldk, v + row * ldv, ldv, s[S_ROWS], Hk, d, kc, vc, capacity, s[S_START]);
-        n_pieces = add_pieces(pieces, n_pieces, kc, vc, capacity, s[S_START], s[S_ROWS], row);
+        n_pieces = add_pieces(pieces, n_pieces, kc, vc, capacity, s[S_START], s[S_ROWS], row, H, Hk);
         max_positions = end > max_positions ? end : max_positions;
         work += s[S_ROWS] * end;
         row += s[S_ROWS];
