@@ -3,10 +3,12 @@ name, device, speed probe and thread setting. Adding a backend is adding a packa
 
 import ctypes
 import ctypes.util
+import functools
 import importlib
 import importlib.util
 import platform
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
 from duskpool.models import ModelFile, ModelSpec, SpanModel, describe, load_model
@@ -51,10 +53,16 @@ def return_freed_memory() -> None:
     """Hand the heap that loading freed (read buffers, conversions) back to the OS. glibc keeps freed blocks below
     its mmap threshold for reuse, which left a node's RSS ~20% above its weights + KV after a load; other C
     libraries (macOS's) return them themselves."""
-    libc = ctypes.util.find_library("c") if sys.platform == "linux" else None
-    malloc_trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # musl has none
+    malloc_trim = _malloc_trim()
     if malloc_trim is not None:
         malloc_trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig); None elsewhere (musl has none)."""
+    libc = ctypes.util.find_library("c") if sys.platform == "linux" else None
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
 
 
 def describe_model(file: ModelFile, backend_name: str = DEFAULT) -> ModelSpec:
