@@ -179,29 +179,20 @@ def swarm2(tmp_path_factory):
         yield swarm
 
 
-def test_bert_over_two_nodes_embeds_as_transformers_does(swarm2, bert):
-    """Every layer on the nodes (the gateway keeps only the embedding), one span each: BERT run as spans, each
-    input through every stage's batcher in one piece."""
-    gateway = Gateway.start(bert.path, swarm2.addresses, identity=swarm2.gateway_identity, even_split=True,
+@pytest.mark.parametrize(("family", "texts", "reference"), [("bert", BERT_TEXTS, reference_embedding),
+                                                            ("nomic", NOMIC_TEXTS, reference_nomic_embedding)])
+def test_an_encoder_over_two_nodes_embeds_as_its_reference_does(swarm2, request, family, texts, reference):
+    """Every layer on the nodes (the gateway keeps only the embedding), one span each: the encoder run as spans, each
+    input through every stage's batcher in one piece (nomic-bert's nodes are sent what its span reads, no position
+    table and no biases, and rotate from position 0)."""
+    model = request.getfixturevalue(family)
+    gateway = Gateway.start(model.path, swarm2.addresses, identity=swarm2.gateway_identity, even_split=True,
                             prefix=0, suffix=0, progress=False)
     try:
         assert [(s.start, s.stop) for s in gateway.route] == [(0, 1), (1, 2)]
-        for text in BERT_TEXTS:
+        for text in texts:
             tokens = gateway.tokenizer.encode(text)
-            assert cosine(gateway.embed(tokens), reference_embedding(bert, tokens)) >= 0.999
-    finally:
-        gateway.close()
-
-
-def test_nomic_bert_over_two_nodes_embeds_as_the_hf_model_does(swarm2, nomic):
-    """The nodes are sent what a nomic-bert span reads (no position table, no biases) and rotate from position 0."""
-    gateway = Gateway.start(nomic.path, swarm2.addresses, identity=swarm2.gateway_identity, even_split=True,
-                            prefix=0, suffix=0, progress=False)
-    try:
-        assert [(s.start, s.stop) for s in gateway.route] == [(0, 1), (1, 2)]
-        for text in NOMIC_TEXTS:
-            tokens = gateway.tokenizer.encode(text)
-            assert cosine(gateway.embed(tokens), reference_nomic_embedding(nomic, tokens)) >= 0.999
+            assert cosine(gateway.embed(tokens), reference(model, tokens)) >= 0.999
     finally:
         gateway.close()
 

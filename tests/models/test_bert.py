@@ -3,6 +3,7 @@ transformers' BertTokenizerFast. The tiny random model is written to GGUF as lla
 (tests/tiny_bert.py); ours reads that file, theirs is the model the file was written from."""
 
 import importlib.util
+from collections.abc import Callable
 
 import gguf
 import numpy as np
@@ -14,6 +15,7 @@ from duskpool.engine.batcher import Batcher
 from duskpool.engine.generate import GenerationParams
 from duskpool.engine.runner import CannotGenerate, LocalEngine, load_tokenizer
 from duskpool.engine.tokenizer import Tokenizer
+from duskpool.models import SpanModel
 from duskpool.models.bert import Bert, BertConfig
 from duskpool.weights.gguf import GGUFFile, ModelFileError
 from tests.tiny_bert import Q, reference_embedding, write_tiny_bert
@@ -44,6 +46,22 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
 
 
+def assert_embeds_whole_and_in_spans(file: GGUFFile, backend: str, texts: list[str],
+                                     tokenize: Callable[[str], list[int]],
+                                     reference: Callable[[list[int]], torch.Tensor], what: str) -> SpanModel:
+    """For each text, the whole model's mean-pooled hidden states against `reference`, and two spans of one layer
+    each giving the whole model's hidden states; the whole model, for the caller's own checks."""
+    whole = load_span(file, backend_name=backend)
+    spans = [load_span(file, range(0, 1), head=False, backend_name=backend),
+             load_span(file, range(1, 2), embed=False, backend_name=backend)]
+    for text in texts:
+        tokens = tokenize(text)
+        ours = hidden_states([whole], tokens)
+        assert cosine(ours.double().mean(0), reference(tokens)) >= 0.999, f"{what}: {text!r}"
+        assert torch.allclose(hidden_states(spans, tokens), ours, atol=1e-5), "two spans changed the hidden states"
+    return whole
+
+
 def test_the_tokenizer_gives_transformers_ids_on_mixed_text(bert):
     ours = load_tokenizer(GGUFFile(bert.path))
     for text in MIXED:
@@ -72,17 +90,10 @@ def test_a_cased_vocabulary_keeps_case_and_accents():
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0], ids=lambda q: q.name)
 def test_bert_embeds_as_transformers_does_whole_and_in_spans(tmp_path, bert, qtype, backend):
     path = write_tiny_bert(tmp_path, qtype).path if qtype != Q.F32 else bert.path
-    file = GGUFFile(path)
-    whole = load_span(file, backend_name=backend)
+    whole = assert_embeds_whole_and_in_spans(GGUFFile(path), backend, TEXTS, lambda t: bert.tokenizer(t)["input_ids"],
+                                             lambda tokens: reference_embedding(bert, tokens),
+                                             f"{qtype.name} {backend}")
     assert type(whole) is Bert and not whole.causal and whole.pooling == "mean"
-    spans = [load_span(file, range(0, 1), head=False, backend_name=backend),
-             load_span(file, range(1, 2), embed=False, backend_name=backend)]
-    for text in TEXTS:
-        tokens = bert.tokenizer(text)["input_ids"]
-        reference = reference_embedding(bert, tokens)
-        ours = hidden_states([whole], tokens)
-        assert cosine(ours.double().mean(0), reference) >= 0.999, f"{qtype.name} {backend}: {text!r}"
-        assert torch.allclose(hidden_states(spans, tokens), ours, atol=1e-5), "two spans changed the hidden states"
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("mlx", marks=NEEDS_MLX)])

@@ -14,7 +14,7 @@ from duskpool.engine.runner import LocalEngine, load_tokenizer
 from duskpool.models.base import Segment
 from duskpool.models.nomic_bert import NomicBert, NomicBertConfig
 from duskpool.weights.gguf import GGUFFile
-from tests.models.test_bert import cosine, hidden_states
+from tests.models.test_bert import assert_embeds_whole_and_in_spans, cosine, hidden_states
 from tests.tiny_bert import Q, reference_nomic_embedding, write_tiny_nomic_bert
 
 NEEDS_MLX = pytest.mark.skipif(importlib.util.find_spec("mlx") is None, reason="MLX is not installed")
@@ -32,17 +32,11 @@ def nomic(tmp_path_factory):
 def test_nomic_bert_embeds_as_the_hf_model_does_whole_and_in_spans(tmp_path, nomic, qtype, backend):
     path = write_tiny_nomic_bert(tmp_path, qtype).path if qtype != Q.F32 else nomic.path
     file = GGUFFile(path)
-    whole = load_span(file, backend_name=backend)
+    whole = assert_embeds_whole_and_in_spans(file, backend, TEXTS, lambda t: nomic.tokenizer(t)["input_ids"],
+                                             lambda tokens: reference_nomic_embedding(nomic, tokens),
+                                             f"{qtype.name} {backend}")
     assert type(whole) is NomicBert and not whole.causal and whole.pooling == "mean"
     assert whole.config.rope_theta == 1000.0 and "position_embd.weight" not in file.tensors
-    spans = [load_span(file, range(0, 1), head=False, backend_name=backend),
-             load_span(file, range(1, 2), embed=False, backend_name=backend)]
-    for text in TEXTS:
-        tokens = nomic.tokenizer(text)["input_ids"]
-        reference = reference_nomic_embedding(nomic, tokens)
-        ours = hidden_states([whole], tokens)
-        assert cosine(ours.double().mean(0), reference) >= 0.999, f"{qtype.name} {backend}: {text!r}"
-        assert torch.allclose(hidden_states(spans, tokens), ours, atol=1e-5), "two spans changed the hidden states"
 
 
 def test_positions_reach_the_embedding(nomic):
