@@ -145,10 +145,16 @@ def main() -> None:
                     # warm-up at this count: MLX's CUDA build compiles kernels for each new batch shape (NVRTC,
                     # seconds each) the first time it meets one; the figures are the steady state
                     clients.submit(run_streams, url, prompts, 4).result()
-                    results.append(clients.submit(run_streams, url, prompts, args.tokens).result())
-                    # how full the batches were: sessions per forward over each stage's last 64 forwards
+                    running, busy = clients.submit(run_streams, url, prompts, args.tokens), []
+                    while not running.done():  # how busy each stage is (share of 2 s in forwards), every second
+                        time.sleep(1.0)
+                        busy.append([gateway.batcher.busy()] + [gateway.node_info(a).busy for a in swarm.addresses])
+                    results.append(running.result())
+                    # how full the batches were: sessions per forward over each stage's last 64 forwards; how busy the
+                    # stages were while the streams ran (the median of the samples): near 100%, the route waits on it
                     results[-1]["batch"] = [gateway.batcher.mean_sessions()] + [
                         gateway.node_info(a).batch_sessions for a in swarm.addresses]
+                    results[-1]["busy"] = [statistics.median(b) for b in zip(*busy, strict=True)] if busy else []
                     print(f"  {n} streams: {results[-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
                 for name, prompt in (("repeat-the-text", REPEAT), ("chat", CHAT)) if args.spec_tokens else ():
                     for on in (False, True):
@@ -172,15 +178,15 @@ def main() -> None:
                                           for (n, on), v in spec.items() if on != "same" for r, acc in [v]}}))
         return
     print("| streams | agg tok/s | × 1 stream | TTFT p50 s (×) | TTFT p99 s (×) | inter-token p50 ms (×) "
-          "| inter-token p99 ms (×) | sessions/forward (gateway, nodes) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| inter-token p99 ms (×) | sessions/forward (gateway, nodes) | busy (gateway, nodes) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['streams']} | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.2f} "
               f"| {r['ttft_p50']:.2f} ({r['ttft_p50'] / base['ttft_p50']:.1f}) "
               f"| {r['ttft_p99']:.2f} ({r['ttft_p99'] / base['ttft_p99']:.1f}) "
               f"| {r['itl_p50'] * 1000:.0f} ({r['itl_p50'] / base['itl_p50']:.1f}) "
               f"| {r['itl_p99'] * 1000:.0f} ({r['itl_p99'] / base['itl_p99']:.1f}) "
-              f"| {', '.join(f'{b:.1f}' for b in r['batch'])} |")
+              f"| {', '.join(f'{b:.1f}' for b in r['batch'])} | {', '.join(f'{b:.0%}' for b in r['busy'])} |")
     print()
     print("| task | tok/s off | tok/s on | on / off | acceptance | same text |")
     print("|---|---|---|---|---|---|")

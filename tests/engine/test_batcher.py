@@ -2,6 +2,7 @@
 most one micro-batch, so the batches stay apart and every stage computes one of them at a time."""
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from duskpool.backends import load_span
-from duskpool.engine.batcher import Batcher, micro_batch, select
+from duskpool.engine.batcher import Batcher, BatchRecord, micro_batch, select
 from duskpool.weights.gguf import GGUFFile
 
 
@@ -33,6 +34,19 @@ def test_a_forward_takes_at_most_the_micro_batch_and_the_rest_keep_their_order()
     assert taken == list(waiting)[:2] and list(rest) == list(waiting)[2:]
     taken, rest = select(waiting, 128)  # no micro-batch: every session waiting
     assert taken == list(waiting) and not rest
+
+
+def test_busy_is_the_share_of_the_window_spent_in_forwards():
+    batcher = Batcher()
+    try:
+        now = time.monotonic()
+        batcher.recent.extend([BatchRecord(1, 1, 1.0, now - 4.0),  # wholly before the 2 s window
+                               BatchRecord(1, 1, 1.0, now - 1.5),  # half in it
+                               BatchRecord(4, 4, 0.25, now - 0.5)])
+        assert abs(batcher.busy(2.0) - 0.375) < 0.01
+        assert abs(batcher.busy(10.0) - 0.225) < 1e-9
+    finally:
+        batcher.close()
 
 
 def test_sessions_decoding_at_once_go_through_in_micro_batches_with_their_own_logits(tiny_llama):

@@ -77,6 +77,8 @@ class Metrics:
                                             buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 1, 3))
         self.batch_sessions = prom.Gauge("duskpool_batch_sessions", "sessions per forward at a stage, mean of the "
                                          "last forwards", ["stage"], registry=r)
+        self.busy = prom.Gauge("duskpool_stage_busy_ratio", "fraction of the last seconds a stage spent computing",
+                               ["stage"], registry=r)
         self.drafted = prom.Counter("duskpool_speculative_drafted_tokens", "draft tokens verified", registry=r)
         self.accepted = prom.Counter("duskpool_speculative_accepted_tokens", "draft tokens accepted", registry=r)
         self.kv_reserved = prom.Gauge("duskpool_kv_reserved_tokens", "KV positions admitted sessions reserve",
@@ -114,6 +116,7 @@ class NodeView:
     lending: str = "available"
     health: str = "unknown"
     batch_sessions: float = 0.0  # sessions per forward at this stage, mean of its last forwards
+    busy: float = 0.0  # fraction of the last seconds it spent computing
 
     @property
     def stage(self) -> tuple[str, str, tuple[int, int]]:
@@ -466,7 +469,7 @@ class Service:
                 view.backend, view.device = info.backend, info.device
                 view.memory_total, view.memory_free = info.memory_total, info.memory_free
                 view.kv_bytes, view.sessions, view.ms_per_layer = info.kv_bytes, info.sessions, info.ms_per_layer
-                view.batch_sessions = info.batch_sessions
+                view.batch_sessions, view.busy = info.batch_sessions, info.busy
                 view.lending = f"{info.lending} ({info.lending_reason})" if info.lending else "available"
                 view.health = "ok" if not gateway.broken else "route broken"
             self._update_gauges()
@@ -486,12 +489,14 @@ class Service:
             self.metrics.stage_latency.labels(view.node_id, f"{start}-{stop}").set(
                 view.ms_per_layer * (stop - start) / 1000)
             self.metrics.batch_sessions.labels(view.node_id).set(view.batch_sessions)
+            self.metrics.busy.labels(view.node_id).set(view.busy)
         for key in ("ok", "down"):
             self.metrics.nodes.labels(key).set(health.get(key, 0))
         gateway = self.gateway
         if gateway is not None:
             self.metrics.weight_bytes.set(gateway.weight_bytes_sent)
             self.metrics.batch_sessions.labels("gateway").set(gateway.batcher.mean_sessions())
+            self.metrics.busy.labels("gateway").set(gateway.batcher.busy())
             self.metrics.kv_capacity.set(self.kv_capacity())
             self.metrics.hidden_bytes.set(gateway.hidden_bytes_sent)
 

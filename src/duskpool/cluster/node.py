@@ -133,7 +133,8 @@ class NodeService(pb_grpc.NodeServicer):
                            memory_total=psutil.virtual_memory().total, memory_free=self.free_bytes(),
                            matmul_bytes_per_ms=self.matmul_bytes_per_ms, ms_per_layer=self.ms_per_layer,
                            spans=spans, sessions=n_sessions, kv_bytes=kv, lending=self.lend_state.lending.value,
-                           lending_reason=self.lend_state.reason, batch_sessions=self.batcher.mean_sessions())
+                           lending_reason=self.lend_state.reason, batch_sessions=self.batcher.mean_sessions(),
+                           busy=self.batcher.busy())
 
     def _kv_bytes(self) -> int:
         # snapshots: Info and LoadSpan ask without the lock while Forward opens and ends sessions

@@ -51,10 +51,11 @@ class Job:
 
 @dataclass(frozen=True)
 class BatchRecord:
-    """One forward: how many sessions and rows it carried."""
+    """One forward: how many sessions and rows it carried, how long it took and when it ended (time.monotonic)."""
     sessions: int
     rows: int
     seconds: float
+    ended: float = 0.0
 
 
 class Batcher:
@@ -68,7 +69,7 @@ class Batcher:
         self._waiting: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
-        self.recent: deque[BatchRecord] = deque(maxlen=256)
+        self.recent: deque[BatchRecord] = deque(maxlen=1024)
         self._seen: dict[int, tuple[float, int]] = {}  # id(cache) -> when its session last sent a step, id(model)
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
@@ -97,6 +98,13 @@ class Batcher:
         """Sessions per forward, over the last `last` forwards (0 before any)."""
         recent = list(self.recent)[-last:]
         return sum(r.sessions for r in recent) / len(recent) if recent else 0.0
+
+    def busy(self, window_s: float = 2.0) -> float:
+        """The fraction of the last `window_s` seconds spent in forwards: near 1, this stage is what the route waits
+        for; well below 1 at many sessions, the route is bound by its hops, not by compute."""
+        since = time.monotonic() - window_s
+        return min(1.0, sum(r.seconds - max(0.0, since - (r.ended - r.seconds)) for r in list(self.recent)
+                            if r.ended > since) / window_s)
 
     def close(self) -> None:
         with self._ready:
@@ -179,7 +187,7 @@ class Batcher:
                 logits = model.head(tails[0] if len(tails) == 1 else ops.concat(tails))
                 for job, rows in zip(heads, _split(logits, [t.shape[0] for t in tails]), strict=True):
                     job.outputs = [rows]
-        record = BatchRecord(len(jobs), sum(chunks), time.perf_counter() - started)
+        record = BatchRecord(len(jobs), sum(chunks), time.perf_counter() - started, time.monotonic())
         self.recent.append(record)
         if self.on_batch is not None:
             self.on_batch(model, record)

@@ -21,7 +21,7 @@ class SpanInfo(_message.Message):
     def __init__(self, model_hash: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("version", "node_id", "backend", "device", "memory_total", "memory_free", "matmul_bytes_per_ms", "ms_per_layer", "spans", "sessions", "kv_bytes", "lending", "lending_reason", "batch_sessions")
+    __slots__ = ("version", "node_id", "backend", "device", "memory_total", "memory_free", "matmul_bytes_per_ms", "ms_per_layer", "spans", "sessions", "kv_bytes", "lending", "lending_reason", "batch_sessions", "busy")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class NodeInfo(_message.Message):
     LENDING_FIELD_NUMBER: _ClassVar[int]
     LENDING_REASON_FIELD_NUMBER: _ClassVar[int]
     BATCH_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FIELD_NUMBER: _ClassVar[int]
     version: str
     node_id: str
     backend: str
@@ -50,7 +51,8 @@ class NodeInfo(_message.Message):
     lending: str
     lending_reason: str
     batch_sessions: float
-    def __init__(self, version: _Optional[str] = ..., node_id: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., matmul_bytes_per_ms: _Optional[float] = ..., ms_per_layer: _Optional[float] = ..., spans: _Optional[_Iterable[_Union[SpanInfo, _Mapping]]] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., lending: _Optional[str] = ..., lending_reason: _Optional[str] = ..., batch_sessions: _Optional[float] = ...) -> None: ...
+    busy: float
+    def __init__(self, version: _Optional[str] = ..., node_id: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., matmul_bytes_per_ms: _Optional[float] = ..., ms_per_layer: _Optional[float] = ..., spans: _Optional[_Iterable[_Union[SpanInfo, _Mapping]]] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., lending: _Optional[str] = ..., lending_reason: _Optional[str] = ..., batch_sessions: _Optional[float] = ..., busy: _Optional[float] = ...) -> None: ...
 
 class TensorEntry(_message.Message):
     __slots__ = ("name", "sha256", "qtype", "shape", "nbytes")
