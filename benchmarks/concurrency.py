@@ -2,12 +2,17 @@
 decoding give.
 
     .venv/bin/python benchmarks/concurrency.py [--model PATH] [--shape 1b] [--streams 1,4,16,64] [--nodes 3]
-        [--tokens 24] [--spec-tokens 48] [--threads N] [--pin] [--no-speculative] [--backend cpu|mlx] [--json]
+        [--tokens 128] [--rounds 1] [--spec-tokens 48] [--threads N] [--pin [--cores N]] [--no-speculative]
+        [--backend cpu|mlx] [--json]
 
 Part 1: for each count N of concurrent streams (OpenAI streaming chat, greedy, distinct prompts, one httpx
 client per stream), aggregate tok/s (completion tokens of all streams / wall time from the first request to
 the last [DONE]), time to first token and the gaps between text chunks (inter-token) p50 and p99; each figure
-also as a ratio to N = 1 in the same run. The bar: 16 streams >= 6x the aggregate tok/s of 1 stream. The clients
+also as a ratio to N = 1 in the same run. The bar: 16 streams >= 6x the aggregate tok/s of 1 stream. With --rounds
+R every count runs R times and the table shows medians, and each round's ratio beside them: one stream's speed
+depends on every hop's wake-up latency, which a shared host varies from run to run. 128 tokens per stream by
+default: a chat answer's length, over which the ramp (16 prompts prefilled at once) and the tail (streams ending
+at different times) weigh what they do in use; 24 tokens was mostly ramp. The clients
 run in a process of their own (with --pin, on the CPUs left over), as a real client's HTTP work is not the gateway's.
 Part 2: one stream, speculative decoding on vs off (Engine.speculative), on a repeat-the-text prompt and on
 chat: tok/s ratio, and the acceptance rate (accepted / drafted tokens, from the service's counters).
@@ -89,6 +94,23 @@ def run_streams(url: str, prompts: list[str], max_tokens: int) -> dict:
             "texts": [o[3] for o in out]}
 
 
+def summarize(results: list[dict]) -> list[dict]:
+    """Per count of streams (in the order run): the median of each figure over the rounds, and each round's aggregate
+    tok/s as a ratio to 1 stream (the first count) in that same round, with their median."""
+    first = {r["round"]: r["tok_s"] for r in results if r["streams"] == results[0]["streams"]}
+    rows = []
+    for n in dict.fromkeys(r["streams"] for r in results):
+        runs = [r for r in results if r["streams"] == n]
+        ratios = [r["tok_s"] / first[r["round"]] for r in runs]
+        figures = ("tok_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99")
+        row = {k: statistics.median(r[k] for r in runs) for k in figures}
+        row |= {"streams": n, "ratio": statistics.median(ratios), "ratios": ratios,
+                "batch": [statistics.median(b) for b in zip(*(r["batch"] for r in runs), strict=True)],
+                "busy": [statistics.median(b) for b in zip(*(r["busy"] for r in runs), strict=True)]}
+        rows.append(row)
+    return rows
+
+
 def _pinned(prefixes: list[list[str]]) -> set[int]:
     """The CPUs --pin gave this process and the nodes (each prefix is ["taskset", "-c", "a,b,.."])."""
     return os.sched_getaffinity(0) | {int(c) for prefix in prefixes for c in prefix[2].split(",")}
@@ -100,12 +122,16 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), help="a Llama-3-shaped model with random Q4_0 weights and "
                         "--model's tokenizer and chat template (written to a temporary folder) instead of --model")
     parser.add_argument("--streams", default="1,4,16,64")
-    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--tokens", type=int, default=128, help="completion tokens per stream")
+    parser.add_argument("--rounds", type=int, default=1, help="run every count this many times; the table shows "
+                        "each figure's median over the rounds, and every round's ratio to 1 stream")
     parser.add_argument("--spec-tokens", type=int, default=48, help="tokens of part 2's runs (0: skip part 2)")
     parser.add_argument("--nodes", type=int, default=3, help="node processes of the swarm (the issue's bar: 3)")
     parser.add_argument("--threads", type=int, default=None, help="compute threads per process")
     parser.add_argument("--pin", action="store_true",
                         help="give the gateway and each node --threads cores of their own (taskset)")
+    parser.add_argument("--cores", type=int, default=None,
+                        help="with --pin, cores per process (default --threads; one more leaves gRPC a core)")
     parser.add_argument("--no-speculative", action="store_true",
                         help="part 1 without speculative decoding (one stream drafts by prompt lookup by default)")
     parser.add_argument("--backend", default="cpu", help="what the gateway and the nodes compute with (cpu, mlx)")
@@ -114,7 +140,7 @@ def main() -> None:
     if args.pin and not args.threads:
         parser.error("--pin needs --threads")
     try:
-        prefixes = pin(args.nodes, args.threads) if args.pin else None
+        prefixes = pin(args.nodes, args.cores or args.threads) if args.pin else None
     except ValueError as e:
         parser.error(str(e))
     # the clients' HTTP work runs in a process of its own, on the CPUs --pin left free (else beside the others): in the
@@ -140,22 +166,25 @@ def main() -> None:
         gateway.speculative = not args.no_speculative
         try:
             with live_server(service) as url:
-                for n in counts:
-                    prompts = [f"A poem about {TOPICS[i % len(TOPICS)]} (number {i})" for i in range(n)]
-                    # warm-up at this count: MLX's CUDA build compiles kernels for each new batch shape (NVRTC,
-                    # seconds each) the first time it meets one; the figures are the steady state
-                    clients.submit(run_streams, url, prompts, 4).result()
-                    running, busy = clients.submit(run_streams, url, prompts, args.tokens), []
-                    while not running.done():  # how busy each stage is (share of 2 s in forwards), every second
-                        time.sleep(1.0)
-                        busy.append([gateway.batcher.busy()] + [gateway.node_info(a).busy for a in swarm.addresses])
-                    results.append(running.result())
-                    # how full the batches were: sessions per forward over each stage's last 64 forwards; how busy the
-                    # stages were while the streams ran (the median of the samples): near 100%, the route waits on it
-                    results[-1]["batch"] = [gateway.batcher.mean_sessions()] + [
-                        gateway.node_info(a).batch_sessions for a in swarm.addresses]
-                    results[-1]["busy"] = [statistics.median(b) for b in zip(*busy, strict=True)] if busy else []
-                    print(f"  {n} streams: {results[-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+                for round_ in range(args.rounds):
+                    for n in counts:
+                        prompts = [f"A poem about {TOPICS[i % len(TOPICS)]} (number {i})" for i in range(n)]
+                        # warm-up at this count: MLX's CUDA build compiles kernels for each new batch shape (NVRTC,
+                        # seconds each) the first time it meets one; the figures are the steady state
+                        clients.submit(run_streams, url, prompts, 4).result()
+                        running, busy = clients.submit(run_streams, url, prompts, args.tokens), []
+                        while not running.done():  # how busy each stage is (share of 2 s in forwards), every second
+                            time.sleep(1.0)
+                            busy.append([gateway.batcher.busy()] + [gateway.node_info(a).busy for a in swarm.addresses])
+                        result = running.result() | {"round": round_}
+                        # how full the batches were: sessions per forward over each stage's last 64 forwards; how busy
+                        # the stages were while the streams ran (the median of the samples): near 100%, the route waits
+                        result["batch"] = [gateway.batcher.mean_sessions()] + [
+                            gateway.node_info(a).batch_sessions for a in swarm.addresses]
+                        result["busy"] = [statistics.median(b) for b in zip(*busy, strict=True)] if busy else []
+                        results.append(result)
+                        print(f"  round {round_ + 1}, {n} streams: {result['tok_s']:.1f} tok/s", file=sys.stderr,
+                              flush=True)
                 for name, prompt in (("repeat-the-text", REPEAT), ("chat", CHAT)) if args.spec_tokens else ():
                     for on in (False, True):
                         gateway.speculative = on
@@ -171,17 +200,21 @@ def main() -> None:
             clients.shutdown()
             service.close()
             gateway.close()
-    base = results[0]
+    rows = summarize(results)
     if args.json:
-        print(json.dumps({"concurrency": [{k: v for k, v in r.items() if k != "texts"} for r in results],
+        runs = [{k: v for k, v in r.items() if k != "texts"} for r in results]
+        print(json.dumps({"concurrency": rows, "rounds": runs,
                           "speculative": {f"{n}/{'on' if on else 'off'}": {"tok_s": r["tok_s"], "acceptance": acc}
                                           for (n, on), v in spec.items() if on != "same" for r, acc in [v]}}))
         return
-    print("| streams | agg tok/s | × 1 stream | TTFT p50 s (×) | TTFT p99 s (×) | inter-token p50 ms (×) "
-          "| inter-token p99 ms (×) | sessions/forward (gateway, nodes) | busy (gateway, nodes) |")
+    print(f"medians over {args.rounds} round(s) of {args.tokens} tokens per stream; × 1 stream: each round's own ratio")
+    print("| streams | agg tok/s | × 1 stream (median; each round) | TTFT p50 s (×) | TTFT p99 s (×) "
+          "| inter-token p50 ms (×) | inter-token p99 ms (×) | sessions/forward (gateway, nodes) "
+          "| busy (gateway, nodes) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['streams']} | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.2f} "
+    base = rows[0]
+    for r in rows:
+        print(f"| {r['streams']} | {r['tok_s']:.1f} | {r['ratio']:.2f}; {', '.join(f'{x:.2f}' for x in r['ratios'])} "
               f"| {r['ttft_p50']:.2f} ({r['ttft_p50'] / base['ttft_p50']:.1f}) "
               f"| {r['ttft_p99']:.2f} ({r['ttft_p99'] / base['ttft_p99']:.1f}) "
               f"| {r['itl_p50'] * 1000:.0f} ({r['itl_p50'] / base['itl_p50']:.1f}) "
