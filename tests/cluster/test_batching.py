@@ -109,6 +109,7 @@ def test_16_concurrent_greedy_requests_give_the_texts_of_one_at_a_time(gateway, 
     for topic, g, e, m in zip(TOPICS, got, expected, margins, strict=True):
         assert_same_or_near_tie(g, e, m, topic)
     # 16 sessions round a ring of 4 stages (the gateway and 3 nodes): micro-batches of 4, each stage one at a time
+    assert gateway.stages == 4
     sizes = [r.sessions for r in list(gateway.batcher.recent)[batches_before:]]
     assert max(sizes) == 4, f"the gateway's forwards carried up to {max(sizes)} sessions, not micro-batches of 4"
     for address in gateway.holders.values():

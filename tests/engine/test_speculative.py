@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from duskpool.engine.generate import GenerationParams, GenerationStats
-from duskpool.engine.runner import LocalEngine
+from duskpool.engine.runner import LocalEngine, drafting_pays
 from duskpool.engine.sampling import SamplingParams
 from duskpool.engine.speculative import lookup
 
@@ -22,6 +22,11 @@ def test_lookup_drafts_what_followed_the_latest_earlier_occurrence():
     assert lookup([1, 2, 3, 7, 1, 2, 3, 8, 1, 2, 3], k=2) == [8, 1]  # the latest occurrence wins
     assert lookup([1, 2, 3, 4], k=3) == []  # no earlier occurrence of the tail
     assert lookup([5, 6, 9, 5, 6], k=4) == [9, 5, 6]  # stops at the end of the context
+
+
+def test_drafting_pays_while_at_most_half_the_stages_are_busy():
+    assert [drafting_pays(g, 4) for g in (1, 2, 3, 4)] == [True, True, False, False]  # as measured on 4 stages
+    assert [drafting_pays(g, 1) for g in (1, 2)] == [True, False]  # one process: its single stage is the route
 
 
 def answer(engine, text: str, speculative: bool, max_tokens: int = 40) -> tuple[str, GenerationStats]:

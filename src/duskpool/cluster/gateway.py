@@ -221,6 +221,10 @@ class Gateway(Engine):
             hidden = self._step(session_id, step, position, context, hidden, (stage,), batch)
         return hidden
 
+    @property
+    def stages(self) -> int:
+        return len(self.route) + 1  # the gateway's own layers are a stage of the ring too
+
     def micro_batch(self, stages: tuple[RouteStage, ...]) -> int:
         """Sessions per forward at each stage of a ring of `stages` and the gateway (batcher.micro_batch)."""
         return micro_batch(len(self._open), len(stages) + 1)
