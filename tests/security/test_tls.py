@@ -11,11 +11,14 @@ import pytest
 
 from duskpool.security import (
     NODE_CHANNEL_OPTIONS,
+    NODE_NAME,
     NodeIdentity,
     PoolState,
     RevocationInterceptor,
     channel_credentials,
+    expected_name,
     local_pool,
+    member_name,
     peer_fingerprint,
     server_credentials,
 )
@@ -78,6 +81,12 @@ def refused(address: str, identity: NodeIdentity | None, method: str = "Echo") -
     with pytest.raises(grpc.RpcError) as e:
         call(address, identity, method)
     return e.value
+
+
+def test_a_channel_checks_the_members_own_name_once_its_id_is_known() -> None:
+    assert expected_name(7) == member_name(7) == "7.member.duskpool"
+    for unknown in (None, 0, "a-fingerprint"):  # no id yet, or a certificate from before member ids
+        assert expected_name(unknown) == NODE_NAME
 
 
 def test_member_connects_and_is_known_by_its_fingerprint(pool: PoolState, server: str) -> None:

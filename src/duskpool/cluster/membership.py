@@ -38,9 +38,9 @@ from duskpool.cluster.transport import open_channel
 from duskpool.cluster.wire import DTYPE_BYTES
 from duskpool.models import ModelSpec
 from duskpool.security import (
-    NODE_NAME,
     NodeIdentity,
     PoolState,
+    expected_name,
     fingerprint,
     member_id_of,
     member_name,
@@ -102,7 +102,7 @@ class NodeClient:
     @property
     def tls_name(self) -> str:
         """The name its certificate must carry (see transport.open_channel)."""
-        return member_name(self.member) if isinstance(self.member, int) else NODE_NAME
+        return expected_name(self.member)
 
     def close(self) -> None:
         self.channel.close()

@@ -34,9 +34,9 @@ from duskpool.security import (
     JoinError,
     JoinRefused,
     NodeIdentity,
+    expected_name,
     expiry_warning,
     member_id_of,
-    member_name,
     peer_certificate,
     peer_fingerprint,
     peer_is_gateway,
@@ -294,9 +294,7 @@ class NodeService(pb_grpc.NodeServicer):
         if self.identity is None:
             return NODE_NAME
         member_id = self.members.get(address)
-        if member_id is None:
-            return None
-        return member_name(member_id) if member_id else NODE_NAME  # 0: a certificate from before member ids
+        return None if member_id is None else expected_name(member_id)
 
     def _sink_name_at(self, address: str) -> str | None:
         return GATEWAY_NAME if self.identity is None or address in self.sinks else None

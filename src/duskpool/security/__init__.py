@@ -7,6 +7,7 @@ from duskpool.security.certs import (
     GATEWAY_NAME,
     NODE_NAME,
     NodeIdentity,
+    expected_name,
     expiry_warning,
     fingerprint,
     load_identity,
@@ -43,5 +44,5 @@ __all__ = [
     "load_identity", "local_pool", "member_id_of", "member_name", "name_options", "parse_token", "peer_certificate",
     "peer_fingerprint", "peer_is_gateway", "peer_member", "peer_member_id", "renew", "renewal_due",
     "renewing_server_credentials", "save_identity", "sign", "signed_by",
-    "server_certificate", "server_credentials", "split_join_arg", "start_join_server",
+    "server_certificate", "server_credentials", "split_join_arg", "start_join_server", "expected_name",
 ]

@@ -29,6 +29,12 @@ def member_name(member_id: int) -> str:
     return f"{member_id}{MEMBER_SUFFIX}"
 
 
+def expected_name(member: int | str | None) -> str:
+    """The name a channel to `member` checks: its own `member_name` once its id is known, else NODE_NAME (any member:
+    one whose certificate is from before member ids, known by its fingerprint, or as 0 in a member list)."""
+    return member_name(member) if isinstance(member, int) and member else NODE_NAME
+
+
 def member_id_of(cert: x509.Certificate | bytes) -> int | None:
     """The member id a certificate (object, PEM or DER) names in its SAN; None for one issued before ids were."""
     if isinstance(cert, bytes):
