@@ -225,7 +225,7 @@ class Gateway(Engine):
     def stages(self) -> int:
         return len(self.route) + 1  # the gateway's own layers are a stage of the ring too
 
-    def micro_batch(self, stages: tuple[RouteStage, ...]) -> int:
+    def micro_batch_for(self, stages: tuple[RouteStage, ...]) -> int:
         """Sessions per forward at each stage of a ring of `stages` and the gateway (batcher.micro_batch)."""
         return micro_batch(len(self._open), len(stages) + 1)
 
@@ -389,7 +389,7 @@ class RemoteSession:
             self.prefix_cache.truncate(start)
             self.suffix_cache.truncate(start)
         self.filled = start
-        batch = g.micro_batch(self.route)
+        batch = g.micro_batch_for(self.route)
         hidden = g.batcher.run(g.prefix_model, self.prefix_cache, start, g.prefix_model.embed(tokens), batch=batch)
         self.step += 1
         hidden = g.run_route(self.id, self.step, start, self.capacity, hidden, self.route, batch)
