@@ -69,9 +69,7 @@ class Affine:
 
     def floats(self, raw: np.ndarray) -> np.ndarray:
         """Scales or biases as float32."""
-        if self.scale_type == Q.BF16:
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32)
+        return bf16_floats(raw) if self.scale_type == Q.BF16 else raw.astype(np.float32)
 
     def dequantize(self, data: np.ndarray, rows: int, cols: int) -> np.ndarray:
         """float32 [rows, cols]: scale * code + bias, each value."""
@@ -79,6 +77,11 @@ class Affine:
         codes = self.codes(w, cols).reshape(rows, -1, self.group_size).astype(np.float32)
         values = codes * self.floats(scales)[:, :, None] + self.floats(biases)[:, :, None]
         return values.reshape(rows, cols)
+
+
+def bf16_floats(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values (their bits, as uint16) as float32: the upper half of a float32's bits."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def qtype_of(code: int) -> "GGMLQuantizationType | Affine":

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from duskpool.weights.affine import Affine
+from duskpool.weights.affine import Affine, bf16_floats
 from duskpool.weights.gguf import GGUFFile, ModelFileError, PackedTensor, TensorInfo
 
 Q = GGMLQuantizationType
@@ -241,7 +241,7 @@ def _info(name: str, s: Stored) -> TensorInfo:
 
 def _floats(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     if qtype == Q.BF16:
-        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return bf16_floats(data.view(np.uint16))
     return data.view(np.float16 if qtype == Q.F16 else np.float32).astype(np.float32)
 
 
