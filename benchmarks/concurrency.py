@@ -3,7 +3,7 @@ decoding give.
 
     .venv/bin/python benchmarks/concurrency.py [--model PATH] [--shape 1b] [--streams 1,4,16,64] [--nodes 3]
         [--tokens 128] [--rounds 1] [--spec-tokens 48] [--threads N] [--pin [--cores N]] [--no-speculative]
-        [--backend cpu|mlx] [--json]
+        [--direct] [--backend cpu|mlx] [--json]
 
 Part 1: for each count N of concurrent streams (OpenAI streaming chat, greedy, distinct prompts, one httpx
 client per stream), aggregate tok/s (completion tokens of all streams / wall time from the first request to
@@ -27,8 +27,10 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -42,6 +44,8 @@ from duskpool.api.service import Service  # noqa: E402
 from duskpool.backends import backend  # noqa: E402
 from duskpool.cluster.gateway import Gateway  # noqa: E402
 from duskpool.cluster.swarm import LocalSwarm  # noqa: E402
+from duskpool.engine.generate import GenerationParams, GenerationStats  # noqa: E402
+from duskpool.engine.sampling import SamplingParams  # noqa: E402
 from duskpool.weights.catalog import BUNDLED_NAME, bundled_model_path  # noqa: E402
 
 TOPICS = ["the sea", "a city at night", "prime numbers", "recursion", "coffee", "the moon", "a lost key", "rain",
@@ -73,9 +77,27 @@ def stream(url: str, prompt: str, max_tokens: int, out: list) -> None:
                 usage.get("completion_tokens", 0), "".join(text)))
 
 
+def chat(engine: Gateway, prompt: str, max_tokens: int, out: list) -> None:
+    """`stream` without HTTP: the engine's own chat, in this process (--direct)."""
+    params = GenerationParams(max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0))
+    stats, times, text = GenerationStats(), [], []
+    started = time.perf_counter()
+    for piece in engine.chat([{"role": "user", "content": prompt}], params, stats):
+        if piece:
+            times.append(time.perf_counter())
+            text.append(piece)
+    out.append((times[0] - started, [b - a for a, b in zip(times, times[1:], strict=False)], stats.generated_tokens,
+                "".join(text)))
+
+
 def run_streams(url: str, prompts: list[str], max_tokens: int) -> dict:
+    return run_at_once(stream, url, prompts, max_tokens)
+
+
+def run_at_once(one: Callable, target: Any, prompts: list[str], max_tokens: int) -> dict:
+    """`one(target, prompt, max_tokens, out)` for every prompt at once, a thread each: the figures of part 1."""
     out: list = []
-    threads = [threading.Thread(target=stream, args=(url, p, max_tokens, out)) for p in prompts]
+    threads = [threading.Thread(target=one, args=(target, p, max_tokens, out)) for p in prompts]
     started = time.perf_counter()
     for t in threads:
         t.start()
@@ -135,6 +157,9 @@ def main() -> None:
     parser.add_argument("--no-speculative", action="store_true",
                         help="part 1 without speculative decoding (one stream drafts by prompt lookup by default)")
     parser.add_argument("--backend", default="cpu", help="what the gateway and the nodes compute with (cpu, mlx)")
+    parser.add_argument("--direct", action="store_true", help="part 1 without HTTP: each stream a thread in the "
+                        "gateway's process calling its chat, so the table shows what the ring gives and, beside a "
+                        "run without it, what the HTTP layer costs")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.pin and not args.threads:
@@ -148,6 +173,7 @@ def main() -> None:
     cpus = sorted(os.sched_getaffinity(0) if not args.pin else set(range(os.cpu_count() or 1)) - _pinned(prefixes))
     clients = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), os.sched_setaffinity,
                                   (0, cpus or range(os.cpu_count() or 1)))
+    direct = ThreadPoolExecutor(1)  # --direct: the streams' threads are started from here, in this process
     if args.threads:
         backend(args.backend).set_threads(args.threads)
     args.model = args.model or bundled_model_path()
@@ -171,8 +197,12 @@ def main() -> None:
                         prompts = [f"A poem about {TOPICS[i % len(TOPICS)]} (number {i})" for i in range(n)]
                         # warm-up at this count: MLX's CUDA build compiles kernels for each new batch shape (NVRTC,
                         # seconds each) the first time it meets one; the figures are the steady state
-                        clients.submit(run_streams, url, prompts, 4).result()
-                        running, busy = clients.submit(run_streams, url, prompts, args.tokens), []
+                        if args.direct:
+                            run_at_once(chat, gateway, prompts, 4)
+                            running, busy = direct.submit(run_at_once, chat, gateway, prompts, args.tokens), []
+                        else:
+                            clients.submit(run_streams, url, prompts, 4).result()
+                            running, busy = clients.submit(run_streams, url, prompts, args.tokens), []
                         while not running.done():  # how busy each stage is (share of 2 s in forwards), every second
                             time.sleep(1.0)
                             busy.append([gateway.batcher.busy()] + [gateway.node_info(a).busy for a in swarm.addresses])
@@ -198,6 +228,7 @@ def main() -> None:
                 gateway.speculative = True
         finally:
             clients.shutdown()
+            direct.shutdown()
             service.close()
             gateway.close()
     rows = summarize(results)
@@ -207,7 +238,8 @@ def main() -> None:
                           "speculative": {f"{n}/{'on' if on else 'off'}": {"tok_s": r["tok_s"], "acceptance": acc}
                                           for (n, on), v in spec.items() if on != "same" for r, acc in [v]}}))
         return
-    print(f"medians over {args.rounds} round(s) of {args.tokens} tokens per stream; × 1 stream: each round's own ratio")
+    print(f"{'--direct (no HTTP)' if args.direct else 'through the HTTP API'}: medians over {args.rounds} round(s) of "
+          f"{args.tokens} tokens per stream; × 1 stream: each round's own ratio")
     print("| streams | agg tok/s | × 1 stream (median; each round) | TTFT p50 s (×) | TTFT p99 s (×) "
           "| inter-token p50 ms (×) | inter-token p99 ms (×) | sessions/forward (gateway, nodes) "
           "| busy (gateway, nodes) |")
