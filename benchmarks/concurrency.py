@@ -56,7 +56,7 @@ CHAT = "Explain how a bicycle stays upright, step by step."
 
 
 def stream(url: str, prompt: str, max_tokens: int, out: list) -> None:
-    """One streaming chat: (ttft s, [gaps s], completion tokens, text) appended to `out`."""
+    """One streaming chat: (when it was sent, when each text chunk came, completion tokens, text) appended to `out`."""
     body = {"model": BUNDLED_NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     times, usage, text = [], {}, []
@@ -73,8 +73,7 @@ def stream(url: str, prompt: str, max_tokens: int, out: list) -> None:
                     if choice.get("delta", {}).get("content"):
                         times.append(time.perf_counter())
                         text.append(choice["delta"]["content"])
-    out.append((times[0] - started, [b - a for a, b in zip(times, times[1:], strict=False)],
-                usage.get("completion_tokens", 0), "".join(text)))
+    out.append((started, times, usage.get("completion_tokens", 0), "".join(text)))
 
 
 def chat(engine: Gateway, prompt: str, max_tokens: int, out: list) -> None:
@@ -86,8 +85,7 @@ def chat(engine: Gateway, prompt: str, max_tokens: int, out: list) -> None:
         if piece:
             times.append(time.perf_counter())
             text.append(piece)
-    out.append((times[0] - started, [b - a for a, b in zip(times, times[1:], strict=False)], stats.generated_tokens,
-                "".join(text)))
+    out.append((started, times, stats.generated_tokens, "".join(text)))
 
 
 def run_streams(url: str, prompts: list[str], max_tokens: int) -> dict:
@@ -104,8 +102,8 @@ def run_at_once(one: Callable, target: Any, prompts: list[str], max_tokens: int)
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
-    ttfts = sorted(o[0] for o in out)
-    gaps = sorted(g for o in out for g in o[1])
+    ttfts = sorted(times[0] - sent for sent, times, _, _ in out)
+    gaps = sorted(b - a for _, times, _, _ in out for a, b in zip(times, times[1:], strict=False))
     tokens = sum(o[2] for o in out)
 
     def pct(xs: list[float], q: float) -> float:

@@ -40,9 +40,9 @@ from duskpool.security.tls import (
 __all__ = [
     "CAMismatch", "GATEWAY_CHANNEL_OPTIONS", "GATEWAY_NAME", "JoinError", "JoinRefused", "JoinToken", "LocalPool",
     "Member", "NODE_CHANNEL_OPTIONS", "NODE_NAME", "NodeIdentity", "PoolState", "RevocationInterceptor",
-    "add_join_service", "add_renew_service", "channel_credentials", "expiry_warning", "fingerprint", "join",
-    "load_identity", "local_pool", "member_id_of", "member_name", "name_options", "parse_token", "peer_certificate",
-    "peer_fingerprint", "peer_is_gateway", "peer_member", "peer_member_id", "renew", "renewal_due",
+    "add_join_service", "add_renew_service", "channel_credentials", "expected_name", "expiry_warning", "fingerprint",
+    "join", "load_identity", "local_pool", "member_id_of", "member_name", "name_options", "parse_token",
+    "peer_certificate", "peer_fingerprint", "peer_is_gateway", "peer_member", "peer_member_id", "renew", "renewal_due",
     "renewing_server_credentials", "save_identity", "sign", "signed_by",
-    "server_certificate", "server_credentials", "split_join_arg", "start_join_server", "expected_name",
+    "server_certificate", "server_credentials", "split_join_arg", "start_join_server",
 ]

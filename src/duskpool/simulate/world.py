@@ -159,13 +159,13 @@ class Pipeline:
     def submit(self, session: Session) -> None:
         session.model = self
         self.waiting.append(session)
-        if len(self.lanes) < len(self.route) + 1:  # a lane that finds nothing left when it starts ends at once
+        if len(self.lanes) < self.stages:  # a lane that finds nothing left when it starts ends at once
             self.lanes.append(self.world.env.process(self._lane()))
 
     def _lane(self):
         world, lane = self.world, self.world.env.active_process
         while self.waiting and not self.dead:
-            batch = micro_batch(len(self.sessions()), len(self.route) + 1)
+            batch = micro_batch(len(self.sessions()), self.stages)
             taken, self.waiting = select(self.waiting, PREFILL_ROWS, batch)
             chunks = chunk_rows(taken, PREFILL_ROWS)
             self.in_round[lane] = taken
@@ -183,6 +183,10 @@ class Pipeline:
                     self.waiting.appendleft(session)  # a prompt's next chunk keeps its place
             del self.in_round[lane]
         self.lanes.remove(lane)
+
+    @property
+    def stages(self) -> int:
+        return len(self.route) + 1  # the gateway's own layers are a stage of the ring too (Gateway.stages)
 
     def sessions(self) -> list[Session]:
         return [s for taken in self.in_round.values() for s in taken] + list(self.waiting)
