@@ -110,6 +110,38 @@ DP_INLINE void q4_tile(const uint8_t *w, int64_t rb, int64_t K, const float *xt,
         for (int m = 0; m < MB; m++) out[r * MAX_MB + m] = hsum8(acc[r * MB + m]) + macc[r * MB + m];
 }
 
+// q4_tile for 3 or 4 rows of x: the block's weights decoded to floats once, a_j = d lo_j + m and b_j = d hi_j + m,
+// and dotted in xt's terms (a_j against xt_j, a_j + 16 b_j = d byte_j + 17 m against xt_{16+j}). Each row of x
+// then costs its 4 FMAs and no fifth for d nor a sum of x for m; shared by 3 or 4 rows, the decode costs less than
+// those. Measured on a Zen 4 core, Q4_1 3072 x 576 at 4 rows: 293 -> 235 us (benchmarks: the bundled model's
+// batch-4 forward 7.0-7.4 -> 6.3-6.5 ms).
+DP_INLINE void q4_tile_decoded(const uint8_t *w, int64_t rb, int64_t K, const float *xt, float *out, const int MB,
+                               const int has_min) {
+    const int64_t nb = K / 32;
+    const int size = has_min ? 20 : 18, off = has_min ? 4 : 2;
+    const __m256i low = _mm256_set1_epi32(15);
+    __m256 acc[MAX_MB][2];
+    for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * size;
+        prefetch_ahead(blk, rb, size);
+        const __m256i r0 = u8x8(blk + off), r1 = u8x8(blk + off + 8);
+        const __m128 dm = half2(blk);
+        const __m256 d = _mm256_broadcastss_ps(dm);
+        const __m256 mn = has_min ? _mm256_broadcastss_ps(_mm_movehdup_ps(dm)) : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
+        const __m256 mn17 = _mm256_mul_ps(mn, _mm256_set1_ps(17.0f));
+        const __m256 a0 = FMA(_mm256_cvtepi32_ps(_mm256_and_si256(r0, low)), d, mn);
+        const __m256 a1 = FMA(_mm256_cvtepi32_ps(_mm256_and_si256(r1, low)), d, mn);
+        const __m256 c0 = FMA(_mm256_cvtepi32_ps(r0), d, mn17), c1 = FMA(_mm256_cvtepi32_ps(r1), d, mn17);
+        for (int m = 0; m < MB; m++) {
+            const float *xb = xt + m * K + b * 32;
+            acc[m][0] = FMA(a0, ld(xb), FMA(c0, ld(xb + 16), acc[m][0]));
+            acc[m][1] = FMA(a1, ld(xb + 8), FMA(c1, ld(xb + 24), acc[m][1]));
+        }
+    }
+    for (int m = 0; m < MB; m++) out[m] = hsum8(_mm256_add_ps(acc[m][0], acc[m][1]));
+}
+
 // Q5_0 and Q5_1: nibbles plus a fifth bit from a 32-bit mask, value q * d + m (Q5_0: m = -16 d)
 DP_INLINE void q5_block(const uint8_t *w, int64_t b, ACC_ARGS, const float *x, int64_t K, const float *sx, const int MB, const int has_min) {
     const int off = has_min ? 4 : 2;
@@ -493,8 +525,8 @@ DP_INLINE void float_rows(const uint8_t *w, int64_t K, const float *x, const flo
         default: { enum { RC = 1, MBC = 4 }; call; } break;                                        \
         }                                                                                          \
     }
-TILE_KERNEL(tile_q4_0, q4_tile(w, rb, K, x, sx, out, RC, MBC, 0))
-TILE_KERNEL(tile_q4_1, q4_tile(w, rb, K, x, sx, out, RC, MBC, 1))
+TILE_KERNEL(tile_q4_0, if (RC == 1 && MBC >= 3) q4_tile_decoded(w, rb, K, x, out, MBC, 0); else q4_tile(w, rb, K, x, sx, out, RC, MBC, 0))
+TILE_KERNEL(tile_q4_1, if (RC == 1 && MBC >= 3) q4_tile_decoded(w, rb, K, x, out, MBC, 1); else q4_tile(w, rb, K, x, sx, out, RC, MBC, 1))
 TILE_KERNEL(tile_q8_0, q8_0_tile(w, rb, K, x, sx, out, RC, MBC))
 TILE_KERNEL(tile_iq4_nl, iq4_nl_tile(w, rb, K, x, sx, out, RC, MBC))
 ROW_KERNEL(rows_q5_0, q5_rows(w, K, x, sx, out, MBC, 0))
