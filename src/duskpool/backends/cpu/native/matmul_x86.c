@@ -113,8 +113,7 @@ DP_INLINE void q4_tile(const uint8_t *w, int64_t rb, int64_t K, const float *xt,
 // q4_tile for 3 or 4 rows of x: the block's weights decoded to floats once, a_j = d lo_j + m and b_j = d hi_j + m,
 // and dotted in xt's terms (a_j against xt_j, a_j + 16 b_j = d byte_j + 17 m against xt_{16+j}). Each row of x
 // then costs its 4 FMAs and no fifth for d nor a sum of x for m; shared by 3 or 4 rows, the decode costs less than
-// those. Measured on a Zen 4 core, Q4_1 3072 x 576 at 4 rows: 293 -> 235 us (benchmarks: the bundled model's
-// batch-4 forward 7.0-7.4 -> 6.3-6.5 ms).
+// those. Measured on one Zen 4 core, Q4_1 3072 x 576 at 4 rows: 293 -> 235 us.
 DP_INLINE void q4_tile_decoded(const uint8_t *w, int64_t rb, int64_t K, const float *xt, float *out, const int MB,
                                const int has_min) {
     const int64_t nb = K / 32;
