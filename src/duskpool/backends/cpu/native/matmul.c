@@ -76,6 +76,7 @@ static void matmul_range(void *ctx, int64_t n0, int64_t n1) {
 void dp_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_t n1, int64_t K,
                const float *x, int64_t M, float *y, int64_t ldy) {
     if (n1 <= n0 || M <= 0) return;
+    const fp_mode mode = flush_denormals();
     matmul_job job = { .type = type, .tile = tiled_kernel(type), .w = w, .row_bytes = row_bytes, .K = K, .M = M,
                        .ldy = ldy, .x = x, .y = y };
     job.row = job.tile ? NULL : row_kernel_for(type);
@@ -112,4 +113,5 @@ void dp_matmul(int type, const uint8_t *w, int64_t row_bytes, int64_t n0, int64_
     if (N * row_bytes < PARALLEL_MIN_BYTES) matmul_range(&job, n0, n1);
     else parallel_for(matmul_range, &job, n0, n1, (chunk_rows(N) + 11) / 12 * 12, 0);  // whole tiles and panels
     free(scratch);
+    restore_fp_mode(mode);
 }

@@ -29,12 +29,14 @@ static inline float exp_nonpositive(float x) {
 // out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, for T rows of D
 void dp_rms_norm(const float *restrict x, const float *restrict w, float eps, float *restrict out,
                  int64_t T, int64_t D) {
+    const fp_mode mode = flush_denormals();
     for (int64_t t = 0; t < T; t++, x += D, out += D) {
         float ss = 0.0f;
         for (int64_t i = 0; i < D; i++) ss += x[i] * x[i];
         float scale = 1.0f / sqrtf(ss / (float)D + eps);
         for (int64_t i = 0; i < D; i++) out[i] = x[i] * scale * w[i];
     }
+    restore_fp_mode(mode);
 }
 
 // Rotate adjacent pairs of `heads` heads of size d in each of T rows (row stride ld), in place,
@@ -138,11 +140,13 @@ static void attend_pieces(const attend_job *job, int64_t n, int64_t work) {
 void dp_attention(const float *q, int64_t ldq, const float *k, const float *v, int64_t capacity, float *out,
                   int64_t ldo, int64_t T, int64_t start, int64_t H, int64_t Hk, int64_t d, float scale,
                   int64_t window) {
+    const fp_mode mode = flush_denormals();
     int64_t *pieces = malloc(pieces_of(T, Hk) * P_FIELDS * sizeof(int64_t));
     const int64_t n = add_pieces(pieces, 0, k, v, capacity, start, T, 0, H, Hk);
     const attend_job job = { q, out, ldq, ldo, H, Hk, d, window, start + T, scale, pieces };
     attend_pieces(&job, n, T * (start + T));
     free(pieces);
+    restore_fp_mode(mode);
 }
 
 // Write T tokens' keys and values, each [T, Hk, d] with row strides ldk, ldv (views into the fused q|k|v
@@ -171,6 +175,7 @@ enum { S_K, S_V, S_CAPACITY, S_FIRST, S_START, S_ROWS, S_FIELDS };
 void dp_attention_batch(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v, int64_t ldv,
                         float *out, int64_t ldo, const int64_t *sessions, int64_t n, int64_t layer, int64_t H,
                         int64_t Hk, int64_t d, float scale, int64_t window) {
+    const fp_mode mode = flush_denormals();
     int64_t most = 0;  // pieces at most
     for (int64_t i = 0; i < n; i++) most += pieces_of(sessions[i * S_FIELDS + S_ROWS], Hk);
     int64_t *pieces = malloc(most * P_FIELDS * sizeof(int64_t)), n_pieces = 0, row = 0, max_positions = 1, work = 0;
@@ -187,13 +192,16 @@ void dp_attention_batch(const float *q, int64_t ldq, const float *k, int64_t ldk
     const attend_job job = { q, out, ldq, ldo, H, Hk, d, window, max_positions, scale, pieces };
     attend_pieces(&job, n_pieces, work);
     free(pieces);
+    restore_fp_mode(mode);
 }
 
 // out[t] = silu(gate[t]) * up[t], where row t of gate_up is [gate (F) | up (F)]
 void dp_silu_mul(const float *restrict gate_up, float *restrict out, int64_t T, int64_t F) {
+    const fp_mode mode = flush_denormals();
     for (int64_t t = 0; t < T; t++, gate_up += 2 * F, out += F)
         for (int64_t i = 0; i < F; i++) {
             const float g = gate_up[i], e = exp_nonpositive(-fabsf(g));  // e^-|g| never overflows
             out[i] = g * (g >= 0.0f ? 1.0f : e) / (1.0f + e) * gate_up[F + i];
         }
+    restore_fp_mode(mode);
 }

@@ -72,6 +72,7 @@ static void run_chunks(uint32_t gen) {
 
 static void *worker_main(void *arg) {
     uint64_t seen = (uint64_t)(uintptr_t)arg;
+    flush_denormals();  // for good: the thread is the pool's
     int nap = 0;
     for (;;) {
         int64_t t0 = 0;
