@@ -132,21 +132,21 @@ static int64_t add_pieces(int64_t *pieces, int64_t n, const float *k, const floa
 
 // `work`: query-key pairs in all pieces
 static void attend_pieces(const attend_job *job, int64_t n, int64_t work) {
+    const fp_mode mode = flush_denormals();
     if (work * job->H * job->d < 65536) attend_range((void *)job, 0, n);  // too little to wake the pool for
     else parallel_for(attend_range, (void *)job, 0, n, 1, 0);
+    restore_fp_mode(mode);
 }
 
 // One session's attention over keys and values it holds (see attend), its queries spread over the pool.
 void dp_attention(const float *q, int64_t ldq, const float *k, const float *v, int64_t capacity, float *out,
                   int64_t ldo, int64_t T, int64_t start, int64_t H, int64_t Hk, int64_t d, float scale,
                   int64_t window) {
-    const fp_mode mode = flush_denormals();
     int64_t *pieces = malloc(pieces_of(T, Hk) * P_FIELDS * sizeof(int64_t));
     const int64_t n = add_pieces(pieces, 0, k, v, capacity, start, T, 0, H, Hk);
     const attend_job job = { q, out, ldq, ldo, H, Hk, d, window, start + T, scale, pieces };
     attend_pieces(&job, n, T * (start + T));
     free(pieces);
-    restore_fp_mode(mode);
 }
 
 // Write T tokens' keys and values, each [T, Hk, d] with row strides ldk, ldv (views into the fused q|k|v
@@ -175,7 +175,6 @@ enum { S_K, S_V, S_CAPACITY, S_FIRST, S_START, S_ROWS, S_FIELDS };
 void dp_attention_batch(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v, int64_t ldv,
                         float *out, int64_t ldo, const int64_t *sessions, int64_t n, int64_t layer, int64_t H,
                         int64_t Hk, int64_t d, float scale, int64_t window) {
-    const fp_mode mode = flush_denormals();
     int64_t most = 0;  // pieces at most
     for (int64_t i = 0; i < n; i++) most += pieces_of(sessions[i * S_FIELDS + S_ROWS], Hk);
     int64_t *pieces = malloc(most * P_FIELDS * sizeof(int64_t)), n_pieces = 0, row = 0, max_positions = 1, work = 0;
@@ -192,7 +191,6 @@ void dp_attention_batch(const float *q, int64_t ldq, const float *k, int64_t ldk
     const attend_job job = { q, out, ldq, ldo, H, Hk, d, window, max_positions, scale, pieces };
     attend_pieces(&job, n_pieces, work);
     free(pieces);
-    restore_fp_mode(mode);
 }
 
 // out[t] = silu(gate[t]) * up[t], where row t of gate_up is [gate (F) | up (F)]
