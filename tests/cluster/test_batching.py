@@ -164,7 +164,7 @@ def test_a_rejected_draft_leaves_no_trace_in_a_nodes_kv(bundled_model, tmp_path)
     model = load_span(GGUFFile(bundled_model), range(1, 10), embed=False, head=False)
     node.spans[("m", 1, 10)] = model
     passed: SimpleQueue = SimpleQueue()
-    node._pass_on = lambda request, hidden: passed.put(request.position)
+    node._pass_on = lambda request, hidden, group: passed.put(request.position)
     node._fail = lambda request, error: passed.put(error)
     try:
         def step(position: int, rows: int) -> None:

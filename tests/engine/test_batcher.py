@@ -62,7 +62,7 @@ def test_sessions_decoding_at_once_go_through_in_micro_batches_with_their_own_lo
     def decode(s: int) -> None:
         cache = model.new_cache(steps)
         for i in range(steps):
-            got[s].append(batcher.run(model, cache, i, model.embed([s + i]), logits=1, batch=2)[0])
+            got[s].append(batcher.run(model, cache, i, model.embed([s + i]), logits=1, batch=2).output[0])
 
     threads = [threading.Thread(target=decode, args=(s,)) for s in range(sessions)]
     try:
@@ -78,3 +78,37 @@ def test_sessions_decoding_at_once_go_through_in_micro_batches_with_their_own_lo
     for s in range(sessions):
         for i in range(steps):
             assert torch.allclose(got[s][i], alone[s][i], atol=1e-4), f"session {s} step {i} differs batched"
+
+
+def test_a_step_waits_for_the_sessions_it_came_with_not_for_the_other_batches(tiny_llama, monkeypatch):
+    """Four sessions live at a stage, micro-batch 4, a forward's wait made long (2 s). Two steps that the stage before
+    computed together (group 2) go on as soon as both are here; without their group, they wait the whole window for
+    the other two live sessions, which are in another batch and not on their way. Each computed step carries the
+    sessions it was computed with on to the next stage."""
+    monkeypatch.setattr("duskpool.engine.batcher.GATHER_MAX_S", 5.0)
+    model = load_span(GGUFFile(tiny_llama(Q.Q8_0)))
+    caches = [model.new_cache(8) for _ in range(4)]
+    batcher = Batcher()
+
+    def two_steps(position: int, group: int) -> tuple[float, list]:
+        started, jobs = time.monotonic(), []
+        threads = [threading.Thread(target=lambda c=c: jobs.append(
+            batcher.run(model, c, position, model.embed([position + 1]), batch=4, group=group))) for c in caches[:2]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        return time.monotonic() - started, jobs
+
+    try:
+        for cache in caches:  # all four live here now
+            batcher.run(model, cache, 0, model.embed([1]), batch=4)
+        now = time.monotonic()
+        batcher.recent.extend(BatchRecord(4, 4, 2.0, now) for _ in range(8))  # forwards "take" 2 s: the window
+        waited, jobs = two_steps(1, group=2)
+        assert waited < 1.0, f"two steps of a group of 2 waited {waited:.2f} s for sessions of another batch"
+        assert [job.group for job in jobs] == [2, 2] and batcher.recent[-1].sessions == 2
+        waited, _ = two_steps(2, group=0)
+        assert waited > 1.5, f"without a group the steps should wait the window for the live sessions ({waited:.2f} s)"
+    finally:
+        batcher.close()

@@ -76,7 +76,8 @@ def test_the_batcher_prefills_a_long_prompt_in_chunks_between_decode_steps(bundl
         long_cache = model.new_cache(len(prompt))
         future: Future = Future()
         batcher.submit(Job(model, long_cache, 0, model.embed(prompt),
-                           lambda out, e: future.set_exception(e) if e else future.set_result(out), logits=1))
+                           lambda job, e: future.set_exception(e) if e else future.set_result(job.output),
+                           logits=1))
         for position in range(6):  # decode steps of another session, while the long prompt goes through
             batcher.run(model, short, position, model.embed([position + 1]), logits=1)
         logits = future.result(timeout=60)[0]

@@ -116,7 +116,7 @@ def test_a_batcher_never_splits_an_encoders_input(bert):
     tokens = bert.tokenizer(" ".join(TEXTS[:3]))["input_ids"]
     batcher = Batcher(prefill_rows=8)
     try:
-        hidden = batcher.run(span, span.new_cache(len(tokens)), 0, span.embed(tokens))
+        hidden = batcher.run(span, span.new_cache(len(tokens)), 0, span.embed(tokens)).output
     finally:
         batcher.close()
     whole = span.forward_span(span.embed(tokens), span.new_cache(len(tokens)), 0)

@@ -200,7 +200,7 @@ def first_step(pool: Pool, sender: NodeIdentity, place: int, session_id: str, gr
     try:
         assert list(pool.stub(route[0].address, sender).Forward(iter([request]), timeout=10)) == []
         try:
-            return pb.Result(hidden=future.result(timeout=30))
+            return future.result(timeout=30)
         except RouteError as e:
             return pb.Result(error=str(e))
     finally:
@@ -263,7 +263,7 @@ def test_the_sink_takes_a_hidden_state_only_from_the_steps_last_node(pool):
         assert not future.done() and gateway.sink.refused >= 2
         with open_channel(gateway.sink_address, pool.local.nodes[1]) as channel:  # the route's last node
             pb_grpc.SinkStub(channel).Deliver(iter([forged]), timeout=5)
-        assert future.result(timeout=5).data == forged.hidden.data
+        assert future.result(timeout=5).hidden.data == forged.hidden.data
     finally:
         gateway.sink.forget("in-flight", 1)
     assert pool.greedy() == pool.answer
@@ -414,9 +414,9 @@ def test_another_member_at_a_nodes_address_is_refused(tmp_path, bundled_model):
 class SlowNode(NodeService):
     """A node that claims its machine's real speed and then takes 0.3 s over every step."""
 
-    def _pass_on(self, request: pb.ForwardRequest, hidden: pb.Hidden) -> None:
+    def _pass_on(self, request: pb.ForwardRequest, hidden: pb.Hidden, group: int) -> None:
         time.sleep(0.3)
-        super()._pass_on(request, hidden)
+        super()._pass_on(request, hidden, group)
 
 
 def test_a_node_slower_than_it_claims_is_planned_around(tmp_path, bundled_model):

@@ -77,7 +77,8 @@ class Sink(pb_grpc.SinkServicer):
         return pb.Delivered()
 
     def expect(self, session_id: str, step: int, stages: tuple[RouteStage, ...]) -> Future:
-        """A future for the step's Hidden message (or its RouteError); `stages` are the nodes it goes through."""
+        """A future for the step's Result with its hidden state (or its RouteError); `stages` are the nodes it goes
+        through."""
         future: Future = Future()
         with self._lock:
             self._pending[(session_id, step)] = (future, stages)
@@ -99,7 +100,7 @@ class Sink(pb_grpc.SinkServicer):
                 self.refused += 1
                 return
         if result.HasField("hidden"):
-            _settle(future, result=result.hidden)
+            _settle(future, result=result)
             return
         short = None
         if result.short_of_memory and sender is not None:  # the node it came from lacked memory (no TLS: nobody)
@@ -211,15 +212,17 @@ class Gateway(Engine):
 
     # --- the data path ----------------------------------------------------------------------------
     def run_route(self, session_id: str, step: int, position: int, context: int, hidden: torch.Tensor,
-                  stages: tuple[RouteStage, ...] | None = None, batch: int = 0) -> torch.Tensor:
+                  stages: tuple[RouteStage, ...] | None = None, batch: int = 0,
+                  group: int = 0) -> tuple[torch.Tensor, int]:
         """hidden [T, dim] after the prefix -> hidden after the last node's layers, over `stages` (the route
-        that holds the session's KV caches; by default the current route). `batch`: the micro-batch."""
+        that holds the session's KV caches; by default the current route), and the sessions the last node computed
+        it with. `batch`: the micro-batch; `group`: the sessions the prefix computed it with (batcher.Job.group)."""
         stages = tuple(self.route) if stages is None else stages
         if self.routing == "ring":
-            return self._step(session_id, step, position, context, hidden, stages, batch)
+            return self._step(session_id, step, position, context, hidden, stages, batch, group)
         for stage in stages:  # star: every stage's output comes back to the gateway, which sends it to the next
-            hidden = self._step(session_id, step, position, context, hidden, (stage,), batch)
-        return hidden
+            hidden, group = self._step(session_id, step, position, context, hidden, (stage,), batch, group)
+        return hidden, group
 
     @property
     def stages(self) -> int:
@@ -230,8 +233,8 @@ class Gateway(Engine):
         return micro_batch(len(self._open), len(stages) + 1)
 
     def _step(self, session_id: str, step: int, position: int, context: int, hidden: torch.Tensor,
-              stages: tuple[RouteStage, ...], batch: int = 0) -> torch.Tensor:
-        """Send `hidden` through `stages`, node to node; the last one's output, from the sink."""
+              stages: tuple[RouteStage, ...], batch: int = 0, group: int = 0) -> tuple[torch.Tensor, int]:
+        """Send `hidden` through `stages`, node to node; the last one's output, from the sink, and its group."""
         if self._closing:
             raise RouteError("the gateway is closed")
         future = self.sink.expect(session_id, step, stages)
@@ -243,19 +246,20 @@ class Gateway(Engine):
                                  f"({self.members.gone.get(gone[0].address, 'restarted')})", stages)
             request = pb.ForwardRequest(session_id=session_id, step=step, position=position, context=context,
                                         hidden=wire.to_wire(self.prefix_model, hidden), model_hash=self.model_hash,
-                                        route=wire.stages_to_wire(stages), sink=self.sink_address, batch=batch)
+                                        route=wire.stages_to_wire(stages), sink=self.sink_address, batch=batch,
+                                        group=group)
             if position == 0 and self.identity is not None:  # a session's first step: the nodes may open it
                 request.grant = self.grant(session_id, context, stages)
                 request.grant_signature = sign(self.identity, request.grant)
             self._pushers.get(stages[0].address).send(request)
             self.hidden_bytes_sent += len(request.hidden.data)
-            message = future.result(timeout=STEP_TIMEOUT_S)
+            result = future.result(timeout=STEP_TIMEOUT_S)
         except FutureTimeout:
             raise RouteError(f"no answer from the route within {STEP_TIMEOUT_S:.0f} s", stages) from None
         finally:
             self.sink.forget(session_id, step)
         try:
-            return wire.from_wire(self.suffix_model, message, self.context_length)
+            return wire.from_wire(self.suffix_model, result.hidden, self.context_length), result.group
         except ValueError as e:
             raise RouteError(f"bad hidden state from the route: {e}", stages) from None
 
@@ -350,6 +354,7 @@ class RemoteSession:
         self.route: tuple[RouteStage, ...] = tuple(gateway.route)  # where its KV caches are: it stays there
         self.history: list[int] = []  # the token at each position fed so far
         self.filled = 0  # positions the gateway's own caches hold
+        self.group = 0  # the sessions its last step's suffix was computed with: its next prefix waits for them
         self.prefix_cache = gateway.prefix_model.new_cache(capacity)
         self.suffix_cache = gateway.suffix_model.new_cache(capacity)
 
@@ -390,12 +395,15 @@ class RemoteSession:
             self.suffix_cache.truncate(start)
         self.filled = start
         batch = g.micro_batch_for(self.route)
-        hidden = g.batcher.run(g.prefix_model, self.prefix_cache, start, g.prefix_model.embed(tokens), batch=batch)
+        prefix = g.batcher.run(g.prefix_model, self.prefix_cache, start, g.prefix_model.embed(tokens), batch=batch,
+                               group=self.group)
         self.step += 1
-        hidden = g.run_route(self.id, self.step, start, self.capacity, hidden, self.route, batch)
-        out = g.batcher.run(g.suffix_model, self.suffix_cache, start, hidden, logits=logits, batch=batch)
-        self.filled = start + len(tokens)
-        return out[0] if logits == 1 else out
+        hidden, group = g.run_route(self.id, self.step, start, self.capacity, prefix.output, self.route, batch,
+                                    prefix.group)
+        suffix = g.batcher.run(g.suffix_model, self.suffix_cache, start, hidden, logits=logits, batch=batch,
+                               group=group)
+        self.filled, self.group = start + len(tokens), suffix.group
+        return suffix.output[0] if logits == 1 else suffix.output
 
     def _recover(self, history: list[int], failure: RouteError, rows: int = 1, hidden: bool = False) -> torch.Tensor:
         """Move to a live route and re-prefill `history` (everything fed before, and this step's tokens) there
@@ -409,7 +417,7 @@ class RemoteSession:
             threading.Thread(target=g.end_session, args=(old,), daemon=True).start()
             self.prefix_cache.clear()
             self.suffix_cache.clear()
-            self.filled = 0
+            self.filled = self.group = 0
             try:
                 whole = rows > 1 or hidden  # the step's rows come back as one: all their logits, or hidden states
                 cut = len(history) - rows if whole else len(history)

@@ -270,14 +270,14 @@ class NodeService(pb_grpc.NodeServicer):
             session.filled[key] = request.position
             session.last_used = time.monotonic()
 
-        def done(output, error: Exception | None) -> None:
+        def done(job: Job, error: Exception | None) -> None:
             if error is not None:
                 self._fail(request, f"node {self.node_id}: {error}")
                 return
             session.filled[key] = end
-            self._pass_on(request, wire.to_wire(model, output, request.hidden.dtype))
+            self._pass_on(request, wire.to_wire(model, job.output, request.hidden.dtype), job.group)
 
-        self.batcher.submit(Job(model, cache, request.position, hidden, done, batch=request.batch))
+        self.batcher.submit(Job(model, cache, request.position, hidden, done, batch=request.batch, group=request.group))
 
     def _check_members(self, request: pb.ForwardRequest) -> None:
         """Over TLS a route names only members the gateway told this node of, and a sink of that gateway."""
@@ -358,19 +358,21 @@ class NodeService(pb_grpc.NodeServicer):
             raise ShortOfMemory(f"a KV cache for this context needs {needed / 2**20:.0f} MiB; this node has "
                              f"{free / 2**20:.0f} MiB to lend")
 
-    def _pass_on(self, request: pb.ForwardRequest, hidden: pb.Hidden) -> None:
-        """The output of this stage: on to the next node of the route, or after the last stage to the sink."""
+    def _pass_on(self, request: pb.ForwardRequest, hidden: pb.Hidden, group: int) -> None:
+        """The output of this stage, computed with `group` sessions: on to the next node of the route, or after the
+        last stage to the sink."""
         if len(request.route) > 1:
             nxt = pb.ForwardRequest(session_id=request.session_id, step=request.step, position=request.position,
                                     context=request.context, hidden=hidden, model_hash=request.model_hash,
                                     route=request.route[1:], sink=request.sink, grant=request.grant,
-                                    grant_signature=request.grant_signature, batch=request.batch)
+                                    grant_signature=request.grant_signature, batch=request.batch, group=group)
             try:
                 self._next_nodes.get(request.route[1].address).send(nxt)
             except NotAMember as e:  # the gateway dropped that member since the step was checked
                 self._fail(request, f"node {self.node_id}: {e}")
         else:
-            self._to_sink(request, pb.Result(session_id=request.session_id, step=request.step, hidden=hidden))
+            self._to_sink(request, pb.Result(session_id=request.session_id, step=request.step, hidden=hidden,
+                                             group=group))
 
     def _fail(self, request: pb.ForwardRequest, error: str, short_of_memory: bool = False) -> None:
         """Tell the gateway (the request's sink) that this step failed here."""

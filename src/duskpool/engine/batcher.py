@@ -11,7 +11,10 @@ A job that asks for logits gets those of its last `logits` rows, through one `he
 Micro-batches: where a route's stages compute at once (each on a machine, or cores, of its own), one batch of
 every session would leave all stages but one idle. The gateway cuts its sessions into one micro-batch per stage
 (`micro_batch`) and each job carries that size: a forward gathers up to it and takes no more, so the batches stay
-apart and travel the ring one behind the other, every stage computing one of them.
+apart and travel the ring one behind the other, every stage computing one of them. Each step also carries its
+`group`: how many sessions the stage before computed it with, and so sent on at the same moment. The next stage
+waits for exactly those, so a batch that lost a session on the way (one that ended, or came late to the gateway)
+goes on at once instead of waiting a forward's time for a session that is not coming.
 """
 
 import threading
@@ -29,7 +32,7 @@ from duskpool.models.base import Segment
 PREFILL_ROWS = 128  # prompt rows per forward, beside the decode steps: a long prompt never stalls the others
 LIVE_S = 1.0  # a session that sent a step this recently is expected back
 GATHER_MAX_S = 0.05  # the longest a forward waits for the live sessions still on their way
-Done = Callable[[Any, Exception | None], None]  # (output, or None with the error)
+Done = Callable[["Job", Exception | None], None]  # (the job, computed: its `output` and `group`; or the error)
 
 
 @dataclass
@@ -41,8 +44,12 @@ class Job:
     done: Done
     logits: int = 0  # > 0: the logits [logits, vocab] of the last rows are the output, not the hidden state
     batch: int = 0  # the micro-batch: sessions per forward at most, and gathered up to (0: every live session)
+    # the sessions this step travels with: on arrival, those the stage before computed it with, all on their way
+    # here (0: not known); once computed, those it was computed with here, which leave together
+    group: int = 0
     computed: int = 0  # rows through so far (a prompt goes through in chunks)
     outputs: list = field(default_factory=list)
+    output: Any = None  # once computed: its hidden state, or its logits
     failed: bool = False
 
     @property
@@ -84,10 +91,12 @@ class Batcher:
             self._seen[id(job.cache)] = time.monotonic(), id(job.model)
             self._ready.notify()
 
-    def run(self, model: SpanModel, cache: KVCache, start: int, hidden: Any, logits: int = 0, batch: int = 0) -> Any:
-        """Submit and wait: the output of hidden [T, dim] at positions start.. (or its last rows' logits)."""
+    def run(self, model: SpanModel, cache: KVCache, start: int, hidden: Any, logits: int = 0, batch: int = 0,
+            group: int = 0) -> Job:
+        """Submit and wait: the job computed, its `output` the output of hidden [T, dim] at positions start.. (or its
+        last rows' logits)."""
         future: Future = Future()
-        self.submit(Job(model, cache, start, hidden, _settle(future), logits, batch))
+        self.submit(Job(model, cache, start, hidden, _settle(future), logits, batch, group))
         return future.result()
 
     def forget(self, cache: KVCache) -> None:
@@ -122,18 +131,19 @@ class Batcher:
             if self._closed:
                 return []
             batch = self._waiting[0].batch
-            self._gather(batch)
+            self._gather(batch, self._waiting[0].group)
             taken, self._waiting = select(self._waiting, self.prefill_rows, batch)
             return taken
 
-    def _gather(self, batch: int) -> None:
-        """Under the lock: wait a little (about one forward, at most GATHER_MAX_S) for the sessions that were
-        here within LIVE_S and are not waiting yet, until `batch` of them wait (0: all). Sessions then travel the
-        route in batches of that size instead of spreading into many smaller ones."""
+    def _gather(self, batch: int, group: int = 0) -> None:
+        """Under the lock: wait a little (about one forward, at most GATHER_MAX_S) for the sessions on their way,
+        until `batch` of them wait (0: all): the `group` the oldest step came with, or where that is not known, the
+        sessions that were here within LIVE_S and are not waiting yet. Sessions then travel the route in batches
+        of that size instead of spreading into many smaller ones."""
         now, model = time.monotonic(), self._waiting[0].model
         self._seen = {c: (t, m) for c, (t, m) in self._seen.items() if now - t < LIVE_S}
-        live = sum(m == id(model) for _, m in self._seen.values())
-        wanted = min(batch, live) if batch else live
+        coming = group or sum(m == id(model) for _, m in self._seen.values())
+        wanted = min(batch, coming) if batch else coming
         recent = [r.seconds for r in islice(reversed(self.recent), 8)]  # not a copy of all 1024, every forward
         window = min(GATHER_MAX_S, sorted(recent)[len(recent) // 2]) if recent else 0.0
         deadline = now + window
@@ -193,14 +203,15 @@ class Batcher:
         if self.on_batch is not None:
             self.on_batch(model, record)
         for job in finished:
-            output = job.outputs[0] if len(job.outputs) == 1 else model.ops.concat(job.outputs)
-            model.ops.evaluate(output)  # before it leaves this thread
-            self._finish(job, output)
+            job.output = job.outputs[0] if len(job.outputs) == 1 else model.ops.concat(job.outputs)
+            job.group = len(finished)
+            model.ops.evaluate(job.output)  # before it leaves this thread
+            self._finish(job)
 
-    def _finish(self, job: Job, output: Any = None, error: Exception | None = None) -> None:
+    def _finish(self, job: Job, error: Exception | None = None) -> None:
         job.failed = error is not None
         try:
-            job.done(output, error)
+            job.done(job, error)
         except Exception:  # noqa: BLE001 - a callback's failure is its own
             pass
 
@@ -260,9 +271,9 @@ def _split(x: Any, sizes: list[int]) -> list[Any]:
 
 
 def _settle(future: Future) -> Done:
-    def done(output: Any, error: Exception | None) -> None:
+    def done(job: Job, error: Exception | None) -> None:
         if error is not None:
             future.set_exception(error)
         else:
-            future.set_result(output)
+            future.set_result(job)
     return done

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%duskpool/cluster/proto/duskpool.proto\x12\x0b\x64uskpool.v1\"\r\n\x0bInfoRequest\";\n\x08SpanInfo\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0c\n\x04stop\x18\x03 \x01(\r\"\xc4\x02\n\x08NodeInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cmemory_total\x18\x05 \x01(\x04\x12\x13\n\x0bmemory_free\x18\x06 \x01(\x04\x12\x1b\n\x13matmul_bytes_per_ms\x18\x07 \x01(\x01\x12\x14\n\x0cms_per_layer\x18\x08 \x01(\x01\x12$\n\x05spans\x18\t \x03(\x0b\x32\x15.duskpool.v1.SpanInfo\x12\x10\n\x08sessions\x18\n \x01(\r\x12\x10\n\x08kv_bytes\x18\x0b \x01(\x04\x12\x0f\n\x07lending\x18\x0c \x01(\t\x12\x16\n\x0elending_reason\x18\r \x01(\t\x12\x16\n\x0e\x62\x61tch_sessions\x18\x0e \x01(\x01\x12\x0c\n\x04\x62usy\x18\x0f \x01(\x01\"Y\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\r\n\x05qtype\x18\x03 \x01(\r\x12\r\n\x05shape\x18\x04 \x03(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"\x81\x01\n\x0cSpanManifest\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0c\n\x04stop\x18\x03 \x01(\r\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x12)\n\x07tensors\x18\x05 \x03(\x0b\x32\x18.duskpool.v1.TensorEntry\";\n\x0bTensorChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"s\n\x0fLoadSpanRequest\x12-\n\x08manifest\x18\x01 \x01(\x0b\x32\x19.duskpool.v1.SpanManifestH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.duskpool.v1.TensorChunkH\x00\x42\x06\n\x04kind\"k\n\rLoadSpanReply\x12\x0f\n\x07missing\x18\x01 \x03(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cms_per_layer\x18\x04 \x01(\x01\x12\x0c\n\x04held\x18\x05 \x03(\x04\"4\n\x06Hidden\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"5\n\x05Stage\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0c\n\x04stop\x18\x03 \x01(\r\"\xf6\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x0f\n\x07\x63ontext\x18\x04 \x01(\r\x12#\n\x06hidden\x18\x05 \x01(\x0b\x32\x13.duskpool.v1.Hidden\x12\x12\n\nmodel_hash\x18\x06 \x01(\t\x12!\n\x05route\x18\x07 \x03(\x0b\x32\x12.duskpool.v1.Stage\x12\x0c\n\x04sink\x18\x08 \x01(\t\x12\r\n\x05grant\x18\t \x01(\x0c\x12\x17\n\x0fgrant_signature\x18\n \x01(\x0c\x12\r\n\x05\x62\x61tch\x18\x0b \x01(\r\"{\n\x0cSessionGrant\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmodel_hash\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\r\x12!\n\x05route\x18\x04 \x03(\x0b\x32\x12.duskpool.v1.Stage\x12\x0f\n\x07\x65xpires\x18\x05 \x01(\x01\"\x86\x01\n\x06Result\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12%\n\x06hidden\x18\x03 \x01(\x0b\x32\x13.duskpool.v1.HiddenH\x00\x12\x0f\n\x05\x65rror\x18\x04 \x01(\tH\x00\x12\x17\n\x0fshort_of_memory\x18\x05 \x01(\x08\x42\t\n\x07outcome\"\x0b\n\tDelivered\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\"\n\x0f\x45ndSessionReply\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"#\n\x0bRevokedList\x12\x14\n\x0c\x66ingerprints\x18\x01 \x03(\t\"\x0e\n\x0cRevokedReply\"3\n\rMemberAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\x04\"H\n\nMemberList\x12+\n\x07members\x18\x01 \x03(\x0b\x32\x1a.duskpool.v1.MemberAddress\x12\r\n\x05sinks\x18\x02 \x03(\t\"\x0e\n\x0cMembersReply2\x9b\x03\n\x04Node\x12\x37\n\x04Info\x12\x18.duskpool.v1.InfoRequest\x1a\x15.duskpool.v1.NodeInfo\x12H\n\x08LoadSpan\x12\x1c.duskpool.v1.LoadSpanRequest\x1a\x1a.duskpool.v1.LoadSpanReply(\x01\x30\x01\x12?\n\x07\x46orward\x12\x1b.duskpool.v1.ForwardRequest\x1a\x13.duskpool.v1.Result(\x01\x30\x01\x12J\n\nEndSession\x12\x1e.duskpool.v1.EndSessionRequest\x1a\x1c.duskpool.v1.EndSessionReply\x12\x41\n\nSetRevoked\x12\x18.duskpool.v1.RevokedList\x1a\x19.duskpool.v1.RevokedReply\x12@\n\nSetMembers\x12\x17.duskpool.v1.MemberList\x1a\x19.duskpool.v1.MembersReply2@\n\x04Sink\x12\x38\n\x07\x44\x65liver\x12\x13.duskpool.v1.Result\x1a\x16.duskpool.v1.Delivered(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%duskpool/cluster/proto/duskpool.proto\x12\x0b\x64uskpool.v1\"\r\n\x0bInfoRequest\";\n\x08SpanInfo\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0c\n\x04stop\x18\x03 \x01(\r\"\xc4\x02\n\x08NodeInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cmemory_total\x18\x05 \x01(\x04\x12\x13\n\x0bmemory_free\x18\x06 \x01(\x04\x12\x1b\n\x13matmul_bytes_per_ms\x18\x07 \x01(\x01\x12\x14\n\x0cms_per_layer\x18\x08 \x01(\x01\x12$\n\x05spans\x18\t \x03(\x0b\x32\x15.duskpool.v1.SpanInfo\x12\x10\n\x08sessions\x18\n \x01(\r\x12\x10\n\x08kv_bytes\x18\x0b \x01(\x04\x12\x0f\n\x07lending\x18\x0c \x01(\t\x12\x16\n\x0elending_reason\x18\r \x01(\t\x12\x16\n\x0e\x62\x61tch_sessions\x18\x0e \x01(\x01\x12\x0c\n\x04\x62usy\x18\x0f \x01(\x01\"Y\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\r\n\x05qtype\x18\x03 \x01(\r\x12\r\n\x05shape\x18\x04 \x03(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"\x81\x01\n\x0cSpanManifest\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0c\n\x04stop\x18\x03 \x01(\r\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\x12)\n\x07tensors\x18\x05 \x03(\x0b\x32\x18.duskpool.v1.TensorEntry\";\n\x0bTensorChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"s\n\x0fLoadSpanRequest\x12-\n\x08manifest\x18\x01 \x01(\x0b\x32\x19.duskpool.v1.SpanManifestH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.duskpool.v1.TensorChunkH\x00\x42\x06\n\x04kind\"k\n\rLoadSpanReply\x12\x0f\n\x07missing\x18\x01 \x03(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cms_per_layer\x18\x04 \x01(\x01\x12\x0c\n\x04held\x18\x05 \x03(\x04\"4\n\x06Hidden\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"5\n\x05Stage\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0c\n\x04stop\x18\x03 \x01(\r\"\x85\x02\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x0f\n\x07\x63ontext\x18\x04 \x01(\r\x12#\n\x06hidden\x18\x05 \x01(\x0b\x32\x13.duskpool.v1.Hidden\x12\x12\n\nmodel_hash\x18\x06 \x01(\t\x12!\n\x05route\x18\x07 \x03(\x0b\x32\x12.duskpool.v1.Stage\x12\x0c\n\x04sink\x18\x08 \x01(\t\x12\r\n\x05grant\x18\t \x01(\x0c\x12\x17\n\x0fgrant_signature\x18\n \x01(\x0c\x12\r\n\x05\x62\x61tch\x18\x0b \x01(\r\x12\r\n\x05group\x18\x0c \x01(\r\"{\n\x0cSessionGrant\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmodel_hash\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\r\x12!\n\x05route\x18\x04 \x03(\x0b\x32\x12.duskpool.v1.Stage\x12\x0f\n\x07\x65xpires\x18\x05 \x01(\x01\"\x95\x01\n\x06Result\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12%\n\x06hidden\x18\x03 \x01(\x0b\x32\x13.duskpool.v1.HiddenH\x00\x12\x0f\n\x05\x65rror\x18\x04 \x01(\tH\x00\x12\x17\n\x0fshort_of_memory\x18\x05 \x01(\x08\x12\r\n\x05group\x18\x06 \x01(\rB\t\n\x07outcome\"\x0b\n\tDelivered\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\"\n\x0f\x45ndSessionReply\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"#\n\x0bRevokedList\x12\x14\n\x0c\x66ingerprints\x18\x01 \x03(\t\"\x0e\n\x0cRevokedReply\"3\n\rMemberAddress\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\x04\"H\n\nMemberList\x12+\n\x07members\x18\x01 \x03(\x0b\x32\x1a.duskpool.v1.MemberAddress\x12\r\n\x05sinks\x18\x02 \x03(\t\"\x0e\n\x0cMembersReply2\x9b\x03\n\x04Node\x12\x37\n\x04Info\x12\x18.duskpool.v1.InfoRequest\x1a\x15.duskpool.v1.NodeInfo\x12H\n\x08LoadSpan\x12\x1c.duskpool.v1.LoadSpanRequest\x1a\x1a.duskpool.v1.LoadSpanReply(\x01\x30\x01\x12?\n\x07\x46orward\x12\x1b.duskpool.v1.ForwardRequest\x1a\x13.duskpool.v1.Result(\x01\x30\x01\x12J\n\nEndSession\x12\x1e.duskpool.v1.EndSessionRequest\x1a\x1c.duskpool.v1.EndSessionReply\x12\x41\n\nSetRevoked\x12\x18.duskpool.v1.RevokedList\x1a\x19.duskpool.v1.RevokedReply\x12@\n\nSetMembers\x12\x17.duskpool.v1.MemberList\x1a\x19.duskpool.v1.MembersReply2@\n\x04Sink\x12\x38\n\x07\x44\x65liver\x12\x13.duskpool.v1.Result\x1a\x16.duskpool.v1.Delivered(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,29 +52,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGE']._serialized_start=1021
   _globals['_STAGE']._serialized_end=1074
   _globals['_FORWARDREQUEST']._serialized_start=1077
-  _globals['_FORWARDREQUEST']._serialized_end=1323
-  _globals['_SESSIONGRANT']._serialized_start=1325
-  _globals['_SESSIONGRANT']._serialized_end=1448
-  _globals['_RESULT']._serialized_start=1451
-  _globals['_RESULT']._serialized_end=1585
-  _globals['_DELIVERED']._serialized_start=1587
-  _globals['_DELIVERED']._serialized_end=1598
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1600
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1639
-  _globals['_ENDSESSIONREPLY']._serialized_start=1641
-  _globals['_ENDSESSIONREPLY']._serialized_end=1675
-  _globals['_REVOKEDLIST']._serialized_start=1677
-  _globals['_REVOKEDLIST']._serialized_end=1712
-  _globals['_REVOKEDREPLY']._serialized_start=1714
-  _globals['_REVOKEDREPLY']._serialized_end=1728
-  _globals['_MEMBERADDRESS']._serialized_start=1730
-  _globals['_MEMBERADDRESS']._serialized_end=1781
-  _globals['_MEMBERLIST']._serialized_start=1783
-  _globals['_MEMBERLIST']._serialized_end=1855
-  _globals['_MEMBERSREPLY']._serialized_start=1857
-  _globals['_MEMBERSREPLY']._serialized_end=1871
-  _globals['_NODE']._serialized_start=1874
-  _globals['_NODE']._serialized_end=2285
-  _globals['_SINK']._serialized_start=2287
-  _globals['_SINK']._serialized_end=2351
+  _globals['_FORWARDREQUEST']._serialized_end=1338
+  _globals['_SESSIONGRANT']._serialized_start=1340
+  _globals['_SESSIONGRANT']._serialized_end=1463
+  _globals['_RESULT']._serialized_start=1466
+  _globals['_RESULT']._serialized_end=1615
+  _globals['_DELIVERED']._serialized_start=1617
+  _globals['_DELIVERED']._serialized_end=1628
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1630
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1669
+  _globals['_ENDSESSIONREPLY']._serialized_start=1671
+  _globals['_ENDSESSIONREPLY']._serialized_end=1705
+  _globals['_REVOKEDLIST']._serialized_start=1707
+  _globals['_REVOKEDLIST']._serialized_end=1742
+  _globals['_REVOKEDREPLY']._serialized_start=1744
+  _globals['_REVOKEDREPLY']._serialized_end=1758
+  _globals['_MEMBERADDRESS']._serialized_start=1760
+  _globals['_MEMBERADDRESS']._serialized_end=1811
+  _globals['_MEMBERLIST']._serialized_start=1813
+  _globals['_MEMBERLIST']._serialized_end=1885
+  _globals['_MEMBERSREPLY']._serialized_start=1887
+  _globals['_MEMBERSREPLY']._serialized_end=1901
+  _globals['_NODE']._serialized_start=1904
+  _globals['_NODE']._serialized_end=2315
+  _globals['_SINK']._serialized_start=2317
+  _globals['_SINK']._serialized_end=2381
 # @@protoc_insertion_point(module_scope)

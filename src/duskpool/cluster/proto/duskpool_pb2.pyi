@@ -135,7 +135,7 @@ class Stage(_message.Message):
     def __init__(self, address: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "step", "position", "context", "hidden", "model_hash", "route", "sink", "grant", "grant_signature", "batch")
+    __slots__ = ("session_id", "step", "position", "context", "hidden", "model_hash", "route", "sink", "grant", "grant_signature", "batch", "group")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class ForwardRequest(_message.Message):
     GRANT_FIELD_NUMBER: _ClassVar[int]
     GRANT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     position: int
@@ -158,7 +159,8 @@ class ForwardRequest(_message.Message):
     grant: bytes
     grant_signature: bytes
     batch: int
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., position: _Optional[int] = ..., context: _Optional[int] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., model_hash: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., sink: _Optional[str] = ..., grant: _Optional[bytes] = ..., grant_signature: _Optional[bytes] = ..., batch: _Optional[int] = ...) -> None: ...
+    group: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., position: _Optional[int] = ..., context: _Optional[int] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., model_hash: _Optional[str] = ..., route: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., sink: _Optional[str] = ..., grant: _Optional[bytes] = ..., grant_signature: _Optional[bytes] = ..., batch: _Optional[int] = ..., group: _Optional[int] = ...) -> None: ...
 
 class SessionGrant(_message.Message):
     __slots__ = ("session_id", "model_hash", "context", "route", "expires")
@@ -175,18 +177,20 @@ class SessionGrant(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model_hash: _Optional[str] = ..., context: _Optional[int] = ..., route: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., expires: _Optional[float] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("session_id", "step", "hidden", "error", "short_of_memory")
+    __slots__ = ("session_id", "step", "hidden", "error", "short_of_memory", "group")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SHORT_OF_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     hidden: Hidden
     error: str
     short_of_memory: bool
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., error: _Optional[str] = ..., short_of_memory: _Optional[bool] = ...) -> None: ...
+    group: int
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Hidden, _Mapping]] = ..., error: _Optional[str] = ..., short_of_memory: _Optional[bool] = ..., group: _Optional[int] = ...) -> None: ...
 
 class Delivered(_message.Message):
     __slots__ = ()
