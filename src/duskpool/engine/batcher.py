@@ -130,20 +130,20 @@ class Batcher:
                 self._ready.wait()
             if self._closed:
                 return []
-            batch = self._waiting[0].batch
-            self._gather(batch, self._waiting[0].group)
-            taken, self._waiting = select(self._waiting, self.prefill_rows, batch)
+            self._gather()
+            taken, self._waiting = select(self._waiting, self.prefill_rows, self._waiting[0].batch)
             return taken
 
-    def _gather(self, batch: int, group: int = 0) -> None:
-        """Under the lock: wait a little (about one forward, at most GATHER_MAX_S) for the sessions on their way,
-        until `batch` of them wait (0: all): the `group` the oldest step came with, or where that is not known, the
-        sessions that were here within LIVE_S and are not waiting yet. Sessions then travel the route in batches
-        of that size instead of spreading into many smaller ones."""
-        now, model = time.monotonic(), self._waiting[0].model
+    def _gather(self) -> None:
+        """Under the lock: wait a little (about one forward, at most GATHER_MAX_S) for the sessions on their way to
+        the oldest waiting step's span, until its `batch` of them wait (0: all): the `group` it came with, or where
+        that is not known, the sessions that were here within LIVE_S and are not waiting yet. Sessions then travel
+        the route in batches of that size instead of spreading into many smaller ones."""
+        now, oldest = time.monotonic(), self._waiting[0]
+        model = oldest.model
         self._seen = {c: (t, m) for c, (t, m) in self._seen.items() if now - t < LIVE_S}
-        coming = group or sum(m == id(model) for _, m in self._seen.values())
-        wanted = min(batch, coming) if batch else coming
+        coming = oldest.group or sum(m == id(model) for _, m in self._seen.values())
+        wanted = min(oldest.batch, coming) if oldest.batch else coming
         recent = [r.seconds for r in islice(reversed(self.recent), 8)]  # not a copy of all 1024, every forward
         window = min(GATHER_MAX_S, sorted(recent)[len(recent) // 2]) if recent else 0.0
         deadline = now + window
